@@ -1,0 +1,97 @@
+"""The SFRIK objective (Zheng, Puy, Riccietti, Pérez, Gribonval, ICLR 2023)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checks import check_views, fp32
+from .distributed import gather_with_grad
+from .kernels import RotationInvariantKernel, SFRIKKernel
+from .mmd import mmd_to_uniform
+
+
+class SFRIKLoss(nn.Module):
+    """Invariance + MMD to the uniform law on the sphere, with a rotation-invariant kernel.
+
+    With ẑ = z/‖z‖ (rows, float32) and MMD² from :func:`mmd_to_uniform`, the paper's form is
+
+        L = (1/n)·Σ_i ‖ẑ¹_i − ẑ²_i‖² + (λ/2)·(MMD²(ẑ¹, U) + MMD²(ẑ², U)).
+
+    The official code writes ``sim·mean((ẑ¹ − ẑ²)²) + mmd·(MMD²(ẑ¹) + MMD²(ẑ²))/2`` with the
+    mean over all n·q entries: pass ``sim_coeff`` and ``mmd_coeff`` to get exactly that value
+    (it is the paper's form times sim/q, with λ = mmd·q/sim). λ is the better knob: it does
+    not have to change when q does.
+
+    Under torch.distributed the MMD uses the embeddings of all processes (see
+    :mod:`lowres_ssl.losses.distributed`); the invariance term is local.
+
+    Args:
+        lam: λ (default 8192/4000 = 2.048, the paper's q = 8192, sim = 4000).
+        kernel: the kernel (default ``SFRIKKernel((1, 40, 40))``).
+        sim_coeff, mmd_coeff: the official code's coefficients, instead of ``lam``.
+        mmd_path, block_size: passed to :func:`mmd_to_uniform`.
+
+    Shapes: z1, z2 (n, q) raw projector outputs (any float dtype) → scalar float32 loss.
+    After each call, ``self.terms`` holds the detached ``invariance`` and ``mmd`` terms
+    (``mmd`` is (MMD²(ẑ¹) + MMD²(ẑ²))/2).
+
+    >>> loss_fn = SFRIKLoss()
+    >>> loss = loss_fn(torch.randn(256, 8192), torch.randn(256, 8192))
+    """
+
+    def __init__(
+        self,
+        lam: float | None = None,
+        kernel: RotationInvariantKernel | None = None,
+        *,
+        sim_coeff: float | None = None,
+        mmd_coeff: float | None = None,
+        mmd_path: str = "auto",
+        block_size: int | None = None,
+    ):
+        super().__init__()
+        official = sim_coeff is not None or mmd_coeff is not None
+        if official and (sim_coeff is None or mmd_coeff is None or lam is not None):
+            raise ValueError(
+                "give either lam (the paper's form) or both sim_coeff and mmd_coeff "
+                "(the official code's form), not a mix"
+            )
+        if lam is None and not official:
+            lam = 8192 / 4000
+        for name, value in (("lam", lam), ("sim_coeff", sim_coeff), ("mmd_coeff", mmd_coeff)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.lam, self.sim_coeff, self.mmd_coeff = lam, sim_coeff, mmd_coeff
+        self.kernel = kernel if kernel is not None else SFRIKKernel()
+        self.mmd_path, self.block_size = mmd_path, block_size
+        self.terms: dict[str, Tensor] = {}
+
+    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
+        check_views(z1, z2)
+        dim = z1.shape[1]
+        with torch.autocast(device_type=z1.device.type, enabled=False):
+            z1 = F.normalize(fp32(z1), dim=1)
+            z2 = F.normalize(fp32(z2), dim=1)
+            invariance = (z1 - z2).pow(2).sum(dim=1).mean()
+            both = gather_with_grad(torch.cat([z1, z2], dim=1))
+            mmd1, mmd2 = (
+                mmd_to_uniform(part, self.kernel, self.mmd_path, self.block_size)
+                for part in both.split(dim, dim=1)
+            )
+            mmd = (mmd1 + mmd2) / 2
+            if self.lam is not None:
+                loss = invariance + self.lam * mmd
+            else:
+                loss = (self.sim_coeff / dim) * invariance + self.mmd_coeff * mmd
+        self.terms = {"invariance": invariance.detach(), "mmd": mmd.detach()}
+        return loss
+
+    def extra_repr(self) -> str:
+        if self.lam is not None:
+            return f"lam={self.lam}, kernel={self.kernel!r}, mmd_path={self.mmd_path!r}"
+        return (
+            f"sim_coeff={self.sim_coeff}, mmd_coeff={self.mmd_coeff}, kernel={self.kernel!r}, "
+            f"mmd_path={self.mmd_path!r}"
+        )
