@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from .baselines import BarlowTwinsLoss, SimCLRLoss, UniformityLoss, VICRegLoss
-from .distributed import gather_with_grad, world_size
+from .distributed import gather_views, gather_with_grad, world_size
 from .gegenbauer import gegenbauer, gegenbauer_series
 from .kernels import GaussianKernel, PolynomialKernel, RotationInvariantKernel, SFRIKKernel
 from .mmd import choose_path, expected_mmd_uniform, mmd_to_uniform
@@ -49,6 +49,7 @@ __all__ = [
     "build_objective",
     "choose_path",
     "expected_mmd_uniform",
+    "gather_views",
     "gather_with_grad",
     "gegenbauer",
     "gegenbauer_series",

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_views, fp32
-from .distributed import gather_with_grad, gather_with_offset
+from .distributed import gather_views
 
 
 def _check_coeff(name: str, value: float, *, positive: bool = False) -> None:
@@ -116,15 +116,12 @@ class VICRegLoss(nn.Module):
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         check_views(z1, z2)
-        dim = z1.shape[1]
         with torch.autocast(device_type=z1.device.type, enabled=False):
             z1, z2 = fp32(z1), fp32(z2)
             invariance = (z1 - z2).pow(2).mean()
-            both = gather_with_grad(torch.cat([z1, z2], dim=1))
-            _check_batch(both.shape[0], "VICRegLoss")
-            (var1, cov1), (var2, cov2) = (
-                self._variance_covariance(part) for part in both.split(dim, dim=1)
-            )
+            all1, all2, _ = gather_views(z1, z2)
+            _check_batch(all1.shape[0], "VICRegLoss")
+            (var1, cov1), (var2, cov2) = (self._variance_covariance(v) for v in (all1, all2))
             variance = (var1 + var2) / 2
             covariance = cov1 + cov2
             loss = (
@@ -186,12 +183,11 @@ class BarlowTwinsLoss(nn.Module):
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         check_views(z1, z2)
-        dim = z1.shape[1]
         with torch.autocast(device_type=z1.device.type, enabled=False):
-            both = gather_with_grad(torch.cat([fp32(z1), fp32(z2)], dim=1))
-            n = both.shape[0]
+            all1, all2, _ = gather_views(fp32(z1), fp32(z2))
+            n = all1.shape[0]
             _check_batch(n, "BarlowTwinsLoss")
-            s1, s2 = (self._standardise(part) for part in both.split(dim, dim=1))
+            s1, s2 = self._standardise(all1), self._standardise(all2)
             c = s1.T @ s2 / n
             on_diagonal = (1 - c.diagonal()).pow(2).sum()
             off_diagonal = _off_diagonal_square_sum(c)
@@ -263,7 +259,6 @@ class UniformityLoss(nn.Module):
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         check_views(z1, z2)
-        dim = z1.shape[1]
         with torch.autocast(device_type=z1.device.type, enabled=False):
             z1 = F.normalize(fp32(z1), dim=1)
             z2 = F.normalize(fp32(z2), dim=1)
@@ -276,9 +271,9 @@ class UniformityLoss(nn.Module):
                 apart = distance > 0
                 safe = torch.where(apart, distance, torch.ones_like(distance))
                 alignment = torch.where(apart, safe.pow(self.alpha), 0.0).mean()
-            both = gather_with_grad(torch.cat([z1, z2], dim=1))
-            _check_batch(both.shape[0], "UniformityLoss")
-            unif1, unif2 = (self._uniformity(part) for part in both.split(dim, dim=1))
+            all1, all2, _ = gather_views(z1, z2)
+            _check_batch(all1.shape[0], "UniformityLoss")
+            unif1, unif2 = self._uniformity(all1), self._uniformity(all2)
             uniformity = (unif1 + unif2) / 2
             loss = self.align_weight * alignment + self.unif_weight * uniformity
         self.terms = {"alignment": alignment.detach(), "uniformity": uniformity.detach()}
@@ -328,14 +323,14 @@ class SimCLRLoss(nn.Module):
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         check_views(z1, z2)
-        n, dim = z1.shape
+        n = z1.shape[0]
         with torch.autocast(device_type=z1.device.type, enabled=False):
             z1 = F.normalize(fp32(z1), dim=1)
             z2 = F.normalize(fp32(z2), dim=1)
-            gathered, offset = gather_with_offset(torch.cat([z1, z2], dim=1))
-            total = gathered.shape[0]
+            all1, all2, offset = gather_views(z1, z2)
+            total = all1.shape[0]
             _check_batch(total, "SimCLRLoss")
-            candidates = torch.cat(gathered.split(dim, dim=1))  # (2N, q): all views 1, views 2
+            candidates = torch.cat([all1, all2])  # (2N, q): all views 1, then all views 2
             anchors = torch.cat([z1, z2])  # (2n, q)
             logits = anchors @ candidates.T / self.temperature  # (2n, 2N)
             rows = torch.arange(n, device=z1.device) + offset

@@ -42,6 +42,19 @@ def gather_with_offset(x: Tensor) -> tuple[Tensor, int]:
     return _GatherWithGrad.apply(x, counts), sum(counts[: dist.get_rank()])
 
 
+def gather_views(z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Both views' (n_r × q) embeddings from every process, in one collective.
+
+    Returns (all of view 1, all of view 2, index of this process's first row in them); with one
+    process, ``(z1, z2, 0)`` with no copy.
+    """
+    if world_size() == 1:
+        return z1, z2, 0
+    both, offset = gather_with_offset(torch.cat([z1, z2], dim=1))
+    all1, all2 = both.split(z1.shape[1], dim=1)
+    return all1, all2, offset
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, counts: list[int]) -> Tensor:

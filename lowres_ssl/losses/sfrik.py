@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .checks import check_views, fp32
-from .distributed import gather_with_grad
+from .distributed import gather_views
 from .kernels import RotationInvariantKernel, SFRIKKernel
 from .mmd import mmd_to_uniform
 
@@ -70,21 +70,20 @@ class SFRIKLoss(nn.Module):
 
     def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
         check_views(z1, z2)
-        dim = z1.shape[1]
         with torch.autocast(device_type=z1.device.type, enabled=False):
             z1 = F.normalize(fp32(z1), dim=1)
             z2 = F.normalize(fp32(z2), dim=1)
             invariance = (z1 - z2).pow(2).sum(dim=1).mean()
-            both = gather_with_grad(torch.cat([z1, z2], dim=1))
+            all1, all2, _ = gather_views(z1, z2)
             mmd1, mmd2 = (
-                mmd_to_uniform(part, self.kernel, self.mmd_path, self.block_size)
-                for part in both.split(dim, dim=1)
+                mmd_to_uniform(view, self.kernel, self.mmd_path, self.block_size)
+                for view in (all1, all2)
             )
             mmd = (mmd1 + mmd2) / 2
             if self.lam is not None:
                 loss = invariance + self.lam * mmd
             else:
-                loss = (self.sim_coeff / dim) * invariance + self.mmd_coeff * mmd
+                loss = (self.sim_coeff / z1.shape[1]) * invariance + self.mmd_coeff * mmd
         self.terms = {"invariance": invariance.detach(), "mmd": mmd.detach()}
         return loss
 

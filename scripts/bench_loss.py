@@ -1,0 +1,1194 @@
+#!/usr/bin/env python
+"""Forward + backward time and peak memory of the losses in ``lowres_ssl.losses``.
+
+This is a benchmark, not a test. It prints a markdown report and writes it to ``--output``.
+
+Cases
+    A case is (loss, n, q). Losses (default arguments): ``SFRIKLoss(mmd_path="dense")``,
+    ``SFRIKLoss(mmd_path="blocked")`` (default blocks of about 4M Gram entries, so a single
+    block while n <= 2048), ``VICRegLoss()``, ``BarlowTwinsLoss()``. Inputs: z1, z2 =
+    ``torch.randn(n, q)`` float32 leaf tensors with ``requires_grad`` (the projector outputs of
+    the two views). The measured work is ``loss = fn(z1, z2); loss.backward()``, with
+    ``z1.grad = z2.grad = None`` before each call.
+
+Time
+    Median of timed calls after one full-size warm-up call. CPU: timed calls stop after about
+    2 s (at most 10); when the warm-up itself takes more than 3 s it is the single timed call
+    (a tiny call made first has already paid the one-time initialisation). CUDA: CUDA events,
+    3 to 10 timed calls (stopping after about 2 s). CPU timings need a quiet machine: with
+    another busy process, torch's threads wait for each other's cores and small cases run tens
+    of times slower (the report prints the load average, and warns; ``--threads 1`` helps).
+
+Memory
+    The extra memory of a call over its inputs: everything the loss allocates in forward and
+    backward, including the two input gradients z1.grad and z2.grad (2·n·q floats, shown in
+    the table of all cases).
+
+    CPU: every case runs in a fresh process (this script with ``--case``), so the peak is that
+    case's own. One tiny call (n ≤ 64, q ≤ 128) first absorbs the one-time initialisation;
+    after the inputs exist, the RSS high-water mark is reset (``/proc/self/clear_refs``) and the
+    baseline is the current RSS; memory = high-water RSS (VmHWM) after the full-size warm-up −
+    baseline. Two Linux/glibc details matter:
+
+    - ``resource.getrusage().ru_maxrss`` is not used: a child process starts with its parent's
+      high-water mark (exec keeps it), which hides everything below the parent's RSS. It is the
+      fallback only where /proc is missing.
+    - The warm-up runs with glibc's mmap threshold fixed at 64 KiB (``mallopt``), so every
+      freed tensor goes back to the OS and the RSS follows the live tensors. With the default
+      dynamic threshold, freed blocks stay in the heap and the peak RSS of identical runs varied
+      by ±30%. The timed calls then run with the threshold at 32 MiB, close to glibc's default
+      steady state.
+
+    CUDA: all cases in one process; memory = ``torch.cuda.max_memory_allocated()`` −
+    ``torch.cuda.memory_allocated()`` before the calls (peak statistics reset in between; a
+    tiny call first keeps the cuBLAS workspaces out). ``torch.cuda.OutOfMemoryError`` is
+    caught, recorded as OOM, and the run goes on.
+
+Budgets
+    Before it runs, each case's memory and time are estimated with a cost model (matmul flops
+    and elementwise passes of each loss, rated by a short calibration of this machine, then
+    rescaled by the measured/modelled ratio of the largest case of the same loss already run).
+    A case whose estimated memory exceeds the memory budget (CPU: 16 GiB, at most 80% of the
+    available RAM; CUDA: the free device memory) or whose estimated time exceeds what is left
+    of ``--max-minutes`` is skipped and marked ``skip`` with the reason. On CPU each case is
+    also capped by RLIMIT_DATA and by a timeout at the end of the budget.
+
+Grid
+    q ∈ {1024, …, 32768} and n ∈ {256, …, 8192}. CUDA: the full grid. CPU, by priority (later
+    groups are what the time budget drops first): the q sweep at n = 512 for all losses; the n
+    sweep at q = 8192 for SFRIK (dense and blocked); the n sweep at q = 1024 for SFRIK (there the
+    n² Gram matrix outweighs the n·q terms, so dense vs blocked shows best); the n sweep at
+    q = 8192 for VICReg and Barlow Twins. ``--full-grid`` adds the rest on CPU.
+
+Usage
+    python scripts/bench_loss.py                     # device auto: CUDA if present, else CPU
+    python scripts/bench_loss.py --device cpu        # writes docs/benchmarks/loss.md
+    python scripts/bench_loss.py --device cuda       # writes docs/benchmarks/loss_cuda.md
+    python scripts/bench_loss.py --quick --output /tmp/quick.md   # tiny grid, smoke test
+    python scripts/bench_loss.py --dry-run           # the plan with estimates, runs nothing
+    python scripts/bench_loss.py --threads 1         # steadier CPU timings on a shared machine
+    python scripts/bench_loss.py --case loss=sfrik_dense,n=512,q=8192 --device cpu  # one case
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import itertools
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = {
+    "cpu": REPO / "docs/benchmarks/loss.md",
+    "cuda": REPO / "docs/benchmarks/loss_cuda.md",
+}
+
+#: name → (label, path); the order of the tables.
+LOSSES: dict[str, tuple[str, str]] = {
+    "sfrik_dense": ("SFRIK", "dense"),
+    "sfrik_blocked": ("SFRIK", "blocked"),
+    "vicreg": ("VICReg", "–"),
+    "barlow_twins": ("Barlow Twins", "–"),
+}
+SFRIK = ("sfrik_dense", "sfrik_blocked")
+BASELINES = ("vicreg", "barlow_twins")
+
+MIB = 2**20
+GIB = 2**30
+FLOAT = 4  # bytes
+
+CPU_REPEAT_S = 2.0  # timed calls stop after about this long…
+CPU_SINGLE_S = 3.0  # …and a warm-up longer than this is the single timed call
+CUDA_REPEAT_S = 2.0
+MAX_REPEATS = 10
+CPU_MEMORY_GIB = 16.0
+
+
+# --------------------------------------------------------------------------------------------
+# Cases and grids
+
+
+@dataclass(frozen=True, order=True)
+class Case:
+    loss: str
+    n: int
+    q: int
+
+    @property
+    def key(self) -> str:
+        return f"loss={self.loss},n={self.n},q={self.q}"
+
+    @staticmethod
+    def parse(text: str) -> Case:
+        fields = dict(part.split("=", 1) for part in text.split(","))
+        case = Case(fields["loss"], int(fields["n"]), int(fields["q"]))
+        if case.loss not in LOSSES:
+            raise ValueError(f"unknown loss {case.loss!r}; choose one of {', '.join(LOSSES)}")
+        return case
+
+
+@dataclass(frozen=True)
+class Grid:
+    q_values: tuple[int, ...]
+    n_values: tuple[int, ...]
+    n_fixed: int  # n of the q sweep
+    q_fixed: int  # q of the n sweep
+    q_small: int | None  # q of a second, SFRIK-only n sweep (CPU)
+
+
+FULL = Grid(
+    q_values=(1024, 2048, 4096, 8192, 16384, 32768),
+    n_values=(256, 512, 1024, 2048, 4096, 8192),
+    n_fixed=512,
+    q_fixed=8192,
+    q_small=1024,
+)
+QUICK = Grid(q_values=(512, 1024), n_values=(128, 256), n_fixed=256, q_fixed=1024, q_small=None)
+
+
+def plan_cases(grid: Grid, device: str, full_grid: bool, losses: Iterable[str]) -> list[Case]:
+    """The cases to try, highest priority first (see the module doc)."""
+    losses = [name for name in LOSSES if name in set(losses)]
+    groups: list[list[Case]] = [
+        [Case(loss, grid.n_fixed, q) for q in grid.q_values for loss in losses],
+        [Case(loss, n, grid.q_fixed) for n in grid.n_values for loss in losses if loss in SFRIK],
+    ]
+    if grid.q_small is not None:
+        groups.append(
+            [Case(loss, n, grid.q_small) for n in grid.n_values for loss in losses if loss in SFRIK]
+        )
+    groups.append(
+        [Case(loss, n, grid.q_fixed) for n in grid.n_values for loss in losses if loss in BASELINES]
+    )
+    if device == "cuda" or full_grid:
+        rest = [Case(loss, n, q) for loss in losses for n in grid.n_values for q in grid.q_values]
+        groups.append(sorted(rest, key=lambda c: (model_cost(c, None).gemm_flops, c)))
+    seen: set[Case] = set()
+    ordered = []
+    for case in (case for group in groups for case in group):
+        if case not in seen:
+            seen.add(case)
+            ordered.append(case)
+    return ordered
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+
+
+def losses_module() -> Any:
+    try:
+        import lowres_ssl.losses as module
+    except ImportError:  # run from a checkout without installing the package
+        sys.path.insert(0, str(REPO))
+        import lowres_ssl.losses as module
+    return module
+
+
+def make_loss(name: str, block_size: int | None) -> nn.Module:
+    module = losses_module()
+    if name == "sfrik_dense":
+        return module.SFRIKLoss(mmd_path="dense")
+    if name == "sfrik_blocked":
+        return module.SFRIKLoss(mmd_path="blocked", block_size=block_size)
+    if name == "vicreg":
+        return module.VICRegLoss()
+    if name == "barlow_twins":
+        return module.BarlowTwinsLoss()
+    raise ValueError(f"unknown loss {name!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Cost model: estimates used only to skip cases and to budget time
+
+
+@dataclass(frozen=True)
+class Cost:
+    gemm_flops: float  # matmul flops of one forward + backward
+    elementwise: float  # elements touched by elementwise ops (passes × entries)
+    memory: float  # bytes: peak extra memory of one call
+
+
+def block_rows(n: int, block_size: int | None) -> int:
+    """Rows per Gram block of the blocked path (mirrors lowres_ssl.losses.mmd)."""
+    return block_size or max(1, min(n, 2048 * 2048 // max(n, 1)))
+
+
+def model_cost(case: Case, block_size: int | None) -> Cost:
+    """Rough cost of one call, fitted to a few CPU measurements of this library.
+
+    All losses: normalised or centred copies, cat, gradients: ~7·n·q floats. SFRIK: the Gram
+    matrix of each view, 2n²q flops forward and 2n²q backward (and 2n²q more to recompute it
+    on the blocked path); dense keeps one n×n matrix per view for the backward, blocked a
+    block at a time. VICReg: two q×q covariances, 8nq² flops, ~4.5 q² floats at the peak;
+    Barlow Twins: one q×q cross-correlation, 6nq² flops, ~3.7 q² floats.
+    """
+    n, q = case.n, case.q
+    linear = 7 * n * q
+    if case.loss == "sfrik_dense":
+        chunk = min(n * n, 2048 * 2048)
+        return Cost(8 * n * n * q, 30 * n * q + 80 * n * n, FLOAT * (linear + 2 * n * n + chunk))
+    if case.loss == "sfrik_blocked":
+        chunk = block_rows(n, block_size) * n
+        return Cost(12 * n * n * q, 30 * n * q + 80 * n * n, FLOAT * (linear + 4 * chunk))
+    if case.loss == "vicreg":
+        return Cost(8 * n * q * q, 30 * n * q + 35 * q * q, FLOAT * (linear + 4.5 * q * q))
+    if case.loss == "barlow_twins":
+        return Cost(6 * n * q * q, 30 * n * q + 25 * q * q, FLOAT * (linear + 3.7 * q * q))
+    raise ValueError(case.loss)
+
+
+@dataclass
+class Rates:
+    """Measured speed of this machine (a few hundred ms of calibration)."""
+
+    gemm: float  # flop/s
+    elementwise: float  # elements/s of a simple elementwise op
+    randn: float  # elements/s of torch.randn
+    call_overhead: float  # s of Python dispatch per call
+
+
+def _best_of(fn: Callable[[], Any], sync: Callable[[], None], repeats: int = 3) -> float:
+    fn()
+    sync()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def calibrate(device: str) -> Rates:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    size, elems = (4096, 2**26) if device == "cuda" else (1024, 2**24)
+    a = torch.randn(size, size, device=device)
+    gemm = 2 * size**3 / _best_of(lambda: a @ a, sync)
+    x = torch.randn(elems, device=device)
+    # out of place and out of cache, like the loss's own elementwise ops
+    elementwise = elems / _best_of(lambda: x * 1.0001, sync)
+    randn = elems / _best_of(lambda: torch.randn(elems, device=device), sync)
+    return Rates(gemm, elementwise, randn, 3e-3 if device == "cpu" else 2e-3)
+
+
+@dataclass
+class Estimate:
+    call_s: float
+    wall_s: float
+    memory: float  # bytes
+
+
+class Estimator:
+    """The cost model, rated by the calibration and corrected by the cases already measured."""
+
+    def __init__(self, device: str, rates: Rates, block_size: int | None):
+        self.device, self.rates, self.block_size = device, rates, block_size
+        self.startup_s = 3.0  # CPU: process start, imports, the tiny call (updated as cases run)
+        self.startups: list[float] = []
+        # loss → (model size, measured/model ratio) of the largest case measured so far
+        self.time_fix: dict[str, tuple[float, float]] = {}
+        self.memory_fix: dict[str, tuple[float, float]] = {}
+
+    def model_call_s(self, case: Case) -> float:
+        cost = model_cost(case, self.block_size)
+        rates = self.rates
+        return cost.gemm_flops / rates.gemm + cost.elementwise / rates.elementwise
+
+    def estimate(self, case: Case) -> Estimate:
+        cost = model_cost(case, self.block_size)
+        call = self.model_call_s(case) * self.time_fix.get(case.loss, (0, 1.0))[1]
+        call += self.rates.call_overhead
+        memory = cost.memory * self.memory_fix.get(case.loss, (0, 1.0))[1]
+        inputs = 2 * case.n * case.q / self.rates.randn
+        if self.device == "cpu":
+            timed = 0.0 if call > CPU_SINGLE_S else call * repeats_for(call, CPU_REPEAT_S)
+            wall = self.startup_s + inputs + call + timed
+        else:
+            wall = inputs + call + call * max(3, repeats_for(call, CUDA_REPEAT_S))
+        return Estimate(call, wall, memory)
+
+    def update(self, result: Result) -> None:
+        if result.status != "ok" or result.time_s is None:
+            return
+        case = result.case
+        size = self.model_call_s(case)
+        measured = max(result.time_s - self.rates.call_overhead, 1e-6)
+        if size >= self.time_fix.get(case.loss, (0.0, 1.0))[0]:
+            self.time_fix[case.loss] = (size, min(max(measured / size, 0.2), 10.0))
+        modelled = model_cost(case, self.block_size).memory
+        largest = modelled >= self.memory_fix.get(case.loss, (0.0, 1.0))[0]
+        if result.memory is not None and result.memory > 32 * MIB and largest:
+            self.memory_fix[case.loss] = (modelled, min(max(result.memory / modelled, 0.3), 4))
+        if result.startup_s is not None:
+            self.startups.append(result.startup_s)
+            self.startup_s = statistics.median(self.startups)
+
+
+def repeats_for(call_s: float, target_s: float) -> int:
+    return min(MAX_REPEATS, max(1, math.ceil(target_s / max(call_s, 1e-9))))
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Result:
+    case: Case
+    status: str  # ok | skip | OOM | timeout | error | n/a
+    time_s: float | None = None  # median
+    memory: float | None = None  # bytes
+    repeats: int = 0
+    reason: str = ""  # footnote text (shared by similar cases)
+    detail: str = ""  # per-case note
+    estimate: Estimate | None = None
+    startup_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "loss": self.case.loss,
+            "n": self.case.n,
+            "q": self.case.q,
+            "status": self.status,
+            "time_s": self.time_s,
+            "memory_bytes": self.memory,
+            "repeats": self.repeats,
+            "reason": self.reason,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+
+def oom_like(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(
+        word in text
+        for word in ("out of memory", "can't allocate", "cannot allocate", "alloc_failed")
+    )
+
+
+def one_call(fn: nn.Module, z1: Tensor, z2: Tensor) -> None:
+    z1.grad = None
+    z2.grad = None
+    loss = fn(z1, z2)
+    loss.backward()
+
+
+# --------------------------------------------------------------------------------------------
+# CPU: one case per process
+
+
+def _proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM, VmData… in KiB (empty without /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            return {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith("Vm")}
+    except OSError:
+        return {}
+
+
+def _reset_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _mmap_threshold(nbytes: int) -> bool:
+    """glibc: allocations of at least ``nbytes`` get their own mmap, returned to the OS on free.
+
+    glibc's default threshold is dynamic (it rises to the size of freed blocks, up to 32 MiB),
+    after which freed tensors stay in the heap and the peak RSS of identical runs varied by
+    ±30%; at 64 KiB the RSS follows the live tensors. False where mallopt is unavailable.
+    """
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) == 1  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+def _maxrss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def measure_cpu_case(case: Case, block_size: int | None, memory_limit: float | None) -> Result:
+    """Runs in the child process (``--case``)."""
+    started = time.perf_counter()
+    precise = _mmap_threshold(64 * 1024)  # for the memory phase: RSS = live tensors
+    torch.manual_seed(0)
+    fn = make_loss(case.loss, block_size)
+    tiny = [torch.randn(min(case.n, 64), min(case.q, 128), requires_grad=True) for _ in range(2)]
+    one_call(fn, *tiny)  # one-time initialisation: thread pool, BLAS buffers, lazy imports
+    del tiny
+    start = time.perf_counter()
+    z1 = torch.randn(case.n, case.q, requires_grad=True)
+    z2 = torch.randn(case.n, case.q, requires_grad=True)
+    inputs_s = time.perf_counter() - start
+    gc.collect()
+    status = _proc_status()
+    if memory_limit is not None and "VmData" in status:  # fail cleanly instead of swapping
+        limit = status["VmData"] * 1024 + int(memory_limit)
+        resource.setrlimit(
+            resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1])
+        )
+    exact = _reset_high_water_mark() and "VmHWM" in _proc_status()
+    # without /proc: the high-water mark so far, which may sit above the current RSS (module doc)
+    base_kib = _proc_status()["VmRSS"] if exact else _maxrss_kib()
+    setup_s = time.perf_counter() - started
+    times: list[float] = []
+    warm = 0.0
+    try:
+        start = time.perf_counter()
+        one_call(fn, z1, z2)  # the warm-up, which gives the memory
+        warm = time.perf_counter() - start
+        peak_kib = _proc_status()["VmHWM"] if exact else _maxrss_kib()
+        if warm > CPU_SINGLE_S:  # the warm-up is the single timed call
+            times.append(warm)
+            warm = 0.0
+        else:
+            if precise:  # back to about glibc's default steady state for the timing
+                _mmap_threshold(32 * MIB)
+            while len(times) < MAX_REPEATS and sum(times) < CPU_REPEAT_S:
+                start = time.perf_counter()
+                one_call(fn, z1, z2)
+                times.append(time.perf_counter() - start)
+    except Exception as error:
+        kind = "OOM" if oom_like(error) else "error"
+        return Result(
+            case, kind, detail=f"{type(error).__name__}: {str(error).splitlines()[0]}"[:200]
+        )
+    return Result(
+        case,
+        "ok",
+        time_s=statistics.median(times),
+        memory=(peak_kib - base_kib) * 1024.0,
+        repeats=len(times),
+        extra={
+            "times_s": times,
+            "warmup_s": warm,
+            "calls_s": warm + sum(times),
+            "inputs_s": inputs_s,
+            "setup_s": setup_s,
+            "baseline_rss_mib": base_kib / 1024,
+            "peak_rss_mib": peak_kib / 1024,
+            "memory_method": ("VmHWM" if exact else "ru_maxrss")
+            + (", mmap threshold 64 KiB" if precise else ""),
+        },
+    )
+
+
+def run_cpu_case(
+    case: Case, args: argparse.Namespace, memory_budget: float, timeout_s: float
+) -> Result:
+    """Runs ``case`` in a fresh process of this script and reads its JSON line."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--case", case.key, "--device", "cpu"]
+    command += ["--memory-limit-mib", str(int(memory_budget / MIB))]
+    if args.block_size:
+        command += ["--block-size", str(args.block_size)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return Result(case, "timeout", reason="killed at the end of the time budget on CPU")
+    wall = time.perf_counter() - start
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        if proc.returncode in (-9, 137):
+            return Result(case, "OOM", detail="killed (SIGKILL: out of memory?)")
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return Result(case, "error", detail=f"exit {proc.returncode}: {tail}"[:200])
+    data = json.loads(lines[-1])
+    result = Result(
+        case,
+        data["status"],
+        time_s=data["time_s"],
+        memory=data["memory_bytes"],
+        repeats=data["repeats"],
+        detail=data.get("detail", ""),
+        extra={k: v for k, v in data.items() if k.endswith(("_s", "_mib", "_method"))},
+    )
+    if result.status == "ok":  # process start, imports, the tiny call
+        result.startup_s = max(0.0, wall - data["calls_s"] - data["inputs_s"])
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: all cases in this process
+
+
+def measure_cuda_case(case: Case, fn: nn.Module, device: torch.device) -> Result:
+    gen = torch.Generator(device=device).manual_seed(0)
+    z1 = torch.randn(case.n, case.q, device=device, generator=gen).requires_grad_()
+    z2 = torch.randn(case.n, case.q, device=device, generator=gen).requires_grad_()
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed() -> float:
+        start.record()
+        one_call(fn, z1, z2)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+
+    warm = timed()
+    times: list[float] = []
+    while len(times) < MAX_REPEATS and (len(times) < 3 or sum(times) < CUDA_REPEAT_S):
+        times.append(timed())
+    peak = torch.cuda.max_memory_allocated(device) - base
+    z1.grad = z2.grad = None
+    return Result(
+        case,
+        "ok",
+        time_s=statistics.median(times),
+        memory=float(peak),
+        repeats=len(times),
+        extra={"times_s": times, "warmup_s": warm},
+    )
+
+
+def run_cuda_case(case: Case, args: argparse.Namespace, device: torch.device) -> Result:
+    fn = make_loss(case.loss, args.block_size)
+    try:
+        # one-time allocations (cuBLAS/cuBLASLt workspaces) stay out of the case's memory
+        tiny = (min(case.n, 64), min(case.q, 128))
+        one_call(fn, *(torch.randn(tiny, device=device, requires_grad=True) for _ in range(2)))
+        return measure_cuda_case(case, fn, device)
+    except torch.cuda.OutOfMemoryError as error:
+        return Result(case, "OOM", detail=str(error).splitlines()[0][:200])
+    except RuntimeError as error:
+        if oom_like(error):
+            return Result(case, "OOM", detail=str(error).splitlines()[0][:200])
+        return Result(
+            case, "error", detail=f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        )
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# The run: budgets, then one case after the other
+
+
+def memory_budget(args: argparse.Namespace, device: str, cuda: torch.device | None) -> float:
+    """CUDA: the free device memory (capped by --max-memory-gib); CPU: --max-memory-gib, or
+    16 GiB but at most 80% of the available RAM."""
+    if device == "cuda":
+        free = float(torch.cuda.mem_get_info(cuda)[0])
+        return free if args.max_memory_gib is None else min(free, args.max_memory_gib * GIB)
+    if args.max_memory_gib is not None:
+        return args.max_memory_gib * GIB
+    available = meminfo().get("MemAvailable", 0) * 1024 or CPU_MEMORY_GIB * GIB
+    return min(CPU_MEMORY_GIB * GIB, 0.8 * available)
+
+
+def run_all(
+    cases: list[Case], args: argparse.Namespace, device: str, deadline: float
+) -> tuple[list[Result], Rates, float]:
+    cuda = torch.device("cuda") if device == "cuda" else None
+    rates = calibrate(device)
+    estimator = Estimator(device, rates, args.block_size)
+    results: list[Result] = []
+    budget = memory_budget(args, device, cuda)
+    planned_s = 0.0  # --dry-run: the estimated time of the cases planned so far
+    for index, case in enumerate(cases, 1):
+        estimate = estimator.estimate(case)
+        if device == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            budget = memory_budget(args, device, cuda) - 2 * case.n * case.q * FLOAT
+        left = deadline - time.perf_counter() - planned_s
+        note = f"est. {fmt_seconds(estimate.wall_s)}, {fmt_bytes(estimate.memory)}"
+        if estimate.memory > budget:
+            result = Result(
+                case,
+                "skip",
+                reason=f"memory budget on {device.upper()}: estimated "
+                f"peak above the {fmt_bytes(budget)} budget",
+                detail=note,
+            )
+        elif estimate.wall_s > left:
+            result = Result(
+                case,
+                "skip",
+                reason=f"time budget on {device.upper()}: estimated "
+                f"time above what was left of --max-minutes {args.max_minutes:g}",
+                detail=f"{note}, {fmt_seconds(max(left, 0))} left",
+            )
+        elif args.dry_run:
+            result = Result(case, "planned", detail=note)
+            planned_s += estimate.wall_s
+        else:
+            start = time.perf_counter()
+            if device == "cuda":
+                result = run_cuda_case(case, args, cuda)
+            else:
+                result = run_cpu_case(case, args, budget, timeout_s=max(5.0, left + 20))
+            result.extra["wall_s"] = time.perf_counter() - start
+            if result.status == "timeout":
+                result.detail = note
+            estimator.update(result)
+        result.estimate = estimate
+        results.append(result)
+        print(progress_line(index, len(cases), result), file=sys.stderr, flush=True)
+    return results, rates, budget
+
+
+def progress_line(index: int, total: int, r: Result) -> str:
+    head = f"[{index:3d}/{total}] {r.case.loss:13s} n={r.case.n:5d} q={r.case.q:5d}: "
+    if r.status == "ok":
+        return head + f"{fmt_ms(r.time_s)} ms, {fmt_mib(r.memory)} MiB ({r.extra['wall_s']:.1f} s)"
+    return head + " ".join(part for part in (r.status, r.detail) if part)
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_num(x: float) -> str:
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "–" if seconds is None else fmt_num(seconds * 1000)
+
+
+def fmt_mib(memory: float | None) -> str:
+    return "–" if memory is None else fmt_num(memory / MIB)
+
+
+def fmt_bytes(memory: float) -> str:
+    return f"{memory / GIB:.1f} GiB" if memory >= GIB else f"{memory / MIB:.0f} MiB"
+
+
+def fmt_seconds(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
+
+
+def meminfo() -> dict[str, int]:
+    try:
+        with open("/proc/meminfo") as f:
+            return {line.split(":")[0]: int(line.split()[1]) for line in f}
+    except OSError:
+        return {}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def load_lines(before: float | None) -> list[str]:
+    """The 1-minute load average before the run (during it, it counts the run itself): other
+    work on the machine skews the timings."""
+    if before is None:
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines = [f"- Load average (1 min) before the run: {before:.2f} on {cores} cores"]
+    if before > 0.5 * (cores or 1):
+        lines.append(
+            f"- **Warning**: the machine was busy before the run started (load {before:.2f} on "
+            f"{cores} cores): CPU timings are unreliable (threads wait for each other's cores)."
+        )
+    return lines
+
+
+def machine_lines(device: str, rates: Rates) -> list[str]:
+    cpus = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
+    ram = meminfo().get("MemTotal", 0) / 2**20
+    lines = [
+        f"- CPU: {cpu_model()}, {cpus} logical cores ({usable} usable, torch threads: "
+        f"{torch.get_num_threads()}), {ram:.1f} GiB RAM",
+    ]
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        lines.append(
+            f"- GPU: {props.name}, {props.total_memory / GIB:.1f} GiB, compute capability "
+            f"{props.major}.{props.minor}; CUDA {torch.version.cuda}; float32 matmul precision "
+            f"{torch.get_float32_matmul_precision()!r} (TF32 "
+            f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})"
+        )
+    lines += [
+        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
+        f"- Calibration on {device.upper()}: matmul {rates.gemm / 1e9:,.0f} GFLOP/s, elementwise "
+        f"{rates.elementwise / 1e9:.2f} G elements/s",
+    ]
+    return lines
+
+
+class Footnotes:
+    def __init__(self) -> None:
+        self.notes: dict[str, str] = {}
+
+    def mark(self, reason: str) -> str:
+        if not reason:
+            return ""
+        if reason not in self.notes:
+            self.notes[reason] = "abcdefghijklmnopqrstuvwxyz"[len(self.notes) % 26]
+        return f" [{self.notes[reason]}]"
+
+    def lines(self) -> list[str]:
+        return [f"- [{letter}] {reason}" for reason, letter in self.notes.items()]
+
+
+def cell(result: Result | None, metric: str, notes: Footnotes) -> str:
+    if result is None:
+        return ""
+    if result.status == "ok":
+        return fmt_ms(result.time_s) if metric == "time" else fmt_mib(result.memory)
+    return result.status + notes.mark(result.reason or status_reason(result))
+
+
+def both_cell(result: Result | None, notes: Footnotes) -> str:
+    if result is None or result.status != "ok":
+        return cell(result, "time", notes)
+    return f"{fmt_ms(result.time_s)} / {fmt_mib(result.memory)}"
+
+
+def status_reason(result: Result) -> str:
+    if result.status == "OOM":
+        return "out of memory during the run (allocation failed)"
+    if result.status in ("error", "timeout"):
+        return f"{result.status}: {result.detail}" if result.detail else result.status
+    return ""
+
+
+def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
+    align = align or "l" * len(header)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(rule) + " |",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def pivot(
+    res: dict[Case, Result],
+    losses: list[str],
+    cases: Callable[[str, int], Case],
+    axis: list[int],
+    axis_name: str,
+    metric: str,
+    notes: Footnotes,
+) -> list[str]:
+    rows = []
+    for loss in losses:
+        cells = [cell(res.get(cases(loss, v)), metric, notes) for v in axis]
+        if sum(map(bool, cells)) >= min(2, len(axis)):  # a sweep, not a point of another one
+            rows.append([*LOSSES[loss], *cells])
+    header = ["loss", "path", *(f"{axis_name} = {v}" for v in axis)]
+    return table(header, rows, "ll" + "r" * len(axis))
+
+
+def at_n(n: int) -> Callable[[str, int], Case]:
+    """(loss, q) → the case at this n: a q sweep."""
+    return lambda loss, q: Case(loss, n, q)
+
+
+def at_q(q: int) -> Callable[[str, int], Case]:
+    """(loss, n) → the case at this q: an n sweep."""
+    return lambda loss, n: Case(loss, n, q)
+
+
+def ok(res: dict[Case, Result], loss: str, n: int, q: int) -> Result | None:
+    r = res.get(Case(loss, n, q))
+    return r if r is not None and r.status == "ok" else None
+
+
+def label(loss: str) -> str:
+    name, path = LOSSES[loss]
+    return f"{name} ({path})" if loss in SFRIK else name
+
+
+def growth_rows(
+    res: dict[Case, Result],
+    losses: list[str],
+    key: Callable[[str, int], Case],
+    axis: list[int],
+    metric: str,
+) -> list[list[str]]:
+    def value(loss: str, v: int) -> float | None:
+        if loss == "dense−blocked":
+            d, b = res.get(key("sfrik_dense", v)), res.get(key("sfrik_blocked", v))
+            if d and b and d.status == b.status == "ok":
+                difference = d.memory - b.memory
+                # below this, the difference is measurement noise, and so would be its growth
+                return difference if difference >= max(8 * MIB, 0.05 * d.memory) else None
+            return None
+        r = res.get(key(loss, v))
+        if r is None or r.status != "ok":
+            return None
+        return r.time_s if metric == "time" else r.memory
+
+    rows = []
+    for loss in losses:
+        cells = []
+        for a, b in itertools.pairwise(axis):
+            va, vb = value(loss, a), value(loss, b)
+            cells.append(f"×{vb / va:.2f}" if va and vb and va > 0 else "")
+        if any(cells):
+            name = "SFRIK dense − blocked" if loss == "dense−blocked" else label(loss)
+            rows.append([name, *cells])
+    return rows
+
+
+def ratios(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
+    out = ["## Ratios (computed from the numbers above, same run)", ""]
+    n0, q_max = grid.n_fixed, max(grid.q_values)
+    present = [loss for loss in LOSSES if any(c.loss == loss for c in res)]
+    for base in (b for b in BASELINES if b in present):
+        for sfrik in (s for s in SFRIK if s in present):
+            both = [q for q in grid.q_values if ok(res, base, n0, q) and ok(res, sfrik, n0, q)]
+            if not both:
+                continue
+            q = max(both)
+            a, b = ok(res, base, n0, q), ok(res, sfrik, n0, q)
+            line = (
+                f"- {label(base)} / {label(sfrik)} at n = {n0}, q = {q}: time "
+                f"**{a.time_s / b.time_s:,.1f}×** ({fmt_ms(a.time_s)} vs {fmt_ms(b.time_s)} ms), "
+                f"memory **{a.memory / b.memory:,.1f}×** ({fmt_mib(a.memory)} vs "
+                f"{fmt_mib(b.memory)} MiB)"
+            )
+            if q != q_max:
+                missing = [
+                    r
+                    for r in (res.get(Case(base, n0, q_max)), res.get(Case(sfrik, n0, q_max)))
+                    if r is not None and r.status != "ok"
+                ]
+                why = ", ".join(f"{label(r.case.loss)}: {cell(r, 'time', notes)}" for r in missing)
+                line += f"; q = {q_max} was not measured ({why or 'not in the grid'})"
+            out.append(line)
+    out.append("")
+    steps = [f"{a}→{b}" for a, b in itertools.pairwise(grid.q_values)]
+    for metric in ("memory", "time"):
+        rows = growth_rows(res, present, at_n(n0), list(grid.q_values), metric)
+        if rows:
+            out += [
+                f"{metric.capitalize()} growth each time q doubles (n = {n0}); "
+                "×2 is linear growth, ×4 quadratic:",
+                "",
+            ]
+            out += [*table(["loss", *(f"q {s}" for s in steps)], rows, "l" + "r" * len(steps)), ""]
+    for q_sweep in (grid.q_fixed, grid.q_small):
+        if q_sweep is None:
+            continue
+        steps = [f"{a}→{b}" for a, b in itertools.pairwise(grid.n_values)]
+        rows = growth_rows(
+            res,
+            [*present, "dense−blocked"] if set(SFRIK) <= set(present) else present,
+            at_q(q_sweep),
+            list(grid.n_values),
+            "memory",
+        )
+        if rows:
+            out += [
+                f"Memory growth each time n doubles (q = {q_sweep}); the dense − blocked "
+                "difference isolates the n×n Gram matrices the dense path keeps:",
+                "",
+            ]
+            out += [*table(["loss", *(f"n {s}" for s in steps)], rows, "l" + "r" * len(steps)), ""]
+        both = [
+            n
+            for n in grid.n_values
+            if ok(res, "sfrik_dense", n, q_sweep) and ok(res, "sfrik_blocked", n, q_sweep)
+        ]
+        if both:
+            n = max(both)
+            d, b = ok(res, "sfrik_dense", n, q_sweep), ok(res, "sfrik_blocked", n, q_sweep)
+            out += [
+                f"- Blocked / dense at the largest n measured for both, n = {n}, q = {q_sweep}: "
+                f"memory **{b.memory / d.memory:.2f}×** ({fmt_mib(b.memory)} vs "
+                f"{fmt_mib(d.memory)} MiB), time {b.time_s / d.time_s:.2f}× "
+                f"({fmt_ms(b.time_s)} vs {fmt_ms(d.time_s)} ms)",
+                "",
+            ]
+    return out
+
+
+def method_text(device: str, block_size: int | None) -> str:
+    if device == "cuda":
+        timing = "CUDA events, median of 3 to 10 timed calls after one full-size warm-up"
+        memory = "`max_memory_allocated` − `memory_allocated` before the calls"
+    else:
+        timing = (
+            "median of the timed calls after one full-size warm-up (a warm-up over 3 s is the "
+            "single timed call)"
+        )
+        memory = (
+            "peak RSS of a fresh process per case minus its RSS before the first full-size call"
+        )
+    blocks = (
+        f"blocks of {block_size} rows (--block-size)"
+        if block_size
+        else "the default blocks of about 4M Gram entries (one block while n ≤ 2048)"
+    )
+    return (
+        "Each case: z1, z2 = `torch.randn(n, q)` float32 leaf tensors with requires_grad; the "
+        f"work is `loss = fn(z1, z2); loss.backward()`. Time: {timing}. Memory: {memory}; it "
+        "**includes the input gradients z1.grad, z2.grad** (2·n·q floats, listed under All "
+        f"cases). Losses with default arguments; SFRIK blocked uses {blocks}. Method: the "
+        "docstring of `scripts/bench_loss.py`."
+    )
+
+
+def report(
+    grid: Grid,
+    results: list[Result],
+    device: str,
+    rates: Rates,
+    budget: float,
+    args: argparse.Namespace,
+    command: str,
+    elapsed: float,
+    load_before: float | None,
+) -> str:
+    res = {r.case: r for r in results}
+    notes = Footnotes()
+    present = [loss for loss in LOSSES if any(c.loss == loss for c in res)]
+    title = "Loss benchmark: forward + backward time and peak memory"
+    lines = [
+        f"# {title} ({device.upper()})",
+        "",
+        f"- Date: {datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Command: `{command}`",
+        *machine_lines(device, rates),
+        f"- Budgets: {args.max_minutes:g} minutes, memory {fmt_bytes(budget)}; "
+        f"run took {elapsed / 60:.1f} minutes",
+        *load_lines(load_before),
+        "",
+        method_text(device, args.block_size),
+        "",
+    ]
+    sections: list[tuple[str, Callable[[str, int], Case], list[int], str]] = [
+        (f"q sweep at n = {grid.n_fixed}", at_n(grid.n_fixed), list(grid.q_values), "q"),
+    ]
+    for q_sweep in (grid.q_fixed, grid.q_small):
+        if q_sweep is not None:
+            sections.append((f"n sweep at q = {q_sweep}", at_q(q_sweep), list(grid.n_values), "n"))
+    for heading, key, axis, axis_name in sections:
+        if not any(key(loss, v) in res for loss in present for v in axis):
+            continue
+        lines += [f"## {heading}", ""]
+        for metric, unit in (("time", "Time (ms)"), ("memory", "Memory (MiB)")):
+            lines += [f"{unit}:", "", *pivot(res, present, key, axis, axis_name, metric, notes), ""]
+    slices = {key(loss, v) for _, key, axis, _ in sections for loss in present for v in axis}
+    if any(case not in slices for case in res):
+        lines += ["## Full grid: time (ms) / memory (MiB)", ""]
+        for loss in present:
+            rows = [
+                [str(n), *(both_cell(res.get(Case(loss, n, q)), notes) for q in grid.q_values)]
+                for n in grid.n_values
+            ]
+            lines += [f"{label(loss)}:", ""]
+            lines += [
+                *table(
+                    ["n", *(f"q = {q}" for q in grid.q_values)],
+                    rows,
+                    "r" * (1 + len(grid.q_values)),
+                ),
+                "",
+            ]
+    lines += ratios(grid, res, notes)
+    lines += ["## All cases", ""]
+    rows = []
+    for r in sorted(results, key=lambda r: (list(LOSSES).index(r.case.loss), r.case.n, r.case.q)):
+        grads = 2 * r.case.n * r.case.q * FLOAT
+        status = r.status + notes.mark(r.reason or status_reason(r))
+        rows.append(
+            [
+                *LOSSES[r.case.loss],
+                str(r.case.n),
+                str(r.case.q),
+                fmt_ms(r.time_s),
+                fmt_mib(r.memory),
+                fmt_mib(grads),
+                str(r.repeats or ""),
+                status,
+                r.detail,
+            ]
+        )
+    header = [
+        "loss",
+        "path",
+        "n",
+        "q",
+        "time (ms)",
+        "memory (MiB)",
+        "of which grads (MiB)",
+        "timed calls",
+        "status",
+        "note",
+    ]
+    lines += [*table(header, rows, "llrrrrrrll"), ""]
+    if device == "cpu" and not args.full_grid:
+        lines += [
+            "The other (loss, n, q) combinations of the full grid were not run on CPU: time "
+            "budget on CPU (run with --device cuda, or --full-grid).",
+            "",
+        ]
+    if notes.notes:
+        lines += ["Notes:", "", *notes.lines(), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark forward+backward time and peak memory of lowres_ssl.losses.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=9.0,
+        help="time budget of the whole run; cases that would overrun are skipped",
+    )
+    parser.add_argument(
+        "--max-memory-gib",
+        type=float,
+        default=None,
+        help="memory budget (default: CPU 16 GiB, at most 80%% of the available "
+        "RAM; CUDA: the free device memory)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="markdown file (default: docs/benchmarks/loss.md on CPU, "
+        "docs/benchmarks/loss_cuda.md on CUDA)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a tiny grid, for smoke tests")
+    parser.add_argument(
+        "--full-grid",
+        action="store_true",
+        help="on CPU too, all (loss, n, q) combinations (the budget still applies)",
+    )
+    parser.add_argument(
+        "--losses", default=",".join(LOSSES), help=f"comma-separated subset of {', '.join(LOSSES)}"
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="rows per block of the SFRIK blocked path (default: the library's)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own, usually the number of cores)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan with the estimates; run nothing, write nothing",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--memory-limit-mib", type=float, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.case is not None:  # child: one CPU case, one JSON line
+        limit = args.memory_limit_mib * MIB if args.memory_limit_mib else None
+        result = measure_cpu_case(Case.parse(args.case), args.block_size, limit)
+        print(json.dumps(result.to_json()), flush=True)
+        return 0
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device available", file=sys.stderr)
+        return 2
+    losses = [name.strip() for name in args.losses.split(",") if name.strip()]
+    unknown = set(losses) - set(LOSSES)
+    if unknown:
+        print(f"unknown losses {sorted(unknown)}; choose from {', '.join(LOSSES)}", file=sys.stderr)
+        return 2
+    grid = QUICK if args.quick else FULL
+    cases = plan_cases(grid, device, args.full_grid, losses)
+    deadline = started + args.max_minutes * 60 - 5  # keep a few seconds for the report
+    command = shlex.join(["python", *sys.argv])
+    load_before = load_average()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if device == "cpu" and load_before is not None and load_before > 0.5 * (cores or 1):
+        print(
+            f"warning: load average {load_before:.2f} on {cores} cores: CPU timings will be "
+            "unreliable (try --threads 1, or a quiet machine)",
+            file=sys.stderr,
+        )
+    results, rates, budget = run_all(cases, args, device, deadline)
+    if args.dry_run:
+        planned = [r for r in results if r.status == "planned"]
+        total = sum(r.estimate.wall_s for r in planned if r.estimate)
+        print(
+            f"{len(cases)} cases: {len(planned)} planned, estimated {total / 60:.1f} minutes in "
+            f"all (budget {args.max_minutes:g} minutes); the others skipped as shown",
+            file=sys.stderr,
+        )
+        return 0
+    elapsed = time.perf_counter() - started
+    text = report(grid, results, device, rates, budget, args, command, elapsed, load_before)
+    print(text)
+    output = args.output or DEFAULT_OUTPUT[device]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text + "\n")
+    print(f"wrote {output}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps([r.to_json() for r in results], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
