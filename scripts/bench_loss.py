@@ -875,6 +875,14 @@ def growth_rows(
     return rows
 
 
+def growth_table(title: str, axis: str, steps: list[str], rows: list[list[str]]) -> list[str]:
+    """A titled table of growth factors per doubling along ``axis`` (empty without rows)."""
+    if not rows:
+        return []
+    header = ["loss", *(f"{axis} {s}" for s in steps)]
+    return [title, "", *table(header, rows, "l" + "r" * len(steps)), ""]
+
+
 def ratios(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
     out = ["## Ratios (computed from the numbers above, same run)", ""]
     n0, q_max = grid.n_fixed, max(grid.q_values)
@@ -905,13 +913,11 @@ def ratios(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
     steps = [f"{a}→{b}" for a, b in itertools.pairwise(grid.q_values)]
     for metric in ("memory", "time"):
         rows = growth_rows(res, present, at_n(n0), list(grid.q_values), metric)
-        if rows:
-            out += [
-                f"{metric.capitalize()} growth each time q doubles (n = {n0}); "
-                "×2 is linear growth, ×4 quadratic:",
-                "",
-            ]
-            out += [*table(["loss", *(f"q {s}" for s in steps)], rows, "l" + "r" * len(steps)), ""]
+        title = (
+            f"{metric.capitalize()} growth each time q doubles (n = {n0}); "
+            "×2 is linear growth, ×4 quadratic:"
+        )
+        out += growth_table(title, "q", steps, rows)
     for q_sweep in (grid.q_fixed, grid.q_small):
         if q_sweep is None:
             continue
@@ -923,13 +929,11 @@ def ratios(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
             list(grid.n_values),
             "memory",
         )
-        if rows:
-            out += [
-                f"Memory growth each time n doubles (q = {q_sweep}); the dense − blocked "
-                "difference isolates the n×n Gram matrices the dense path keeps:",
-                "",
-            ]
-            out += [*table(["loss", *(f"n {s}" for s in steps)], rows, "l" + "r" * len(steps)), ""]
+        title = (
+            f"Memory growth each time n doubles (q = {q_sweep}); the dense − blocked "
+            "difference isolates the n×n Gram matrices the dense path keeps:"
+        )
+        out += growth_table(title, "n", steps, rows)
         both = [
             n
             for n in grid.n_values

@@ -67,11 +67,12 @@ def _compute_dtype(z: Tensor) -> torch.dtype:
 def choose_path(n: int, dim: int, kernel: RotationInvariantKernel) -> str:
     """The cheapest exact path for n embeddings of dimension ``dim`` (what ``auto`` uses).
 
-    Moments when ψ has degree ≤ 1 (O(n·q)), or degree 2 and q < n (n·q² < n²·q flops);
-    dense while the Gram matrix stays small; blocked beyond.
+    Moments when ψ has degree ≤ 1 (O(n·q)), or degree 2 and q < n (n·q² < n²·q flops) with a
+    small q × q matrix; dense while the Gram matrix stays small; blocked beyond.
     """
     degree = kernel.degree
-    if degree is not None and (degree <= 1 or (degree == 2 and dim < n)):
+    small_second_moment = dim * dim <= DENSE_MAX_ENTRIES
+    if degree is not None and (degree <= 1 or (degree == 2 and dim < n and small_second_moment)):
         return "moments"
     return "dense" if n * n <= DENSE_MAX_ENTRIES else "blocked"
 

@@ -378,6 +378,9 @@ def test_choose_path_large_n_is_blocked():
     assert choose_path(4096, 64, SFRIKKernel()) == "dense"
     assert choose_path(5000, 64, SFRIKKernel((1.0, 40.0))) == "moments"
     assert choose_path(5000, 8192, SFRIKKernel((1.0, 40.0))) == "blocked"
+    # q < n, but a q × q second moment of 8192² floats is too big: blocked, not moments.
+    assert choose_path(20000, 8192, SFRIKKernel((1.0, 40.0))) == "blocked"
+    assert choose_path(20000, 8192, SFRIKKernel((1.0,))) == "moments"  # degree 1: O(n·q)
 
 
 @pytest.mark.parametrize(
