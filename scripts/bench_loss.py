@@ -79,7 +79,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import resource
 import shlex
 import statistics
@@ -94,6 +93,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lowres_ssl import bench
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = {
@@ -604,7 +605,7 @@ def memory_budget(args: argparse.Namespace, device: str, cuda: torch.device | No
         return free if args.max_memory_gib is None else min(free, args.max_memory_gib * GIB)
     if args.max_memory_gib is not None:
         return args.max_memory_gib * GIB
-    available = meminfo().get("MemAvailable", 0) * 1024 or CPU_MEMORY_GIB * GIB
+    available = bench.meminfo().get("MemAvailable", 0) * 1024 or CPU_MEMORY_GIB * GIB
     return min(CPU_MEMORY_GIB * GIB, 0.8 * available)
 
 
@@ -693,69 +694,12 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
-def meminfo() -> dict[str, int]:
-    try:
-        with open("/proc/meminfo") as f:
-            return {line.split(":")[0]: int(line.split()[1]) for line in f}
-    except OSError:
-        return {}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
-def load_lines(before: float | None) -> list[str]:
-    """The 1-minute load average before the run (during it, it counts the run itself): other
-    work on the machine skews the timings."""
-    if before is None:
-        return []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    lines = [f"- Load average (1 min) before the run: {before:.2f} on {cores} cores"]
-    if before > 0.5 * (cores or 1):
-        lines.append(
-            f"- **Warning**: the machine was busy before the run started (load {before:.2f} on "
-            f"{cores} cores): CPU timings are unreliable (threads wait for each other's cores)."
-        )
-    return lines
-
-
 def machine_lines(device: str, rates: Rates) -> list[str]:
-    cpus = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
-    ram = meminfo().get("MemTotal", 0) / 2**20
-    lines = [
-        f"- CPU: {cpu_model()}, {cpus} logical cores ({usable} usable, torch threads: "
-        f"{torch.get_num_threads()}), {ram:.1f} GiB RAM",
-    ]
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        lines.append(
-            f"- GPU: {props.name}, {props.total_memory / GIB:.1f} GiB, compute capability "
-            f"{props.major}.{props.minor}; CUDA {torch.version.cuda}; float32 matmul precision "
-            f"{torch.get_float32_matmul_precision()!r} (TF32 "
-            f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})"
-        )
-    lines += [
-        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}",
+    return [
+        *bench.machine_lines(device),
         f"- Calibration on {device.upper()}: matmul {rates.gemm / 1e9:,.0f} GFLOP/s, elementwise "
         f"{rates.elementwise / 1e9:.2f} G elements/s",
     ]
-    return lines
 
 
 class Footnotes:
@@ -1001,7 +945,7 @@ def report(
         *machine_lines(device, rates),
         f"- Budgets: {args.max_minutes:g} minutes, memory {fmt_bytes(budget)}; "
         f"run took {elapsed / 60:.1f} minutes",
-        *load_lines(load_before),
+        *bench.load_lines(load_before),
         "",
         method_text(device, args.block_size),
         "",
@@ -1164,7 +1108,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = plan_cases(grid, device, args.full_grid, losses)
     deadline = started + args.max_minutes * 60 - 5  # keep a few seconds for the report
     command = shlex.join(["python", *sys.argv])
-    load_before = load_average()
+    load_before = bench.load_average()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if device == "cpu" and load_before is not None and load_before > 0.5 * (cores or 1):
         print(
