@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""Images per second delivered as augmented two-view batches on the device.
+
+This is a benchmark, not a test. It prints a markdown report and writes it to ``--output``.
+
+Input: the shared CIFAR-10 train folder (50,000 JPEG files of 32x32; ``--data`` for another
+folder), decoded at ``--load-size`` (default 32), batches of ``--batch-size`` (default 256)
+images, the ``--recipe`` augmentation (default ``vicreg``, the costliest: blur on every first
+view) making two views of ``--load-size`` pixels in the training precision (CUDA: bf16 when
+the GPU supports it, else fp16; CPU: fp32).
+
+Cases (each: one warm-up batch, then batches until about ``--seconds`` have passed)
+    decode, 1 worker / 2 workers   ``cache: none``: DataLoader workers decode every file
+    disk cache                     ``cache: disk``: rows of the memory-mapped decoded array
+    gpu cache (CUDA)               ``cache: gpu``: rows indexed on the device
+    augmentation alone             a uint8 batch already on the device, views only
+For every loader the table gives the loader alone (uint8 batches on the device) and the loader
+with the augmentation (the full input pipeline of one training step), and the one-time cost of
+building the disk cache.
+
+The yardstick is one training step of a ResNet-18 (CIFAR stem) with a 2048-2048 projector on
+the two views (forward, backward, SGD), at the same batch and precision: "input / step" is the
+time the input pipeline needs per batch as a fraction of that step. Below 1 the training step
+hides the input (the loaders prefetch in worker processes or threads); on CPU both compete for
+the same cores, so there the fraction is an upper bound on what overlapping can achieve.
+
+Usage
+    python scripts/bench_data.py                    # CUDA if present, else CPU
+    python scripts/bench_data.py --device cpu       # writes docs/benchmarks/data.md
+    python scripts/bench_data.py --device cuda      # writes docs/benchmarks/data_cuda.md
+    python scripts/bench_data.py --quick --output /tmp/data.md   # seconds, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import lowres_ssl.augment as augment
+import lowres_ssl.data as data
+from lowres_ssl import bench
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = {
+    "cpu": REPO / "docs/benchmarks/data.md",
+    "cuda": REPO / "docs/benchmarks/data_cuda.md",
+}
+SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+@dataclass
+class Row:
+    case: str
+    loader_ips: float | None = None  # images/s, uint8 batches on the device
+    pipeline_ips: float | None = None  # images/s, loader + augmentation
+    batches: int = 0
+    note: str = ""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def rate(step: Callable[[], int], device: torch.device, seconds: float, max_batches: int):
+    """Images per second of ``step`` (which returns the images it handled), after one warm-up
+    call, over calls until ``seconds`` have passed (at least 2, at most ``max_batches``)."""
+    step()
+    sync(device)
+    images, calls, start = 0, 0, time.perf_counter()
+    while calls < 2 or (time.perf_counter() - start < seconds and calls < max_batches):
+        images += step()
+        calls += 1
+    sync(device)
+    return images / (time.perf_counter() - start), calls
+
+
+def endless(loader: data.ImageLoader) -> Iterator[data.Batch]:
+    epoch = 0
+    while True:
+        yield from loader.iterate(epoch)
+        epoch += 1
+
+
+def measure_loader(name, loader, views, device, seconds, max_batches) -> Row:
+    """The loader alone, then the loader feeding the augmentation, each on a fresh iterator
+    (so the workers' prefetch queue does not carry over)."""
+    batches = endless(loader)
+
+    def only_loader() -> int:
+        return len(next(batches).images)
+
+    ips, n = rate(only_loader, device, seconds, max_batches)
+    batches = endless(loader)
+
+    def with_views() -> int:
+        b = next(batches)
+        views(b.images)
+        return len(b.images)
+
+    ips_views, n2 = rate(with_views, device, seconds, max_batches)
+    return Row(name, ips, ips_views, n + n2)
+
+
+class ReferenceStep:
+    """One SSL training step of a ResNet-18 with a CIFAR stem (3x3 conv, stride 1, no max-pool)
+    and a 2048-2048 projector, on two views; the yardstick for the input pipeline."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, channels_last: bool):
+        net = torchvision.models.resnet18(num_classes=10)
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+        net.fc = nn.Sequential(
+            nn.Linear(512, 2048), nn.BatchNorm1d(2048), nn.ReLU(), nn.Linear(2048, 2048)
+        )
+        self.net = net.to(device, memory_format=torch.channels_last if channels_last else None)
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=0.01, momentum=0.9)
+        self.device, self.dtype = device, dtype
+
+    def __call__(self, v1: torch.Tensor, v2: torch.Tensor) -> None:
+        with torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        ):
+            z1, z2 = self.net(v1), self.net(v2)
+        loss = (z1.float() - z2.float()).pow(2).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def find_data(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    target = data.default_cache_dir() / "bench-cifar10"
+    train = target / "cifar10" / "train"
+    if not train.exists():
+        if not SHARED_ARCHIVE.exists():
+            sys.exit(
+                f"no --data given and the shared CIFAR-10 archive is missing: {SHARED_ARCHIVE}"
+            )
+        import tarfile
+
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(SHARED_ARCHIVE) as tar:
+            tar.extractall(target, filter="data")
+    return train
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--data", help="image folder (default: the shared CIFAR-10 train folder)")
+    p.add_argument("--load-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--recipe", default="vicreg", choices=sorted(augment.RECIPES))
+    p.add_argument("--seconds", type=float, default=None, help="per measurement (CPU 6, CUDA 3)")
+    p.add_argument("--max-batches", type=int, default=400)
+    p.add_argument("--quick", action="store_true", help="a few batches each: a smoke test")
+    p.add_argument("--output", type=Path, help="markdown report (default under docs/benchmarks)")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    args = p.parse_args()
+
+    device_name = args.device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_name)
+    seconds = args.seconds or (6.0 if device.type == "cpu" else 3.0)
+    max_batches = args.max_batches
+    if args.quick:
+        seconds, max_batches = 0.5, 3
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    channels_last = device.type == "cuda"
+    load_before = bench.load_average()
+    started = time.perf_counter()
+
+    folder = find_data(args.data)
+    s, bs = args.load_size, args.batch_size
+    views = augment.build_augment(args.recipe, s, out_dtype=dtype, channels_last=channels_last)
+    views = views.to(device)
+    rows: list[Row] = []
+    cache_dir = Path(tempfile.mkdtemp(prefix="bench-data-cache-"))
+    try:
+        images = data.open_images(folder, load_size=s, cache="none")
+        n_files = len(images)
+        print(f"{n_files:,} files in {folder}", flush=True)
+
+        for workers in (1, 2):
+            loader = data.make_loader(images, bs, device=device, num_workers=workers)
+            rows.append(
+                measure_loader(
+                    f"decode every epoch, {workers} worker{'s' if workers > 1 else ''}",
+                    loader,
+                    views,
+                    device,
+                    seconds,
+                    max_batches,
+                )
+            )
+            del loader
+            print(rows[-1], flush=True)
+
+        t = time.perf_counter()
+        subset = images
+        if args.quick:  # the first 2,000 files only
+            files = images.files
+            subset = data.FolderImages(
+                data.FileList(
+                    files.root, files.paths[:2000], files.sizes[:2000], files.mtimes_ns[:2000], []
+                ),
+                s,
+            )
+        cached = data.build_disk_cache(subset, cache_dir, num_workers=2, progress=False)
+        build_s = time.perf_counter() - t
+        rows.append(Row("build the disk cache (once, 2 workers)", len(subset) / build_s, None, 1))
+        rows.append(
+            measure_loader(
+                "disk cache",
+                data.make_loader(cached, bs, device=device),
+                views,
+                device,
+                seconds,
+                max_batches,
+            )
+        )
+        print(rows[-1], flush=True)
+        if device.type == "cuda":
+            on_device = cached.to(device)
+            rows.append(
+                measure_loader(
+                    "gpu cache",
+                    data.make_loader(on_device, bs, device=device),
+                    views,
+                    device,
+                    seconds,
+                    max_batches,
+                )
+            )
+            print(rows[-1], flush=True)
+
+        batch = next(iter(data.make_loader(cached, bs, device=device))).images
+
+        def only_views() -> int:
+            views(batch)
+            return bs
+
+        ips, n = rate(only_views, device, seconds, max_batches)
+        rows.append(Row("augmentation alone", None, ips, n))
+        print(rows[-1], flush=True)
+
+        step = ReferenceStep(device, dtype, channels_last)
+        v1, v2 = views(batch)[:2]
+
+        def train_step() -> int:
+            step(v1, v2)
+            return bs
+
+        step_ips, n = rate(train_step, device, seconds, max(3, max_batches // 4))
+        print(f"reference step: {step_ips:.0f} images/s", flush=True)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+    wall = time.perf_counter() - started
+    report = render(args, device, dtype, folder, n_files, rows, step_ips, load_before, wall)
+    print(report)
+    output = args.output or DEFAULT_OUTPUT[device.type]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(report, encoding="utf-8")
+    print(f"wrote {output}")
+    if args.json:
+        args.json.write_text(
+            json.dumps({"rows": [asdict(r) for r in rows], "step_ips": step_ips}, indent=1)
+        )
+
+
+def fmt_ips(x: float | None) -> str:
+    return "–" if x is None else f"{x:,.0f}"
+
+
+def render(args, device, dtype, folder, n_files, rows, step_ips, load_before, wall) -> str:
+    bs = args.batch_size
+    step_ms = 1000 * bs / step_ips
+    lines = [
+        f"# Input pipeline throughput ({device.type.upper()})",
+        "",
+        f"Measured {datetime.now():%Y-%m-%d %H:%M} by `python scripts/bench_data.py "
+        f"--device {device.type}` in {wall / 60:.1f} min (method: the script's docstring).",
+        "",
+        *bench.machine_lines(device.type),
+        f"- kornia {augment.kornia.__version__}, Pillow {data.folders.Image.__version__}",
+        *bench.load_lines(load_before),
+        "",
+        f"Data: {n_files:,} JPEG files in `{folder.name}` ({folder}), load size "
+        f"{args.load_size} px; batch {bs}; recipe `{args.recipe}`, two views of "
+        f"{args.load_size} px in {str(dtype).removeprefix('torch.')}.",
+        "",
+        f"Reference: one ResNet-18 (CIFAR stem) + 2048-2048 projector training step on the "
+        f"two views takes **{step_ms:.0f} ms** per batch ({step_ips:,.0f} images/s).",
+        "",
+        "| case | loader alone (img/s) | loader + augmentation (img/s) | input / step |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        frac = "–" if r.pipeline_ips is None else f"{step_ips / r.pipeline_ips:.2f}"
+        lines.append(f"| {r.case} | {fmt_ips(r.loader_ips)} | {fmt_ips(r.pipeline_ips)} | {frac} |")
+    lines += [
+        "",
+        '"input / step" = time of the input pipeline per batch / time of the reference '
+        "training step per batch. The build row is decoding throughput of the one-time pass.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
