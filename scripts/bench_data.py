@@ -199,20 +199,13 @@ def main() -> None:
         n_files = len(images)
         print(f"{n_files:,} files in {folder}", flush=True)
 
-        for workers in (1, 2):
-            loader = data.make_loader(images, bs, device=device, num_workers=workers)
-            rows.append(
-                measure_loader(
-                    f"decode every epoch, {workers} worker{'s' if workers > 1 else ''}",
-                    loader,
-                    views,
-                    device,
-                    seconds,
-                    max_batches,
-                )
-            )
-            del loader
+        def measure(name: str, source, **kwargs) -> None:
+            loader = data.make_loader(source, bs, device=device, **kwargs)
+            rows.append(measure_loader(name, loader, views, device, seconds, max_batches))
             print(rows[-1], flush=True)
+
+        measure("decode every epoch, 1 worker", images, num_workers=1)
+        measure("decode every epoch, 2 workers", images, num_workers=2)
 
         t = time.perf_counter()
         subset = images
@@ -227,30 +220,9 @@ def main() -> None:
         cached = data.build_disk_cache(subset, cache_dir, num_workers=2, progress=False)
         build_s = time.perf_counter() - t
         rows.append(Row("build the disk cache (once, 2 workers)", len(subset) / build_s, None, 1))
-        rows.append(
-            measure_loader(
-                "disk cache",
-                data.make_loader(cached, bs, device=device),
-                views,
-                device,
-                seconds,
-                max_batches,
-            )
-        )
-        print(rows[-1], flush=True)
+        measure("disk cache", cached)
         if device.type == "cuda":
-            on_device = cached.to(device)
-            rows.append(
-                measure_loader(
-                    "gpu cache",
-                    data.make_loader(on_device, bs, device=device),
-                    views,
-                    device,
-                    seconds,
-                    max_batches,
-                )
-            )
-            print(rows[-1], flush=True)
+            measure("gpu cache", cached.to(device))
 
         batch = next(iter(data.make_loader(cached, bs, device=device))).images
 
@@ -261,6 +233,23 @@ def main() -> None:
         ips, n = rate(only_views, device, seconds, max_batches)
         rows.append(Row("augmentation alone", None, ips, n))
         print(rows[-1], flush=True)
+        # Larger views (STL-10's 96 px, ImageNet's 224 px): the same images, resized.
+        for size in (96, 224) if device.type == "cuda" else (96,):
+            if size == s:
+                continue
+            big = nn.functional.interpolate(batch.float(), size=(size, size), mode="bilinear")
+            big = big.round_().clamp_(0, 255).to(torch.uint8)
+            big_views = augment.build_augment(
+                args.recipe, size, out_dtype=dtype, channels_last=channels_last
+            ).to(device)
+
+            def views_at_size(big=big, big_views=big_views) -> int:
+                big_views(big)
+                return bs
+
+            ips, n = rate(views_at_size, device, seconds, max_batches)
+            rows.append(Row(f"augmentation alone, {size} px views", None, ips, n, "no step"))
+            print(rows[-1], flush=True)
 
         step = ReferenceStep(device, dtype, channels_last)
         v1, v2 = views(batch)[:2]
@@ -315,14 +304,22 @@ def render(args, device, dtype, folder, n_files, rows, step_ips, load_before, wa
         "|---|---:|---:|---:|",
     ]
     for r in rows:
-        frac = "–" if r.pipeline_ips is None else f"{step_ips / r.pipeline_ips:.2f}"
+        frac = "–"
+        if r.pipeline_ips is not None and not r.note:
+            frac = f"{100 * step_ips / r.pipeline_ips:.2g} %"
         lines.append(f"| {r.case} | {fmt_ips(r.loader_ips)} | {fmt_ips(r.pipeline_ips)} | {frac} |")
     lines += [
         "",
         '"input / step" = time of the input pipeline per batch / time of the reference '
-        "training step per batch. The build row is decoding throughput of the one-time pass.",
-        "",
+        f"training step per batch ({args.load_size} px). The build row is the decoding "
+        "throughput of the one-time pass.",
     ]
+    if device.type != "cuda":
+        lines.append(
+            "The `gpu cache` row, and views of 224 px, are measured with `--device cuda` only "
+            "(`docs/benchmarks/data_cuda.md`)."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -4,15 +4,36 @@ import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_python_examples_run():
+def _photos(folder: Path, n: int = 150) -> None:
+    """What the data example expects in ./photos: images of mixed sizes and two bad files."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        shape = (60 + i % 7, 80 - i % 5, 3)
+        path = folder / f"album{i % 3}" / f"IMG_{i:04d}.{'JPG' if i % 2 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+    (folder / "album0" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    (folder / "empty.png").write_bytes(b"")
+
+
+def test_python_examples_run(tmp_path, monkeypatch):
+    """Each example runs as written, in a folder that holds ./photos (cache there too)."""
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
     assert blocks, "the README shows no Python example"
+    _photos(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOWRES_SSL_CACHE", str(tmp_path / "cache"))
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+    listed = (tmp_path / "skipped_files.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed[1:]] == ["album0/broken.jpg", "empty.png"]
 
 
 def test_ci_runs_the_readme_test_command():
