@@ -214,6 +214,7 @@ def _write_cache(images: FolderImages, folder: Path, num_workers: int, progress:
         shuffle=False,
         num_workers=num_workers,
         collate_fn=partial(collate_decoded, load_size=s),
+        generator=torch.Generator().manual_seed(0),  # leave the global RNG alone
     )
     good: list[int] = []
     skipped: list[Skip] = list(images.files.skipped)

@@ -175,6 +175,9 @@ class FolderLoader(ImageLoader):
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
             prefetch_factor=4 if num_workers > 0 else None,
+            # Its own generator: creating an iterator must not draw from the global torch RNG,
+            # or a resumed run's augmentation would drift from the uninterrupted one's.
+            generator=torch.Generator().manual_seed(0),
         )
 
     def iterate(self, epoch: int, start: int = 0) -> Iterator[Batch]:

@@ -1,0 +1,311 @@
+"""The typed configuration of a run: sections of dataclasses, YAML in and out, overrides.
+
+A run's configuration is resolved in layers, each overriding the one before::
+
+    defaults below  <  preset (presets/NAME.yaml)  <  --config FILE.yaml  <  flags  <  --set k=v
+
+and validated before anything heavy starts: an unknown key, a wrong type, a value out of range
+or a missing folder is a one-line :class:`~lowres_ssl.errors.UserError` naming the key or path
+and the valid choices. The resolved configuration is written to the run folder as
+``config.yaml``; ``--config runs/NAME/config.yaml`` reproduces that run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lowres_ssl.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they become views (see ``lowres_ssl.data``)."""
+
+    path: str = "cifar10"  # a folder of images, or cifar10 / cifar100 / stl10
+    split: str = "train"  # for a dataset name
+    load_size: int = 32  # side of the decoded square (px)
+    image_size: int | None = None  # side of the views; None = load_size
+    cache: str = "auto"  # auto, none, disk, gpu
+    cache_dir: str | None = None  # None = $LOWRES_SSL_CACHE or ~/.cache/lowres_ssl
+    num_workers: int | None = None  # decoding processes; None = cores - 1 (at most 8)
+    min_size: int = 16  # skip images whose shorter side is smaller (px)
+    max_pixels: int = 178_956_970  # skip larger images (decompression bombs)
+    recipe: str = "cifar"  # augmentation: vicreg, auh, cifar
+
+    @property
+    def view_size(self) -> int:
+        return self.image_size or self.load_size
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"  # resnet18, resnet34, resnet50
+    projector: str = "2048-2048-8192"  # Linear-BN-ReLU widths; the last one is q
+    grad_checkpointing: bool = False  # recompute each ResNet stage in backward
+    channels_last: bool = True  # memory format on GPU (ignored on CPU)
+
+
+@dataclass
+class LossConfig:
+    name: str = "sfrik"  # sfrik, vicreg, barlow_twins, uniformity, simclr
+    lam: float | None = None  # SFRIK's λ; None = 8192/4000 as in the paper
+    kernel_weights: list[float] = field(default_factory=lambda: [1.0, 40.0, 40.0])  # b_1..b_L
+    mmd_path: str = "auto"  # auto, dense, blocked, moments
+    options: dict[str, Any] = field(default_factory=dict)  # other keyword arguments
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars, adamw
+    base_lr: float = 1.2  # the learning rate is base_lr × global batch / 256
+    weight_decay: float = 1e-6
+    momentum: float = 0.9  # LARS
+    eta: float = 0.001  # LARS trust coefficient
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    state_bits: int = 8  # 8 (bitsandbytes) or 32
+    warmup_epochs: float = 10.0  # linear warm-up, scaled down for short runs
+    final_lr_ratio: float = 0.001  # cosine decay to this fraction of the peak
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    max_steps: int | None = None  # stop after this many optimizer steps in all
+    batch_size: int = 256  # per process; the regulariser sees all processes' batches
+    precision: str = "auto"  # auto (bf16 / fp16 / fp32 by device), bf16, fp16, fp32
+    seed: int = 0
+    log_every: int = 10  # steps between metrics.jsonl lines
+    checkpoint_every: int = 500  # steps between checkpoints (also at each epoch's end)
+    keep_checkpoints: int = 2  # the last K are kept
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str | None = None  # the preset it started from (for the record)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclasses, with one-line errors
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(parts) + " or null"
+    if origin is list:
+        inner = typing.get_args(tp)[0]
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return f"a list of {plural.get(inner, 'values')}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except UserError:
+                continue
+        raise UserError(f"config key {key} must be {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key {key} must be {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise UserError(f"config key {key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _resolve_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = _resolve_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            where = f" in {prefix.rstrip('.')}" if prefix else ""
+            raise UserError(
+                f"unknown config key {prefix}{key}; valid keys{where}: {', '.join(names)}"
+            )
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise UserError(f"config key {prefix}{key} must be a section (a mapping)")
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, tp)
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """A :class:`Config` from nested dicts (missing keys take their defaults)."""
+    return _build(Config, values or {}, "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts merged key by key; ``override`` wins (sections merge, values replace)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "options":
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file as nested dicts; a missing file or bad YAML is a one-line error."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of sections, not {values!r}")
+    return values
+
+
+def parse_set(assignments: list[str]) -> dict[str, Any]:
+    """``["train.batch_size=128", "loss.kernel_weights=[1, 20, 20]"]`` as nested dicts; values
+    are parsed as YAML (so numbers, lists, null and true/false come out typed)."""
+    out: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set expects key=value (e.g. train.batch_size=128), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        parts = key.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part} is a value, not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise UserError(f"config key {key} is {value!r}; choose one of {', '.join(choices)}")
+
+
+def _positive(key: str, value: float | int | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"config key {key} must be {bound}, got {value}")
+
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices, ranges and the data path; return ``cfg`` (raises :class:`UserError`)."""
+    from lowres_ssl.augment import RECIPES
+    from lowres_ssl.data import CACHE_CHOICES, DATASETS
+    from lowres_ssl.losses import OBJECTIVES
+    from lowres_ssl.models import BACKBONES, projector_out_dim
+    from lowres_ssl.optim import OPTIMIZERS
+
+    d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
+    _choice("data.cache", d.cache, CACHE_CHOICES)
+    _choice("data.recipe", d.recipe, list(RECIPES))
+    for key in ("load_size", "min_size", "max_pixels"):
+        _positive(f"data.{key}", getattr(d, key))
+    _positive("data.image_size", d.image_size)
+    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    if d.path.lower() in DATASETS:
+        if d.split not in DATASETS[d.path.lower()]:
+            _choice("data.split", d.split, DATASETS[d.path.lower()])
+    elif not Path(d.path).expanduser().is_dir():
+        names = ", ".join(DATASETS)
+        raise UserError(
+            f"data.path {d.path} is not a folder; pass a folder of images or one of {names}"
+        )
+    _choice("model.backbone", m.backbone, list(BACKBONES))
+    projector_out_dim(m.projector)
+    _choice("loss.name", lo.name, list(OBJECTIVES))
+    _choice("loss.mmd_path", lo.mmd_path, ("auto", "dense", "blocked", "moments"))
+    _positive("loss.lam", lo.lam)
+    if any(w < 0 for w in lo.kernel_weights) or not lo.kernel_weights:
+        raise UserError("config key loss.kernel_weights must be non-negative b_1..b_L")
+    _choice("optim.name", o.name, list(OPTIMIZERS))
+    _positive("optim.base_lr", o.base_lr)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.warmup_epochs", o.warmup_epochs, allow_zero=True)
+    _positive("optim.final_lr_ratio", o.final_lr_ratio, allow_zero=True)
+    if o.state_bits not in (8, 32):
+        raise UserError(f"config key optim.state_bits must be 8 or 32, got {o.state_bits}")
+    if len(o.betas) != 2:
+        raise UserError(f"config key optim.betas must be two numbers, got {o.betas}")
+    _choice("train.precision", t.precision, PRECISIONS)
+    for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _positive(f"train.{key}", getattr(t, key))
+    _positive("train.max_steps", t.max_steps)
+    _positive("train.max_bad_steps", t.max_bad_steps)
+    return cfg

@@ -1,0 +1,606 @@
+"""The training loop: images → views → backbone → projector → objective → 8-bit optimizer.
+
+:func:`train` runs one process's share of a run (``accelerate launch`` starts several, plain
+``python`` one). Reading order, as in ARCHITECTURE.md §1:
+
+1. the run folder: a new one gets ``config.yaml``; ``resume`` continues the latest checkpoint;
+   a folder holding another run is never overwritten;
+2. data (:mod:`lowres_ssl.data`): uint8 batches on the device, this process's slice of each
+   global batch, in an order that depends only on (seed, epoch);
+3. augmentation (:mod:`lowres_ssl.augment`) with its own random generator, saved in checkpoints;
+4. the model and the optimizer, prepared by Accelerate (device, mixed precision, DDP);
+5. the loop: per step the learning rate, two views, the loss in fp32, backward and step; a
+   non-finite loss skips the step; metrics every ``log_every`` steps; a checkpoint every
+   ``checkpoint_every`` steps, at each epoch's end, and on Ctrl-C;
+6. the end: ``backbone.safetensors``, ``summary.json``, ``skipped_files.txt``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lowres_ssl.augment import build_augment
+from lowres_ssl.config import Config, dump_yaml, load_yaml, to_dict
+from lowres_ssl.data import SkipLog, make_loader, open_images
+from lowres_ssl.engine import checkpoint
+from lowres_ssl.engine.checkpoint import Progress
+from lowres_ssl.engine.metrics import MetricsLog
+from lowres_ssl.errors import UserError
+from lowres_ssl.losses import SFRIKKernel, SFRIKLoss, build_objective
+from lowres_ssl.models import SSLModel, build_model, parameter_count
+from lowres_ssl.optim import CosineSchedule, build_optimizer, warmup_steps_for
+
+log = logging.getLogger("lowres_ssl")
+
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_FORMAT = "lowres_ssl.backbone.v1"
+
+#: Keys that may change between a run and its resumption (they do not change what is learnt,
+#: or only extend it).
+RESUMABLE_KEYS = {
+    "preset",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_bad_steps",
+    "data.num_workers",
+    "data.cache",
+    "data.cache_dir",
+}
+
+_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision, run folder, weights
+
+
+def resolve_precision(setting: str) -> str:
+    """Accelerate's mixed-precision name for the config's ``train.precision``.
+
+    ``auto``: what ``accelerate launch --mixed_precision`` asked for, if anything; else bf16 on
+    GPUs of compute capability ≥ 8.0, fp16 (with loss scaling) below, fp32 on the CPU.
+    """
+    if setting != "auto":
+        return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[setting]
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher:
+        return launcher
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved → current`` for each key that differs and matters for resuming."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: start afresh). Raises :class:`UserError` for a
+    folder that holds another run, or ``resume`` with nothing to resume."""
+    saved = run_dir / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume")
+        diffs = config_differences(load_yaml(saved), to_dict(cfg))
+        if diffs:
+            raise UserError(
+                f"--resume: the run in {run_dir} was made with another config ({'; '.join(diffs)}"
+                "); resume with the same settings or start a new --out"
+            )
+        return checkpoint.latest(run_dir)
+    if saved.is_file():
+        raise UserError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or a new --out"
+        )
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} is not empty and holds no run; choose a new --out")
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def find_weights(path: str | Path) -> Path:
+    """The safetensors file behind ``--init``: a file, a run folder (its backbone, else its
+    latest checkpoint) or a checkpoint folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / BACKBONE_FILE, p / "model.safetensors"):
+            if candidate.is_file():
+                return candidate
+        last = checkpoint.latest(p)
+        if last is not None and (last / "model.safetensors").is_file():
+            return last / "model.safetensors"
+        raise UserError(f"--init {p}: no {BACKBONE_FILE}, model.safetensors or checkpoint in it")
+    if not p.is_file():
+        raise UserError(f"--init {p} does not exist")
+    if p.suffix != ".safetensors":
+        raise UserError(
+            f"--init {p}: pass a .safetensors file, a run folder or a checkpoint (weights are "
+            "only read from safetensors, which cannot run code)"
+        )
+    return p
+
+
+def load_init(model: SSLModel, path: str | Path) -> str:
+    """Start from saved weights: a whole model (backbone and projector, when the projector's
+    shapes match) or a backbone. Returns what was loaded, for the log."""
+    file = find_weights(path)
+    state = load_file(str(file))
+    if any(k.startswith("backbone.") for k in state):
+        backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+        projector = {
+            k[len("projector.") :]: v for k, v in state.items() if k.startswith("projector.")
+        }
+    else:
+        backbone, projector = state, {}
+    try:
+        model.backbone.load_state_dict(backbone)
+    except RuntimeError as err:
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise UserError(
+            f"--init {file}: its backbone does not fit model.backbone ({first[:160]})"
+        ) from None
+    own = model.projector.state_dict()
+    if projector and all(k in own and own[k].shape == v.shape for k, v in projector.items()):
+        model.projector.load_state_dict(projector)
+        return f"backbone and projector from {file}"
+    return f"backbone from {file}"
+
+
+def save_backbone(model: SSLModel, path: Path, cfg: Config) -> None:
+    """The backbone's weights as safetensors, with what is needed to rebuild it as metadata."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.backbone.state_dict().items()}
+    meta = {
+        "format": BACKBONE_FORMAT,
+        "backbone": cfg.model.backbone,
+        "image_size": str(cfg.data.view_size),
+        "out_dim": str(model.backbone.out_dim),
+        "config": json.dumps(to_dict(cfg)),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def make_objective(cfg: Config) -> torch.nn.Module:
+    loss = cfg.loss
+    if loss.name == "sfrik":
+        kernel = SFRIKKernel(loss.kernel_weights)
+        return SFRIKLoss(loss.lam, kernel, mmd_path=loss.mmd_path, **loss.options)
+    return build_objective(loss.name, **loss.options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and out-of-memory
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the loop to stop at the end of the step (and checkpoint); a
+    second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after this step (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _oom_message(cfg: Config) -> str:
+    from lowres_ssl import presets
+
+    smaller = ""
+    here = presets.available().get(cfg.preset or "")
+    if here is not None:
+        mine = float(load_yaml(here).get("vram_gib", 0) or 0)
+        below = []
+        for name, path in presets.available().items():
+            gib = float(load_yaml(path).get("vram_gib", 0) or 0)
+            if 0 < gib < mine:
+                below.append((gib, name))
+        if below:
+            smaller = f" or --preset {max(below)[1]}"
+    bs = cfg.train.batch_size
+    return (
+        f"CUDA out of memory with preset {cfg.preset or '(none)'} at micro-batch {bs}: try "
+        f"--set train.batch_size={max(1, bs // 2)}{smaller}, or --set "
+        "model.grad_checkpointing=true; the last checkpoint is kept"
+    )
+
+
+def _peak_memory_gib(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {
+            "gpu_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
+    return {"cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def train(
+    cfg: Config,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    init: str | Path | None = None,
+    progress_bar: bool = True,
+    on_step: Callable[[Progress, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train as ``cfg`` says into the run folder ``out``; returns the summary.
+
+    ``on_step(progress, values)`` is called after every step (values: loss terms and lr).
+    """
+    run_dir = Path(out).expanduser()
+    precision = resolve_precision(cfg.train.precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+    device = accelerator.device
+    world = accelerator.num_processes
+    if world > 1:  # a default run name holds a timestamp: take the main process's
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+
+    resume_from = check_run_folder(run_dir, cfg, resume)
+    accelerator.wait_for_everyone()
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if not resume:
+            _write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    accelerator.wait_for_everyone()
+    set_seed(cfg.train.seed, device_specific=True)
+
+    # Data: this process's slice of each global batch, as uint8 on the device.
+    d = cfg.data
+    with accelerator.main_process_first():
+        images = open_images(
+            d.path,
+            load_size=d.load_size,
+            split=d.split,
+            cache=d.cache,
+            cache_dir=d.cache_dir,
+            device=device,
+            num_workers=d.num_workers,
+            min_size=d.min_size,
+            max_pixels=d.max_pixels,
+            progress=main,
+        )
+    skip_log = SkipLog(d.path)
+    loader = make_loader(
+        images,
+        cfg.train.batch_size,
+        device=device,
+        seed=cfg.train.seed,
+        rank=accelerator.process_index,
+        world_size=world,
+        num_workers=d.num_workers,
+        skip_log=skip_log,
+    )
+    dtype = _DTYPES[accelerator.mixed_precision]
+    channels_last = device.type == "cuda" and cfg.model.channels_last
+    augment = build_augment(d.recipe, d.view_size, out_dtype=dtype, channels_last=channels_last)
+    augment = augment.to(device)
+    aug_rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + accelerator.process_index)
+
+    # Model, optimizer, objective, schedule. Seeded again here, so the initial weights do not
+    # depend on what the data setup drew (building a cache or reusing one).
+    set_seed(cfg.train.seed, device_specific=True)
+    model = build_model(
+        cfg.model.backbone,
+        cfg.model.projector,
+        image_size=d.view_size,
+        grad_checkpointing=cfg.model.grad_checkpointing,
+    )
+    init_note = load_init(model, init) if init and resume_from is None else None
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    o = cfg.optim
+    global_batch = cfg.train.batch_size * world
+    peak_lr = o.base_lr * global_batch / 256
+    optimizer = build_optimizer(
+        o.name,
+        model,
+        lr=peak_lr,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        eta=o.eta,
+        betas=tuple(o.betas),
+        state_bits=o.state_bits,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective = make_objective(cfg)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    schedule = CosineSchedule(
+        peak_lr,
+        total_steps,
+        warmup_steps_for(total_steps, steps_per_epoch, o.warmup_epochs),
+        o.final_lr_ratio,
+    )
+
+    metrics = MetricsLog(run_dir, enabled=main)
+    progress = Progress()
+    if resume_from is not None:
+        progress, extra = checkpoint.load(accelerator, resume_from)
+        aug_rng.set_state(_rng_from_text(extra["augment_rng"][accelerator.process_index]))
+        metrics.truncate_after(progress.step)
+    elif resume:
+        log.info("--resume: no checkpoint yet in %s; starting from the beginning", run_dir)
+
+    q = accelerator.unwrap_model(model).q
+    if main:
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        log.info(
+            "training %s on %s (%s, %d process%s): %s images, %d steps/epoch, steps %d→%d; "
+            "%s + projector %s (q=%d, %.1fM parameters); %s; optimizer %s",
+            cfg.preset or "(no preset)",
+            where,
+            accelerator.mixed_precision,
+            world,
+            "es" if world > 1 else "",
+            f"{len(images):,}",
+            steps_per_epoch,
+            progress.step,
+            total_steps,
+            cfg.model.backbone,
+            cfg.model.projector,
+            q,
+            parameter_count(accelerator.unwrap_model(model)) / 1e6,
+            "resuming " + resume_from.name if resume_from else (init_note or "from scratch"),
+            getattr(optimizer.optimizer, "description", type(optimizer.optimizer).__name__),
+        )
+
+    def save_checkpoint() -> None:
+        # Collectives first, on every process.
+        rng_states = gather_object([_rng_to_text(aug_rng.get_state())])
+        skips = _all_skips(skip_log)
+        extra = {"augment_rng": rng_states}
+        checkpoint.save(accelerator, run_dir, progress, cfg.train.keep_checkpoints, extra)
+        if main:
+            skips.write(run_dir / "skipped_files.txt")
+
+    def _all_skips(own: SkipLog) -> SkipLog:
+        merged = SkipLog(d.path)
+        for part in gather_object([list(own)]) if world > 1 else [list(own)]:
+            merged.add(part)
+        return merged
+
+    def global_mean(value: torch.Tensor) -> float:
+        value = value.detach().float().reshape(1)
+        if world > 1:
+            value = accelerator.reduce(value, reduction="mean")
+        return value.item()
+
+    def log_step(values: dict[str, float]) -> None:
+        nonlocal last_log_time, last_log_images
+        now = time.perf_counter()
+        rate = (session_images - last_log_images) / max(now - last_log_time, 1e-9)
+        last_log_time, last_log_images = now, session_images
+        mem = _peak_memory_gib(device)
+        metrics.write(
+            "step", progress.step, {"epoch": progress.epoch, **values, "images_per_s": rate, **mem}
+        )
+        shown = {k: f"{v:.4g}" for k, v in values.items()}
+        shown["img/s"] = f"{rate:.0f}"
+        if "gpu_allocated_gib" in mem:
+            shown["mem"] = f"{mem['gpu_allocated_gib']:.2f}G"
+        bar.set_postfix(shown, refresh=False)
+
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.step,
+        disable=not (main and progress_bar),
+        unit="step",
+        dynamic_ncols=True,
+    )
+    model.train()
+    session_start = time.perf_counter()
+    session_images = 0
+    last_log_time, last_log_images = session_start, 0
+    bad_in_a_row = 0
+    last_loss = math.nan
+    saved_at = progress.step if resume_from is not None else -1
+    stopped = False
+    try:
+        with _StopRequest() as stop:
+            while progress.epoch < cfg.train.epochs and progress.step < total_steps:
+                epoch_losses: list[float] = []
+                completed = True
+                for batch in loader.iterate(progress.epoch, start=progress.batch):
+                    if progress.step >= total_steps or stop.requested:
+                        completed = False
+                        break
+                    lr = schedule.apply(optimizer, progress.step)
+                    views = augment(batch.images, generator=aug_rng)
+                    try:
+                        with accelerator.autocast():
+                            z1, z2 = model(views[0]), model(views[1])
+                        loss = objective(z1, z2)
+                        # The global loss is the mean of the processes' losses; a non-finite
+                        # one on any process makes it non-finite, so all skip together.
+                        loss_value = global_mean(loss)
+                        finite = math.isfinite(loss_value)
+                        if finite:
+                            accelerator.backward(loss)
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    except torch.cuda.OutOfMemoryError:
+                        raise UserError(_oom_message(cfg)) from None
+                    n = batch.images.shape[0] * world
+                    progress.step += 1
+                    progress.batch += 1
+                    progress.images += n
+                    session_images += n
+                    bar.update(1)
+                    values = {"loss": loss_value, "lr": lr}
+                    if finite:
+                        bad_in_a_row = 0
+                        last_loss = loss_value
+                        epoch_losses.append(loss_value)
+                        if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
+                            terms = getattr(objective, "terms", {})
+                            values = {"loss": loss_value}
+                            values.update({k: global_mean(v) for k, v in terms.items()})
+                            values["lr"] = lr
+                            log_step(values)
+                    else:
+                        progress.bad_steps += 1
+                        bad_in_a_row += 1
+                        log.warning("step %d: loss is %s; step skipped", progress.step, loss_value)
+                        if bad_in_a_row >= cfg.train.max_bad_steps:
+                            raise UserError(
+                                f"{bad_in_a_row} non-finite losses in a row (step "
+                                f"{progress.step}); try a lower optim.base_lr, or "
+                                "train.precision=fp32 (or bf16 instead of fp16); the last good "
+                                "checkpoint is kept"
+                            )
+                    if on_step is not None:
+                        on_step(progress, values)
+                    if progress.step % cfg.train.checkpoint_every == 0:
+                        save_checkpoint()
+                        saved_at = progress.step
+                if stop.requested:
+                    break
+                if completed:
+                    mean = sum(epoch_losses) / len(epoch_losses) if epoch_losses else math.nan
+                    progress.epoch += 1
+                    progress.batch = 0
+                    skips = _all_skips(skip_log)
+                    metrics.write(
+                        "epoch",
+                        progress.step,
+                        {
+                            "epoch": progress.epoch,
+                            "loss_mean": mean,
+                            "skipped_files": len(skips),
+                            "bad_steps": progress.bad_steps,
+                        },
+                    )
+                    if main and len(skips):
+                        log.info("epoch %d: %s", progress.epoch, skips.summary())
+                    save_checkpoint()
+                    saved_at = progress.step
+            stopped = stop.requested
+    finally:
+        bar.close()
+    wall = time.perf_counter() - session_start
+    progress.wall_s += wall
+    if progress.step != saved_at:
+        save_checkpoint()
+    if stopped:
+        metrics.close()
+        if main:
+            log.warning(
+                "stopped at step %d; checkpoint saved. Continue with --resume --out %s",
+                progress.step,
+                run_dir,
+            )
+        raise KeyboardInterrupt
+
+    unwrapped = accelerator.unwrap_model(model)
+    skips = _all_skips(skip_log)
+    summary = {
+        "final_loss": last_loss,
+        "steps": progress.step,
+        "epochs": progress.epoch,
+        "images": progress.images,
+        "images_per_s": session_images / max(wall, 1e-9),
+        "wall_time_s": progress.wall_s,
+        "bad_steps": progress.bad_steps,
+        "skipped_files": len(skips),
+        "precision": accelerator.mixed_precision,
+        "processes": world,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "optimizer": getattr(optimizer.optimizer, "description", ""),
+        "q": q,
+        **_peak_memory_gib(device),
+    }
+    if main:
+        save_backbone(unwrapped, run_dir / BACKBONE_FILE, cfg)
+        skips.write(run_dir / "skipped_files.txt")
+        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        log.info(
+            "done: %d steps, final loss %.4g, %.0f images/s; %s; run folder %s",
+            progress.step,
+            last_loss,
+            summary["images_per_s"],
+            skips.summary(used=len(images)),
+            run_dir,
+        )
+    metrics.close()
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _rng_to_text(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _rng_from_text(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+__all__ = [
+    "BACKBONE_FILE",
+    "check_run_folder",
+    "config_differences",
+    "find_weights",
+    "load_init",
+    "make_objective",
+    "resolve_precision",
+    "save_backbone",
+    "train",
+]

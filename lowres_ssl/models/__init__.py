@@ -1,0 +1,84 @@
+"""Models: ResNet backbones for small images, the projector MLP, and the two joined.
+
+>>> from lowres_ssl.models import build_model
+>>> model = build_model("resnet18", "2048-2048-8192", image_size=32)
+>>> z = model(torch.randn(8, 3, 32, 32))  # (8, 8192), what the loss sees
+>>> h = model.features(torch.randn(8, 3, 32, 32))  # (8, 512), for linear probes / k-NN
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .backbones import (
+    BACKBONES,
+    CIFAR_STEM_MAX_SIZE,
+    ResNetBackbone,
+    build_backbone,
+    frozen_bn_statistics,
+)
+from .projector import build_projector, parse_projector_spec, projector_out_dim
+
+
+class SSLModel(nn.Module):
+    """Backbone + projector: images (B, 3, H, W) → embeddings (B, q).
+
+    Attributes:
+        backbone: images → features (B, backbone.out_dim).
+        projector: features → embeddings (B, q).
+        q: the embedding width (the projector's last width).
+        feature_dim: the backbone's feature width.
+    """
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module, q: int):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.q = q
+        self.feature_dim: int = backbone.out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images (B, 3, H, W) → projector output z (B, q)."""
+        return self.projector(self.backbone(x))
+
+    def features(self, x: Tensor) -> Tensor:
+        """Images (B, 3, H, W) → backbone features (B, feature_dim), the representation."""
+        return self.backbone(x)
+
+
+def build_model(
+    backbone: str,
+    projector: str | int,
+    *,
+    image_size: int,
+    grad_checkpointing: bool = False,
+) -> SSLModel:
+    """The :class:`SSLModel` with backbone ``backbone`` (see :data:`BACKBONES`) and projector
+    spec ``projector`` (e.g. ``"2048-2048-8192"``) for ``image_size``-pixel images.
+
+    Both names are checked before anything is built, so a bad projector spec fails fast.
+    """
+    q = projector_out_dim(projector)
+    net = build_backbone(backbone, image_size=image_size, grad_checkpointing=grad_checkpointing)
+    return SSLModel(net, build_projector(net.out_dim, projector), q)
+
+
+def parameter_count(module: nn.Module, *, trainable_only: bool = False) -> int:
+    """The number of parameters of ``module`` (shared ones once); with ``trainable_only``,
+    only those with ``requires_grad``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = [
+    "BACKBONES",
+    "CIFAR_STEM_MAX_SIZE",
+    "ResNetBackbone",
+    "SSLModel",
+    "build_backbone",
+    "build_model",
+    "build_projector",
+    "frozen_bn_statistics",
+    "parameter_count",
+    "parse_projector_spec",
+    "projector_out_dim",
+]

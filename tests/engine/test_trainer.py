@@ -1,0 +1,211 @@
+"""The training engine on CPU: the run folder, exact resume, failures, weights in and out."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lowres_ssl.config import from_dict, merge
+from lowres_ssl.engine import checkpoint, train
+from lowres_ssl.engine import trainer as trainer_module
+from lowres_ssl.engine.trainer import load_init
+from lowres_ssl.errors import UserError
+from lowres_ssl.models import build_model
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """64 small images in nested folders, and one corrupt file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        path = root / f"part{i % 2}" / f"img{i:02d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (18, 20, 3), dtype=np.uint8)).save(path)
+    (root / "part0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    return root
+
+
+def tiny(folder, **sections):
+    """8 steps per epoch of 8 images at 16 px; ResNet-18 with a 64-128 projector."""
+    values = {
+        "data": {"path": str(folder), "load_size": 16, "cache": "none", "num_workers": 0},
+        "model": {"backbone": "resnet18", "projector": "64-128"},
+        "optim": {"name": "lars", "base_lr": 0.3, "warmup_epochs": 0.5},
+        "train": {
+            "epochs": 2,
+            "batch_size": 8,
+            "precision": "fp32",
+            "log_every": 1,
+            "checkpoint_every": 3,
+        },
+    }
+    return from_dict(merge(values, sections))
+
+
+def losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if r["kind"] == "step"}
+
+
+def interrupt_at(step):
+    def hook(progress, values):
+        if progress.step == step:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: stop after this step
+
+    return hook
+
+
+def crash_at(step):
+    def hook(progress, values):
+        if progress.step == step:
+            raise RuntimeError("simulated crash")
+
+    return hook
+
+
+def test_a_run_leaves_the_run_folder(folder, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny(folder, train={"epochs": 1}, data={"cache": "disk", "cache_dir": str(run.parent)})
+    summary = train(cfg, run, progress_bar=False)
+    names = sorted(p.name for p in run.iterdir())
+    assert names == [
+        "backbone.safetensors",
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "skipped_files.txt",
+        "summary.json",
+    ]
+    assert summary["steps"] == 8 and summary["epochs"] == 1 and summary["images"] == 64
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+    assert np.isfinite(summary["final_loss"]) and summary["images_per_s"] > 0
+    # The bad file is listed once with its reason; the 64 good ones were trained on.
+    listed = (run / "skipped_files.txt").read_text().splitlines()[1:]
+    assert [line.split("\t")[0] for line in listed] == ["part0/broken.png"]
+    assert summary["skipped_files"] == 1
+    # Metrics: a line per step (log_every 1) and one for the epoch.
+    kinds = [json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["step"] * 8 + ["epoch"]
+    step = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"loss", "invariance", "mmd", "lr", "images_per_s"} <= set(step)
+    # Checkpoints at steps 3 and 6 and at the end of the epoch (8); the last 2 kept.
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["step_00000006", "step_00000008"]
+    # The backbone: safetensors with the metadata to rebuild it.
+    with safe_open(str(run / "backbone.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["backbone"] == "resnet18" and meta["image_size"] == "16"
+    model = build_model("resnet18", "64-128", image_size=16)
+    model.backbone.load_state_dict(load_file(str(run / "backbone.safetensors")))
+
+
+@pytest.mark.parametrize("cache", ["none", "disk"])
+def test_resume_after_ctrl_c_mid_epoch_repeats_the_same_steps(folder, tmp_path, cache):
+    """Interrupted after step 5 (mid-epoch, off the checkpoint grid) and resumed, a run gives
+    the same per-step losses and final weights as an uninterrupted one: same remaining
+    batches, same augmentation, same 8-bit optimizer state."""
+    sections = {"data": {"cache": cache, "cache_dir": str(tmp_path / "cache")}}
+    whole = tmp_path / "whole"
+    train(tiny(folder, **sections), whole, progress_bar=False)
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(folder, **sections), cut, progress_bar=False, on_step=interrupt_at(5))
+    assert checkpoint.latest(cut).name == "step_00000005"
+    assert max(losses(cut)) == 5
+    train(tiny(folder, **sections), cut, resume=True, progress_bar=False)
+
+    a, b = losses(whole), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 17))
+    assert all(abs(a[s] - b[s]) <= 1e-6 * abs(a[s]) for s in a), (a, b)
+    wa = load_file(str(whole / "backbone.safetensors"))
+    wb = load_file(str(cut / "backbone.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
+def test_resume_after_a_crash_starts_from_the_last_checkpoint(folder, tmp_path):
+    whole = tmp_path / "whole"
+    train(tiny(folder), whole, progress_bar=False)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny(folder), crashed, progress_bar=False, on_step=crash_at(11))
+    assert checkpoint.latest(crashed).name == "step_00000009"  # 3, 6, 8 (epoch end), 9
+    train(tiny(folder), crashed, resume=True, progress_bar=False)
+    a, b = losses(whole), losses(crashed)
+    assert sorted(b) == list(range(1, 17))  # steps 10 and 11 logged once, not twice
+    assert all(abs(a[s] - b[s]) <= 1e-6 * abs(a[s]) for s in a)
+
+
+def test_non_finite_losses_skip_steps_then_stop(folder, tmp_path, monkeypatch):
+    make = trainer_module.make_objective
+    calls = {"n": 0}
+
+    def flaky(cfg):
+        objective = make(cfg)
+
+        def forward(z1, z2):
+            calls["n"] += 1
+            loss = objective(z1, z2)
+            return loss * float("nan") if calls["n"] in (2, 3) or calls["n"] >= 6 else loss
+
+        forward.terms = {}
+        return forward
+
+    monkeypatch.setattr(trainer_module, "make_objective", flaky)
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="3 non-finite losses in a row") as e:
+        train(tiny(folder, train={"max_bad_steps": 3}), run, progress_bar=False)
+    assert "\n" not in str(e.value) and "base_lr" in str(e.value)
+    # Steps 2 and 3 were skipped and the run went on; 6, 7, 8 stopped it. The checkpoint of
+    # step 6 (periodic; the parameters of step 5) is the last: the failure wrote none.
+    assert sorted(losses(run)) == [1, 4, 5]
+    assert checkpoint.latest(run).name == "step_00000006"
+
+
+def test_a_folder_holding_a_run_is_not_overwritten(folder, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(folder, train={"max_steps": 2}), run, progress_bar=False)
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        train(tiny(folder, train={"max_steps": 2}), run, progress_bar=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty and holds no run"):
+        train(tiny(folder), other, progress_bar=False)
+    with pytest.raises(UserError, match=r"another config \(model.projector: '64-128' → '64-256'"):
+        train(tiny(folder, model={"projector": "64-256"}), run, resume=True, progress_bar=False)
+    with pytest.raises(UserError, match="holds no run"):
+        train(tiny(folder), tmp_path / "nothing", resume=True, progress_bar=False)
+
+
+def test_resume_may_extend_a_finished_run(folder, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(folder, train={"max_steps": 4}), run, progress_bar=False)
+    summary = train(tiny(folder, train={"max_steps": 6}), run, resume=True, progress_bar=False)
+    assert summary["steps"] == 6 and sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_init_loads_a_backbone_from_a_run_folder_or_file(folder, tmp_path):
+    run = tmp_path / "run"
+    train(tiny(folder, train={"max_steps": 2}), run, progress_bar=False)
+    saved = load_file(str(run / "backbone.safetensors"))
+    for source in (run, run / "backbone.safetensors", checkpoint.latest(run)):
+        model = build_model("resnet18", "64-256", image_size=16)  # another projector
+        note = load_init(model, source)
+        assert note.startswith("backbone")
+        for k, v in model.backbone.state_dict().items():
+            assert torch.equal(v, saved[k])
+    wrong = build_model("resnet34", "64-128", image_size=16)
+    with pytest.raises(UserError, match=r"does not fit model\.backbone"):
+        load_init(wrong, run)
+    (tmp_path / "weights.pt").write_bytes(b"pickle")
+    with pytest.raises(UserError, match="safetensors"):
+        load_init(wrong, tmp_path / "weights.pt")

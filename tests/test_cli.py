@@ -1,0 +1,97 @@
+"""scripts/train.py's front end: flags, layering, --dry-run, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from lowres_ssl.cli import train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(1)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    return root
+
+
+def dry_run(capsys, *argv):
+    assert train_main([*argv, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    return yaml.safe_load(text), text
+
+
+def test_dry_run_layers_preset_flags_and_set(capsys, images, tmp_path):
+    cfg, text = dry_run(
+        capsys, "--preset", "cpu", "--data", str(images), "--epochs", "3", "--max-steps", "7",
+        "--set", "train.batch_size=4", "--set", "loss.kernel_weights=[1, 20]",
+        "--out", str(tmp_path / "r"),
+    )  # fmt: skip
+    assert cfg["preset"] == "cpu" and cfg["data"]["path"] == str(images)
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["max_steps"] == 7
+    assert cfg["train"]["batch_size"] == 4 and cfg["loss"]["kernel_weights"] == [1.0, 20.0]
+    assert cfg["model"]["projector"] == "1024-2048"  # from the preset
+    assert f"# run folder: {tmp_path / 'r'}" in text
+
+
+def test_a_config_file_sits_between_preset_and_flags(capsys, images, tmp_path):
+    own = tmp_path / "own.yaml"
+    own.write_text(f"data:\n  path: {images}\ntrain:\n  batch_size: 2\n  epochs: 9\n")
+    cfg, _ = dry_run(capsys, "--preset", "cpu", "--config", str(own), "--epochs", "4")
+    assert cfg["train"]["batch_size"] == 2 and cfg["train"]["epochs"] == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "train.batchsize=3"], "unknown config key train.batchsize; valid keys"),
+        (["--set", "train.batch_size=many"], "train.batch_size must be an integer"),
+        (["--preset", "huge"], "unknown preset 'huge'; choose one of"),
+        (["--data", "/no/such/folder"], "data.path /no/such/folder is not a folder"),
+        (["--resume"], "--resume needs --out"),
+        (["--set", "loss.name=byol"], "choose one of sfrik"),
+    ],
+)
+def test_mistakes_are_one_line_errors(capsys, images, argv, message):
+    base = ["--preset", "cpu", "--data", str(images)]
+    assert train_main([*base, *argv, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_train_script_runs_and_resumes(images, tmp_path):
+    """The script as users run it: a short run, then --resume with only --out."""
+    out = tmp_path / "run"
+    common = [
+        "--set", "model.projector=32-64", "--set", "data.load_size=16",
+        "--set", "train.batch_size=8", "--set", "data.num_workers=0",
+        "--set", f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--preset", "cpu"]
+    run = subprocess.run(
+        [*cmd, "--data", str(images), "--out", str(out), "--max-steps", "2", *common],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    again = subprocess.run(
+        [*cmd[:2], "--resume", "--out", str(out), "--max-steps", "3"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    twice = subprocess.run(
+        [*cmd, "--data", str(images), "--out", str(out), *common], capture_output=True, text=True
+    )
+    assert twice.returncode == 2 and "already holds a run; pass --resume" in twice.stderr
