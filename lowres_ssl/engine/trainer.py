@@ -293,12 +293,6 @@ def train(
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
 
     resume_from = check_run_folder(run_dir, cfg, resume)
-    accelerator.wait_for_everyone()
-    if main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        if not resume:
-            _write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    accelerator.wait_for_everyone()
     set_seed(cfg.train.seed, device_specific=True)
 
     # Data: this process's slice of each global batch, as uint8 on the device.
@@ -371,6 +365,13 @@ def train(
         o.final_lr_ratio,
     )
 
+    # Everything is set up: only now does the run folder appear (a failed start leaves none).
+    accelerator.wait_for_everyone()
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.yaml").is_file():
+            _write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    accelerator.wait_for_everyone()
     metrics = MetricsLog(run_dir, enabled=main)
     progress = Progress()
     if resume_from is not None:

@@ -209,3 +209,13 @@ def test_init_loads_a_backbone_from_a_run_folder_or_file(folder, tmp_path):
     (tmp_path / "weights.pt").write_bytes(b"pickle")
     with pytest.raises(UserError, match="safetensors"):
         load_init(wrong, tmp_path / "weights.pt")
+
+
+def test_a_failed_start_leaves_no_run_folder(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not an image")
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="no usable image"):
+        train(tiny(bad, data={"cache": "disk", "cache_dir": str(tmp_path)}), run)
+    assert not run.exists()  # so the same command, fixed, can use the same --out
