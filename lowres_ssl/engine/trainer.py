@@ -77,13 +77,15 @@ _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_precision(setting: str) -> str:
     """Accelerate's mixed-precision name for the config's ``train.precision``.
 
-    ``auto``: what ``accelerate launch --mixed_precision`` asked for, if anything; else bf16 on
-    GPUs of compute capability ≥ 8.0, fp16 (with loss scaling) below, fp32 on the CPU.
+    ``auto``: the mixed precision ``accelerate launch --mixed_precision`` (or ``accelerate
+    config``) asked for; else bf16 on GPUs of compute capability ≥ 8.0, fp16 (with loss
+    scaling) below, fp32 on the CPU. The launcher exports "no" when nothing was asked for, so
+    "no" from it counts as no choice: fp32 is ``train.precision: fp32``.
     """
     if setting != "auto":
         return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[setting]
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher:
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher != "no":
         return launcher
     if not torch.cuda.is_available():
         return "no"

@@ -219,3 +219,42 @@ def test_a_failed_start_leaves_no_run_folder(tmp_path):
     with pytest.raises(UserError, match="no usable image"):
         train(tiny(bad, data={"cache": "disk", "cache_dir": str(tmp_path)}), run)
     assert not run.exists()  # so the same command, fixed, can use the same --out
+
+
+def test_out_of_memory_is_a_one_line_error_naming_what_to_try(folder, tmp_path, monkeypatch):
+    def no_memory(cfg):
+        def forward(z1, z2):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return forward
+
+    monkeypatch.setattr(trainer_module, "make_objective", no_memory)
+    cfg = tiny(folder)
+    cfg.preset = "8gb"
+    with pytest.raises(UserError) as e:
+        train(cfg, tmp_path / "run", progress_bar=False)
+    message = str(e.value)
+    assert "\n" not in message and "preset 8gb at micro-batch 8" in message
+    assert "train.batch_size=4" in message and "grad_checkpointing" in message
+
+
+def test_precision_auto_follows_the_launcher_then_the_device(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert trainer_module.resolve_precision("fp32") == "no"
+    assert trainer_module.resolve_precision("bf16") == "bf16"
+    expected = "no"
+    if torch.cuda.is_available():
+        expected = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+    assert trainer_module.resolve_precision("auto") == expected
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_...
+    assert trainer_module.resolve_precision("auto") == "fp16"
+    assert trainer_module.resolve_precision("fp32") == "no"  # the config wins
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what the launcher exports by default
+    assert trainer_module.resolve_precision("auto") == expected
+
+
+def test_tensorboard_events_when_installed(folder, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    train(tiny(folder, train={"max_steps": 2}), run, progress_bar=False)
+    assert any((run / "tensorboard").iterdir())
