@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import resource
 import signal
 import threading
 import time
@@ -265,6 +264,10 @@ def _peak_memory_gib(device: torch.device) -> dict[str, float]:
             "gpu_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
         }
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return {}
     return {"cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
