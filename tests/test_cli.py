@@ -95,3 +95,32 @@ def test_train_script_runs_and_resumes(images, tmp_path):
         [*cmd, "--data", str(images), "--out", str(out), *common], capture_output=True, text=True
     )
     assert twice.returncode == 2 and "already holds a run; pass --resume" in twice.stderr
+
+
+def test_ctrl_c_in_a_terminal_saves_a_checkpoint_and_exits_130(images, tmp_path):
+    """SIGINT to the whole process group, decoding worker included, as a terminal sends it."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "--preset", "cpu",
+        "--data", str(images), "--out", str(out), "--set", "model.projector=32-64",
+        "--set", "data.load_size=16", "--set", "train.batch_size=4", "--set", "data.cache=none",
+        "--set", "data.num_workers=1", "--set", "train.log_every=1", "--max-steps", "1000",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved. Continue with --resume" in err
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert (out / "checkpoints" / f"step_{max(steps):08d}").is_dir()
