@@ -304,6 +304,10 @@ def validate(cfg: Config) -> Config:
     if len(o.betas) != 2:
         raise UserError(f"config key optim.betas must be two numbers, got {o.betas}")
     _choice("train.precision", t.precision, PRECISIONS)
+    from lowres_ssl.engine.trainer import make_objective, resolve_precision
+
+    make_objective(cfg)  # loss settings that cannot work
+    resolve_precision(t.precision)  # fp16 without a GPU
     for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.max_steps", t.max_steps)

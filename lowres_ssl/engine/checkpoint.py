@@ -29,7 +29,10 @@ class Progress:
     batch: int = 0
     images: int = 0  # images trained on, over all processes
     bad_steps: int = 0  # non-finite losses skipped, in all
-    wall_s: float = 0.0  # training time before this session
+    wall_s: float = 0.0  # training time, all sessions up to this checkpoint
+    epoch_loss_sum: float = 0.0  # finite losses of this epoch so far (for its mean)
+    epoch_loss_steps: int = 0
+    last_loss: float | None = None  # the last finite loss
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

@@ -62,7 +62,6 @@ RESUMABLE_KEYS = {
     "train.keep_checkpoints",
     "train.max_bad_steps",
     "data.num_workers",
-    "data.cache",
     "data.cache_dir",
 }
 
@@ -81,14 +80,18 @@ def resolve_precision(setting: str) -> str:
     scaling) below, fp32 on the CPU. The launcher exports "no" when nothing was asked for, so
     "no" from it counts as no choice: fp32 is ``train.precision: fp32``.
     """
+    cuda = torch.cuda.is_available()
     if setting != "auto":
-        return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[setting]
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher != "no":
-        return launcher
-    if not torch.cuda.is_available():
-        return "no"
-    return "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+        chosen = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[setting]
+    else:
+        chosen = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if chosen == "no" and cuda:
+            chosen = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
+    if chosen == "fp16" and not cuda:
+        raise UserError(
+            "fp16 mixed precision needs a CUDA GPU; on the CPU use train.precision=fp32 (or bf16)"
+        )
+    return chosen
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -112,6 +115,9 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: start afresh). Raises :class:`UserError` for a
     folder that holds another run, or ``resume`` with nothing to resume."""
     saved = run_dir / "config.yaml"
+    if saved.is_file() and checkpoint.latest(run_dir) is None:
+        # A start that failed before its first checkpoint: nothing to keep or to continue.
+        return None
     if resume:
         if not saved.is_file():
             raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume")
@@ -201,11 +207,20 @@ def save_backbone(model: SSLModel, path: Path, cfg: Config) -> None:
 
 
 def make_objective(cfg: Config) -> torch.nn.Module:
+    """The objective of ``cfg.loss``; settings that cannot work are a :class:`UserError`."""
     loss = cfg.loss
-    if loss.name == "sfrik":
+    try:
+        if loss.name != "sfrik":
+            return build_objective(loss.name, **loss.options)
         kernel = SFRIKKernel(loss.kernel_weights)
+        if loss.mmd_path == "moments" and kernel.degree > 2:
+            raise ValueError(
+                f"mmd_path moments needs a kernel of degree <= 2, and kernel_weights "
+                f"{loss.kernel_weights} has degree {kernel.degree}; use auto, dense or blocked"
+            )
         return SFRIKLoss(loss.lam, kernel, mmd_path=loss.mmd_path, **loss.options)
-    return build_objective(loss.name, **loss.options)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"config section loss: {str(err).splitlines()[0]}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,17 +389,25 @@ def train(
     accelerator.wait_for_everyone()
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.yaml").is_file():
+        if resume_from is None:
             _write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     metrics = MetricsLog(run_dir, enabled=main)
     progress = Progress()
     if resume_from is not None:
         progress, extra = checkpoint.load(accelerator, resume_from)
+        if extra.get("images", len(images)) != len(images):
+            raise UserError(
+                f"--resume: the image set has changed since {resume_from.name} "
+                f"({extra['images']:,} then, {len(images):,} now; e.g. files added, or "
+                "data.cache resolved differently): resume with the same data, or start a new --out"
+            )
         aug_rng.set_state(_rng_from_text(extra["augment_rng"][accelerator.process_index]))
         metrics.truncate_after(progress.step)
     elif resume:
         log.info("--resume: no checkpoint yet in %s; starting from the beginning", run_dir)
+    base_wall, start_step = progress.wall_s, progress.step
 
     q = accelerator.unwrap_model(model).q
     if main:
@@ -413,7 +436,8 @@ def train(
         # Collectives first, on every process.
         rng_states = gather_object([_rng_to_text(aug_rng.get_state())])
         skips = _all_skips(skip_log)
-        extra = {"augment_rng": rng_states}
+        extra = {"augment_rng": rng_states, "images": len(images)}
+        progress.wall_s = base_wall + time.perf_counter() - session_start
         checkpoint.save(accelerator, run_dir, progress, cfg.train.keep_checkpoints, extra)
         if main:
             skips.write(run_dir / "skipped_files.txt")
@@ -457,13 +481,11 @@ def train(
     session_images = 0
     last_log_time, last_log_images = session_start, 0
     bad_in_a_row = 0
-    last_loss = math.nan
     saved_at = progress.step if resume_from is not None else -1
     stopped = False
     try:
         with _StopRequest() as stop:
             while progress.epoch < cfg.train.epochs and progress.step < total_steps:
-                epoch_losses: list[float] = []
                 completed = True
                 for batch in loader.iterate(progress.epoch, start=progress.batch):
                     if progress.step >= total_steps or stop.requested:
@@ -494,8 +516,9 @@ def train(
                     values = {"loss": loss_value, "lr": lr}
                     if finite:
                         bad_in_a_row = 0
-                        last_loss = loss_value
-                        epoch_losses.append(loss_value)
+                        progress.last_loss = loss_value
+                        progress.epoch_loss_sum += loss_value
+                        progress.epoch_loss_steps += 1
                         if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
                             terms = getattr(objective, "terms", {})
                             values = {"loss": loss_value}
@@ -518,12 +541,12 @@ def train(
                     if progress.step % cfg.train.checkpoint_every == 0:
                         save_checkpoint()
                         saved_at = progress.step
-                if stop.requested:
-                    break
                 if completed:
-                    mean = sum(epoch_losses) / len(epoch_losses) if epoch_losses else math.nan
+                    done = progress.epoch_loss_steps
+                    mean = progress.epoch_loss_sum / done if done else math.nan
                     progress.epoch += 1
                     progress.batch = 0
+                    progress.epoch_loss_sum, progress.epoch_loss_steps = 0.0, 0
                     skips = _all_skips(skip_log)
                     metrics.write(
                         "epoch",
@@ -539,13 +562,15 @@ def train(
                         log.info("epoch %d: %s", progress.epoch, skips.summary())
                     save_checkpoint()
                     saved_at = progress.step
+                if stop.requested:
+                    break
             stopped = stop.requested
     finally:
         bar.close()
     wall = time.perf_counter() - session_start
-    progress.wall_s += wall
     if progress.step != saved_at:
         save_checkpoint()
+    progress.wall_s = base_wall + wall
     if stopped:
         metrics.close()
         if main:
@@ -556,10 +581,16 @@ def train(
             )
         raise KeyboardInterrupt
 
+    if progress.step == start_step and (run_dir / "summary.json").is_file():
+        # Resumed a run that had already finished: nothing was trained, keep its files.
+        metrics.close()
+        if main:
+            log.info("nothing to train: %s already reached step %d", run_dir, progress.step)
+        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     unwrapped = accelerator.unwrap_model(model)
     skips = _all_skips(skip_log)
     summary = {
-        "final_loss": last_loss,
+        "final_loss": progress.last_loss,
         "steps": progress.step,
         "epochs": progress.epoch,
         "images": progress.images,
@@ -581,7 +612,7 @@ def train(
         log.info(
             "done: %d steps, final loss %.4g, %.0f images/s; %s; run folder %s",
             progress.step,
-            last_loss,
+            progress.last_loss or math.nan,
             summary["images_per_s"],
             skips.summary(used=len(images)),
             run_dir,

@@ -246,9 +246,15 @@ def test_precision_auto_follows_the_launcher_then_the_device(monkeypatch):
     if torch.cuda.is_available():
         expected = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
     assert trainer_module.resolve_precision("auto") == expected
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_...
-    assert trainer_module.resolve_precision("auto") == "fp16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_...
+    assert trainer_module.resolve_precision("auto") == "bf16"
     assert trainer_module.resolve_precision("fp32") == "no"  # the config wins
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    if torch.cuda.is_available():
+        assert trainer_module.resolve_precision("auto") == "fp16"
+    else:  # fp16 autocast needs CUDA: a one-line error, not a crash at the first step
+        with pytest.raises(UserError, match="fp16 mixed precision needs a CUDA GPU"):
+            trainer_module.resolve_precision("auto")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what the launcher exports by default
     assert trainer_module.resolve_precision("auto") == expected
 

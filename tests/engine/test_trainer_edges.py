@@ -1,0 +1,169 @@
+"""Edge cases of the engine found by an independent review: resume at the edges of a run or an
+epoch, settings that validate but cannot work, and a changed image set."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+from accelerate.state import AcceleratorState
+from PIL import Image
+
+from lowres_ssl.config import from_dict, merge
+from lowres_ssl.engine import train
+from lowres_ssl.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """64 small images in nested folders, and one corrupt file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        path = root / f"part{i % 2}" / f"img{i:02d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (18, 20, 3), dtype=np.uint8)).save(path)
+    (root / "part0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    return root
+
+
+def tiny(folder, **sections):
+    """8 steps per epoch of 8 images at 16 px; ResNet-18 with a 64-128 projector; 1 epoch."""
+    values = {
+        "data": {"path": str(folder), "load_size": 16, "cache": "none", "num_workers": 0},
+        "model": {"backbone": "resnet18", "projector": "64-128"},
+        "optim": {"name": "lars", "base_lr": 0.3, "warmup_epochs": 0.5},
+        "train": {
+            "epochs": 1,
+            "batch_size": 8,
+            "precision": "fp32",
+            "log_every": 1,
+            "checkpoint_every": 3,
+        },
+    }
+    return from_dict(merge(values, sections))
+
+
+def records(run_dir, kind):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def interrupt_at(step):
+    def hook(progress, values):
+        if progress.step == step:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: stop after this step
+
+    return hook
+
+
+def crash_at(step):
+    def hook(progress, values):
+        if progress.step == step:
+            raise RuntimeError("simulated crash")
+
+    return hook
+
+
+def test_resume_of_a_finished_run_keeps_its_summary_and_skipped_files(folder, tmp_path):
+    """--resume on a run that already finished trains nothing; it must not replace
+    summary.json by one with final_loss NaN, 0 images/s, ~0 s of wall time, and an empty
+    skipped_files.txt."""
+    run = tmp_path / "run"
+    first = train(tiny(folder), run, progress_bar=False)
+    listed = (run / "skipped_files.txt").read_text()
+    again = train(tiny(folder), run, resume=True, progress_bar=False)
+    saved = json.loads((run / "summary.json").read_text())
+    assert math.isfinite(saved["final_loss"]) and math.isfinite(again["final_loss"])
+    assert saved["skipped_files"] == first["skipped_files"] == 1
+    assert (run / "skipped_files.txt").read_text() == listed
+    assert saved["wall_time_s"] >= first["wall_time_s"]
+
+
+def test_ctrl_c_at_the_last_step_then_resume_closes_the_epoch(folder, tmp_path):
+    """Ctrl-C on the last step of the run: the epoch's end (its metrics line, the epoch count)
+    is skipped, and --resume never does it, so the run ends with 0 epochs and NaN loss."""
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(folder), run, progress_bar=False, on_step=interrupt_at(8))
+    summary = train(tiny(folder), run, resume=True, progress_bar=False)
+    assert summary["epochs"] == 1
+    assert math.isfinite(summary["final_loss"])
+    epochs = records(run, "epoch")
+    assert len(epochs) == 1 and isinstance(epochs[0]["loss_mean"], float)
+
+
+def test_epoch_loss_mean_after_a_mid_epoch_resume_covers_the_whole_epoch(folder, tmp_path):
+    """metrics.jsonl should read as one uninterrupted run, but the epoch's loss_mean after a
+    resume is the mean over the steps of the resumed session only."""
+    whole = tmp_path / "whole"
+    train(tiny(folder), whole, progress_bar=False)
+    cut = tmp_path / "cut"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny(folder), cut, progress_bar=False, on_step=crash_at(5))  # checkpoint: 3
+    train(tiny(folder), cut, resume=True, progress_bar=False)
+    a, b = records(whole, "epoch")[0], records(cut, "epoch")[0]
+    assert b["loss_mean"] == pytest.approx(a["loss_mean"], rel=1e-6)
+
+
+def test_resume_with_another_image_set_is_refused(folder, tmp_path, monkeypatch):
+    """With one unreadable file, the folder loader (65 files) and the disk cache (64 images)
+    order an epoch differently, so a resume cannot be exact: an explicit change of data.cache
+    is refused by the config check, and a change that comes from data.cache: auto resolving
+    differently (the free disk space changed) by the image count kept in the checkpoint."""
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(folder), cut, progress_bar=False, on_step=interrupt_at(3))
+    disk = {"cache": "disk", "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(UserError, match="another config"):
+        train(tiny(folder, data=disk), cut, resume=True, progress_bar=False)
+    import lowres_ssl.engine.trainer as trainer_module
+
+    real = trainer_module.open_images
+    monkeypatch.setattr(trainer_module, "open_images", lambda *a, **k: real(*a, **{**k, **disk}))
+    with pytest.raises(UserError, match="image set has changed since step_00000003") as e:
+        train(tiny(folder), cut, resume=True, progress_bar=False)
+    assert "65 then, 64 now" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        {"mmd_path": "moments"},  # the default kernel has degree 3
+        {"kernel_weights": [0.0, 0.0]},
+        {"options": {"no_such_option": 1}},
+    ],
+)
+def test_loss_settings_that_cannot_work_are_one_line_errors(folder, tmp_path, loss):
+    """They pass validation, then fail as a raw ValueError/TypeError (a traceback from the
+    CLI); mmd_path=moments only at the first step, leaving a run folder that --resume refuses
+    to continue with a fixed config and a plain start refuses to overwrite."""
+    run = tmp_path / "run"
+    with pytest.raises(UserError):
+        train(tiny(folder, loss=loss, train={"max_steps": 1}), run, progress_bar=False)
+    assert not run.exists()
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="fp16 on the CPU is the failing case"
+)
+def test_fp16_on_the_cpu_trains_or_is_a_one_line_error(folder, tmp_path, fresh_accelerator_state):
+    """train.precision=fp16 validates, then on the CPU the first step dies with 'expected
+    scalar type Half but found Float', after the run folder was created (no checkpoint)."""
+    run = tmp_path / "run"
+    try:
+        train(tiny(folder, train={"precision": "fp16", "max_steps": 1}), run, progress_bar=False)
+    except UserError as err:
+        assert "\n" not in str(err)
+        assert not run.exists()
