@@ -9,7 +9,6 @@ import signal
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -19,19 +18,6 @@ from lowres_ssl.engine import trainer as trainer_module
 from lowres_ssl.engine.trainer import load_init
 from lowres_ssl.errors import UserError
 from lowres_ssl.models import build_model
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """64 small images in nested folders, and one corrupt file."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(64):
-        path = root / f"part{i % 2}" / f"img{i:02d}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (18, 20, 3), dtype=np.uint8)).save(path)
-    (root / "part0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-    return root
 
 
 def tiny(folder, **sections):

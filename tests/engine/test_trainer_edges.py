@@ -5,68 +5,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
-import numpy as np
 import pytest
 from accelerate.state import AcceleratorState
-from PIL import Image
 
-from lowres_ssl.config import from_dict, merge
+from lowres_ssl.config import merge
 from lowres_ssl.engine import train
 from lowres_ssl.errors import UserError
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """64 small images in nested folders, and one corrupt file."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(64):
-        path = root / f"part{i % 2}" / f"img{i:02d}.png"
-        path.parent.mkdir(exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (18, 20, 3), dtype=np.uint8)).save(path)
-    (root / "part0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-    return root
+from tests.engine.test_trainer import crash_at, interrupt_at
+from tests.engine.test_trainer import tiny as base_tiny
 
 
 def tiny(folder, **sections):
-    """8 steps per epoch of 8 images at 16 px; ResNet-18 with a 64-128 projector; 1 epoch."""
-    values = {
-        "data": {"path": str(folder), "load_size": 16, "cache": "none", "num_workers": 0},
-        "model": {"backbone": "resnet18", "projector": "64-128"},
-        "optim": {"name": "lars", "base_lr": 0.3, "warmup_epochs": 0.5},
-        "train": {
-            "epochs": 1,
-            "batch_size": 8,
-            "precision": "fp32",
-            "log_every": 1,
-            "checkpoint_every": 3,
-        },
-    }
-    return from_dict(merge(values, sections))
+    """The engine tests' tiny run (8 steps per epoch), for 1 epoch."""
+    return base_tiny(folder, **merge({"train": {"epochs": 1}}, sections))
 
 
 def records(run_dir, kind):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if r["kind"] == kind]
-
-
-def interrupt_at(step):
-    def hook(progress, values):
-        if progress.step == step:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: stop after this step
-
-    return hook
-
-
-def crash_at(step):
-    def hook(progress, values):
-        if progress.step == step:
-            raise RuntimeError("simulated crash")
-
-    return hook
 
 
 def test_resume_of_a_finished_run_keeps_its_summary_and_skipped_files(folder, tmp_path):
