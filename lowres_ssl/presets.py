@@ -52,6 +52,21 @@ def device_vram_gib() -> float | None:
     return torch.cuda.get_device_properties(0).total_memory / 2**30
 
 
+def card_sizes() -> dict[str, float]:
+    """Preset name → the card it is made for, in GiB (0 for the CPU)."""
+    return {
+        name: float(load_yaml(path).get("vram_gib", 0) or 0) for name, path in available().items()
+    }
+
+
+def next_smaller(name: str | None) -> str | None:
+    """The largest GPU preset made for a smaller card than preset ``name``'s, if any."""
+    sizes = card_sizes()
+    mine = sizes.get(name or "")
+    below = [(gib, other) for other, gib in sizes.items() if mine and 0 < gib < mine]
+    return max(below)[1] if below else None
+
+
 def choose_auto(vram_gib: float | None = None) -> str:
     """The preset for a card of ``vram_gib`` (default: the one found): the largest preset whose
     ``vram_gib`` is at most the card's nominal size (cards report a little under their label,
@@ -59,11 +74,8 @@ def choose_auto(vram_gib: float | None = None) -> str:
     vram_gib = device_vram_gib() if vram_gib is None else vram_gib
     if not vram_gib:
         return "cpu"
-    best, best_gib = None, -1.0
-    for name, path in available().items():
-        gib = float(load_yaml(path).get("vram_gib", 0) or 0)
-        if 0 < gib <= vram_gib * 1.05 and gib > best_gib:
-            best, best_gib = name, gib
+    fits = [(gib, name) for name, gib in card_sizes().items() if 0 < gib <= vram_gib * 1.05]
+    best = max(fits, key=lambda fit: fit[0])[1] if fits else None  # ties: first by name
     if best is None:
         sizes = ", ".join(available())
         raise UserError(

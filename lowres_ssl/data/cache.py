@@ -114,10 +114,18 @@ def _prefix(images: FolderImages) -> str:
     return f"{safe}-{where}-{kind}-{images.load_size}px-"
 
 
-def cache_path(images: FolderImages, cache_dir: str | Path | None = None) -> Path:
-    """Where the disk cache of ``images`` lives (whether or not it exists yet)."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "decoded"
-    return cache_dir / (_prefix(images) + fingerprint(images)[:16])
+def decoded_dir(cache_dir: str | Path | None = None) -> Path:
+    """The folder that holds the decoded caches: ``cache_dir``, else ``<default>/decoded``."""
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir() / "decoded"
+
+
+def cache_path(
+    images: FolderImages, cache_dir: str | Path | None = None, *, fingerprint_: str | None = None
+) -> Path:
+    """Where the disk cache of ``images`` lives (whether or not it exists yet); pass
+    ``fingerprint_`` when it is already computed (it hashes every file's metadata)."""
+    fp = fingerprint_ or fingerprint(images)
+    return decoded_dir(cache_dir) / (_prefix(images) + fp[:16])
 
 
 def load_disk_cache(path: str | Path) -> ArrayImages:
@@ -181,7 +189,8 @@ def build_disk_cache(
     the index, so a run that reuses the cache still lists them. Safe against interruption and
     against several processes building at once (the first complete folder wins).
     """
-    final = cache_path(images, cache_dir)
+    fp = fingerprint(images)
+    final = cache_path(images, cache_dir, fingerprint_=fp)
     if (final / INDEX_FILE).exists():
         return load_disk_cache(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +200,7 @@ def build_disk_cache(
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{time.time_ns() % 10**9}")
     tmp.mkdir()
     try:
-        _write_cache(images, tmp, num_workers, progress)
+        _write_cache(images, tmp, num_workers, progress, fp)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -204,7 +213,9 @@ def build_disk_cache(
     return load_disk_cache(final)
 
 
-def _write_cache(images: FolderImages, folder: Path, num_workers: int, progress: bool) -> None:
+def _write_cache(
+    images: FolderImages, folder: Path, num_workers: int, progress: bool, fingerprint_: str
+) -> None:
     n, s = len(images), images.load_size
     per_image = 3 * s * s
     out = np.memmap(folder / IMAGES_FILE, dtype=np.uint8, mode="w+", shape=(n, 3, s, s))
@@ -243,7 +254,7 @@ def _write_cache(images: FolderImages, folder: Path, num_workers: int, progress:
         "labels": None if files.labels is None else [files.labels[i] for i in good],
         "classes": files.classes,
         "skipped": [[k.path, k.kind, k.detail] for k in skipped],
-        "fingerprint": fingerprint(images),
+        "fingerprint": fingerprint_,
     }
     with open(folder / INDEX_FILE, "w", encoding="utf-8") as f:
         json.dump(index, f)

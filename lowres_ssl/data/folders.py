@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from lowres_ssl.errors import UserError
+from lowres_ssl.files import write_text_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 """Accepted file extensions, matched in any letter case."""
@@ -440,9 +441,5 @@ class SkipLog:
 
     def write(self, path: str | Path) -> Path:
         """Write the list atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         header = f"# skipped files under {self.root}\n" if self.root else ""
-        tmp.write_text(header + "".join(s.line() + "\n" for s in self), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, header + "".join(s.line() + "\n" for s in self))

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lowres_ssl.data.builtin import SPLITS, load_builtin
-from lowres_ssl.data.cache import ArrayImages, build_disk_cache, cache_path
+from lowres_ssl.data.cache import ArrayImages, build_disk_cache, decoded_dir
 from lowres_ssl.data.folders import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
@@ -322,7 +322,7 @@ def open_images(
     nbytes = len(files) * 3 * load_size * load_size
     if cache == "auto":
         cache = "gpu" if device.type == "cuda" and _fits_on_device(nbytes, device) else "disk"
-        if cache == "disk" and not _room_on_disk(nbytes, images, cache_dir):
+        if cache == "disk" and not _room_on_disk(nbytes, cache_dir):
             log.info("data: decoded cache would not fit on disk; decoding every epoch instead")
             cache = "none"
     if cache == "none":
@@ -348,9 +348,8 @@ def _datasets_dir(cache_dir: str | Path | None) -> Path | None:
     return None if cache_dir is None else Path(cache_dir) / "datasets"
 
 
-def _room_on_disk(nbytes: int, images: FolderImages, cache_dir) -> bool:
-    folder = cache_path(images, cache_dir).parent
-    probe = folder
+def _room_on_disk(nbytes: int, cache_dir: str | Path | None) -> bool:
+    probe = decoded_dir(cache_dir)
     while not probe.exists():
         probe = probe.parent
     return nbytes <= 0.5 * shutil.disk_usage(probe).free

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lowres_ssl.files import write_text_atomic
+
 log = logging.getLogger("lowres_ssl")
 
 
@@ -47,9 +49,7 @@ class MetricsLog:
                     kept.append(line)
             except json.JSONDecodeError:  # a line cut short when the run was killed
                 continue
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

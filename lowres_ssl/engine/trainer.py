@@ -42,6 +42,7 @@ from lowres_ssl.engine import checkpoint
 from lowres_ssl.engine.checkpoint import Progress
 from lowres_ssl.engine.metrics import MetricsLog
 from lowres_ssl.errors import UserError
+from lowres_ssl.files import write_text_atomic
 from lowres_ssl.losses import SFRIKKernel, SFRIKLoss, build_objective
 from lowres_ssl.models import SSLModel, build_model, parameter_count
 from lowres_ssl.optim import CosineSchedule, build_optimizer, warmup_steps_for
@@ -115,7 +116,8 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: start afresh). Raises :class:`UserError` for a
     folder that holds another run, or ``resume`` with nothing to resume."""
     saved = run_dir / "config.yaml"
-    if saved.is_file() and checkpoint.latest(run_dir) is None:
+    last = checkpoint.latest(run_dir)
+    if saved.is_file() and last is None:
         # A start that failed before its first checkpoint: nothing to keep or to continue.
         return None
     if resume:
@@ -127,7 +129,7 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
                 f"--resume: the run in {run_dir} was made with another config ({'; '.join(diffs)}"
                 "); resume with the same settings or start a new --out"
             )
-        return checkpoint.latest(run_dir)
+        return last
     if saved.is_file():
         raise UserError(
             f"{run_dir} already holds a run; pass --resume to continue it, or a new --out"
@@ -135,12 +137,6 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty and holds no run; choose a new --out")
     return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def find_weights(path: str | Path) -> Path:
@@ -252,19 +248,10 @@ class _StopRequest:
 
 
 def _oom_message(cfg: Config) -> str:
-    from lowres_ssl import presets
+    from lowres_ssl.presets import next_smaller
 
-    smaller = ""
-    here = presets.available().get(cfg.preset or "")
-    if here is not None:
-        mine = float(load_yaml(here).get("vram_gib", 0) or 0)
-        below = []
-        for name, path in presets.available().items():
-            gib = float(load_yaml(path).get("vram_gib", 0) or 0)
-            if 0 < gib < mine:
-                below.append((gib, name))
-        if below:
-            smaller = f" or --preset {max(below)[1]}"
+    smaller = next_smaller(cfg.preset)
+    smaller = f" or --preset {smaller}" if smaller else ""
     bs = cfg.train.batch_size
     return (
         f"CUDA out of memory with preset {cfg.preset or '(none)'} at micro-batch {bs}: try "
@@ -390,7 +377,7 @@ def train(
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         if resume_from is None:
-            _write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+            write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     metrics = MetricsLog(run_dir, enabled=main)
@@ -608,7 +595,7 @@ def train(
     if main:
         save_backbone(unwrapped, run_dir / BACKBONE_FILE, cfg)
         skips.write(run_dir / "skipped_files.txt")
-        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
         log.info(
             "done: %d steps, final loss %.4g, %.0f images/s; %s; run folder %s",
             progress.step,
