@@ -431,7 +431,7 @@ def train(
 
     def _all_skips(own: SkipLog) -> SkipLog:
         merged = SkipLog(d.path)
-        for part in gather_object([list(own)]) if world > 1 else [list(own)]:
+        for part in gather_object([list(own)]):  # one process: the list itself
             merged.add(part)
         return merged
 
