@@ -46,7 +46,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--max-steps", type=int, help="train.max_steps: stop after this many steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--init", help="start from weights: a run folder, checkpoint or .safetensors")
+    p.add_argument("--init", help="start from weights: a run folder, checkpoint, .safetensors/.pth")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument(
         "--set",
@@ -124,4 +124,188 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["resolve_config", "train_main", "train_parser"]
+# ---------------------------------------------------------------------------------------------
+# evaluate.py
+
+EVALUATE_EXAMPLES = """\
+examples:
+  python scripts/evaluate.py knn    --checkpoint runs/NAME --train DIR --test DIR
+  python scripts/evaluate.py linear --checkpoint runs/NAME --train cifar10 --test cifar10:test
+  python scripts/evaluate.py knn    --checkpoint runs/NAME --random-init --train DIR --test DIR
+  python scripts/evaluate.py knn --random-init --backbone resnet18 --size 32 --train D --test D
+
+The last line of stdout is a JSON object; with --checkpoint a run folder, it is also written to
+the folder as eval_knn.json / eval_linear.json (eval_knn_random.json with --random-init).
+"""
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    from lowres_ssl.eval.evaluate import PRECISIONS, PROTOCOLS
+
+    p = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description="kNN or linear-probe accuracy of a frozen backbone on labeled images.",
+        epilog=EVALUATE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("protocol", choices=PROTOCOLS, help="knn (k = 20 and 200) or linear probe")
+    p.add_argument("--checkpoint", help="a run folder, a checkpoint folder or a weights file")
+    p.add_argument(
+        "--random-init", action="store_true", help="the same architecture untrained (seed 0)"
+    )
+    p.add_argument("--backbone", help="with --random-init and no --checkpoint: resnet18/34/50")
+    p.add_argument("--train", help="labeled folder (root/<class>/<image>) or cifar10[:train]")
+    p.add_argument("--test", help="labeled folder or a dataset split, e.g. cifar10:test")
+    p.add_argument("--size", type=int, help="image side in pixels (default: the training size)")
+    p.add_argument("--k", type=int, default=200, help="neighbours (k = 20 is reported too)")
+    p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--cache-dir", help="feature and decoded caches (default ~/.cache/lowres_ssl)")
+    p.add_argument("--no-feature-cache", action="store_true", help="always extract features")
+    p.add_argument("--num-workers", type=int, help="decoding processes")
+    return p
+
+
+def _positive_flags(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def evaluate_main(argv: list[str] | None = None) -> int:
+    import json
+
+    from lowres_ssl.eval.evaluate import evaluate, summary_line
+    from lowres_ssl.files import write_text_atomic
+
+    args = evaluate_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        _positive_flags(args, ("size", "k", "temperature", "batch_size"))
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():
+            record = evaluate(
+                args.protocol,
+                checkpoint=args.checkpoint,
+                random_init=args.random_init,
+                backbone=args.backbone,
+                train=args.train,
+                test=args.test,
+                size=args.size,
+                k=args.k,
+                temperature=args.temperature,
+                batch_size=args.batch_size,
+                device=args.device,
+                precision=args.precision,
+                cache_dir=args.cache_dir,
+                feature_cache=not args.no_feature_cache,
+                num_workers=args.num_workers,
+            )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    run_dir = record.pop("run_dir")
+    text = json.dumps(record)
+    if run_dir and Path(args.checkpoint).expanduser().resolve() == Path(run_dir).resolve():
+        name = f"eval_{args.protocol}{'_random' if args.random_init else ''}.json"
+        write_text_atomic(Path(run_dir) / name, json.dumps(record, indent=1) + "\n")
+    print(summary_line(args.protocol, record))
+    print(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# export.py
+
+
+def export_parser() -> argparse.ArgumentParser:
+    from lowres_ssl.weights import EXPORT_FORMATS
+
+    p = argparse.ArgumentParser(
+        prog="export.py",
+        description="Write a run's backbone as safetensors (with metadata) or for torchvision.",
+        epilog="examples:\n"
+        "  python scripts/export.py --checkpoint runs/NAME --out backbone.safetensors\n"
+        "  python scripts/export.py --checkpoint runs/NAME --out resnet18.pth --format torchvision",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="a run folder, checkpoint or weights file")
+    p.add_argument("--out", required=True, help="the file to write (.safetensors or .pth)")
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        help="default: torchvision for .pth/.pt, else safetensors",
+    )
+    return p
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from lowres_ssl.weights import export, load_weights
+
+    args = export_parser().parse_args(argv)
+    try:
+        weights = load_weights(args.checkpoint)
+        out = export(weights, args.out, args.format)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    spec = weights.spec
+    sidecar = out.with_suffix(".json")
+    extra = f" (and {sidecar.name})" if sidecar.is_file() and out.suffix != ".safetensors" else ""
+    print(f"exported {spec.describe()} from {weights.file} to {out}{extra}")
+    if out.suffix != ".safetensors":
+        print(f"load: model = torchvision.models.{spec.backbone}(); model.fc = torch.nn.Identity()")
+        if spec.cifar_stem:
+            print(
+                "      model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
+                "model.maxpool = torch.nn.Identity()"
+            )
+        print(f"      model.load_state_dict(torch.load('{out.name}', weights_only=True))")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# plot.py
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="plot.py",
+        description="Training curves (loss, terms, lr, images/s, memory, kNN) of run folders.",
+        epilog="example: python scripts/plot.py runs/a runs/b --out curves.png",
+    )
+    p.add_argument("runs", nargs="+", help="run folders (several: overlaid)")
+    p.add_argument("--out", help="the PNG to write (default: curves.png in the first run folder)")
+    p.add_argument("--dpi", type=int, default=120)
+    return p
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    from lowres_ssl.plots import plot_runs
+
+    args = plot_parser().parse_args(argv)
+    out = args.out or str(Path(args.runs[0]) / "curves.png")
+    try:
+        written = plot_runs(args.runs, out, dpi=args.dpi)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {written}")
+    return 0
+
+
+__all__ = [
+    "evaluate_main",
+    "evaluate_parser",
+    "export_main",
+    "plot_main",
+    "resolve_config",
+    "train_main",
+    "train_parser",
+]

@@ -88,12 +88,27 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The online kNN monitor (see ``lowres_ssl.eval.monitor``)."""
+
+    train: str | None = None  # labeled folder or dataset[:split]; None: the training data
+    test: str | None = None  # None: the test split of a dataset name (cifar10 → cifar10:test)
+    every_epochs: int | None = None  # None: 1 where a test set is known, else off; 0: off
+    k: int = 200  # neighbours (k = 20 is reported too)
+    image_size: int | None = None  # None: the training view size
+    batch_size: int = 256  # images per forward pass
+    max_train_images: int | None = None  # an evenly spaced subset of the train set (None: all)
+    max_test_images: int | None = None
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     preset: str | None = None  # the preset it started from (for the record)
 
 
@@ -312,4 +327,31 @@ def validate(cfg: Config) -> Config:
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.max_steps", t.max_steps)
     _positive("train.max_bad_steps", t.max_bad_steps)
+    _validate_eval(cfg)
     return cfg
+
+
+def _validate_eval(cfg: Config) -> None:
+    from lowres_ssl.data import DATASETS
+
+    e = cfg.eval
+    _positive("eval.every_epochs", e.every_epochs, allow_zero=True)
+    for key in ("k", "image_size", "batch_size", "max_train_images", "max_test_images"):
+        _positive(f"eval.{key}", getattr(e, key))
+    for key in ("train", "test"):
+        spec = getattr(e, key)
+        if spec is None or Path(spec).expanduser().is_dir():
+            continue
+        name, _, split = spec.partition(":")
+        if name.lower() not in DATASETS:
+            raise UserError(
+                f"config key eval.{key}: {spec} is not a folder; pass a labeled folder "
+                f"(root/<class>/<image>) or a dataset name with a split (e.g. cifar10:test)"
+            )
+        if split and split not in DATASETS[name.lower()]:
+            _choice(f"eval.{key} split", split, DATASETS[name.lower()])
+    if e.every_epochs and e.test is None and cfg.data.path.lower() not in DATASETS:
+        raise UserError(
+            "config key eval.every_epochs is set but there is no test set: set eval.test to a "
+            "labeled folder (and eval.train, if the training folder has no class subfolders)"
+        )

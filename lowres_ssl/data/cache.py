@@ -12,6 +12,7 @@ build never leaves a cache that looks usable.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -55,7 +56,7 @@ class ArrayImages:
 
     ``paths[i]`` names the source of row i where there is one (folders), ``labels`` are int64
     class indices into ``classes`` (or None), ``skipped`` lists the files left out when the
-    array was built.
+    array was built, ``fingerprint`` identifies the source files of a disk cache.
     """
 
     images: Tensor
@@ -64,6 +65,7 @@ class ArrayImages:
     classes: list[str] | None = None
     paths: list[str] | None = None
     skipped: list[Skip] = field(default_factory=list)
+    fingerprint: str | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -79,9 +81,7 @@ class ArrayImages:
     def to(self, device: str | torch.device) -> ArrayImages:
         """The same set with its pixels (and labels) on ``device``."""
         labels = None if self.labels is None else self.labels.to(device)
-        return ArrayImages(
-            self.images.to(device), self.name, labels, self.classes, self.paths, self.skipped
-        )
+        return dataclasses.replace(self, images=self.images.to(device), labels=labels)
 
 
 def fingerprint(images: FolderImages) -> str:
@@ -147,6 +147,7 @@ def load_disk_cache(path: str | Path) -> ArrayImages:
         classes=index.get("classes"),
         paths=index["paths"],
         skipped=[Skip(*s) for s in index["skipped"]],
+        fingerprint=index.get("fingerprint"),
     )
 
 

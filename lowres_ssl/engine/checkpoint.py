@@ -33,6 +33,8 @@ class Progress:
     epoch_loss_sum: float = 0.0  # finite losses of this epoch so far (for its mean)
     epoch_loss_steps: int = 0
     last_loss: float | None = None  # the last finite loss
+    knn_step: int = -1  # the step of the last kNN evaluation (the online monitor)
+    knn_top1: float | None = None  # its result
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

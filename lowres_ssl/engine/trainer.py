@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from lowres_ssl.augment import build_augment
@@ -42,15 +41,14 @@ from lowres_ssl.engine import checkpoint
 from lowres_ssl.engine.checkpoint import Progress
 from lowres_ssl.engine.metrics import MetricsLog
 from lowres_ssl.errors import UserError
+from lowres_ssl.eval.monitor import KNNMonitor
 from lowres_ssl.files import write_text_atomic
 from lowres_ssl.losses import SFRIKKernel, SFRIKLoss, build_objective
-from lowres_ssl.models import SSLModel, build_model, parameter_count
+from lowres_ssl.models import build_model, parameter_count
 from lowres_ssl.optim import CosineSchedule, build_optimizer, warmup_steps_for
+from lowres_ssl.weights import BACKBONE_FILE, load_init, save_safetensors, spec_of
 
 log = logging.getLogger("lowres_ssl")
-
-BACKBONE_FILE = "backbone.safetensors"
-BACKBONE_FORMAT = "lowres_ssl.backbone.v1"
 
 #: Keys that may change between a run and its resumption (they do not change what is learnt,
 #: or only extend it).
@@ -65,6 +63,8 @@ RESUMABLE_KEYS = {
     "data.num_workers",
     "data.cache_dir",
 }
+#: Sections that may change on resume as a whole (the kNN monitor only observes training).
+RESUMABLE_SECTIONS = ("eval.",)
 
 _DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -109,6 +109,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     """``key: saved → current`` for each key that differs and matters for resuming."""
     a, b = _flatten(saved), _flatten(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
+    keys = [k for k in keys if not k.startswith(RESUMABLE_SECTIONS)]
     return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
@@ -137,69 +138,6 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty and holds no run; choose a new --out")
     return None
-
-
-def find_weights(path: str | Path) -> Path:
-    """The safetensors file behind ``--init``: a file, a run folder (its backbone, else its
-    latest checkpoint) or a checkpoint folder."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for candidate in (p / BACKBONE_FILE, p / "model.safetensors"):
-            if candidate.is_file():
-                return candidate
-        last = checkpoint.latest(p)
-        if last is not None and (last / "model.safetensors").is_file():
-            return last / "model.safetensors"
-        raise UserError(f"--init {p}: no {BACKBONE_FILE}, model.safetensors or checkpoint in it")
-    if not p.is_file():
-        raise UserError(f"--init {p} does not exist")
-    if p.suffix != ".safetensors":
-        raise UserError(
-            f"--init {p}: pass a .safetensors file, a run folder or a checkpoint (weights are "
-            "only read from safetensors, which cannot run code)"
-        )
-    return p
-
-
-def load_init(model: SSLModel, path: str | Path) -> str:
-    """Start from saved weights: a whole model (backbone and projector, when the projector's
-    shapes match) or a backbone. Returns what was loaded, for the log."""
-    file = find_weights(path)
-    state = load_file(str(file))
-    if any(k.startswith("backbone.") for k in state):
-        backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-        projector = {
-            k[len("projector.") :]: v for k, v in state.items() if k.startswith("projector.")
-        }
-    else:
-        backbone, projector = state, {}
-    try:
-        model.backbone.load_state_dict(backbone)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise UserError(
-            f"--init {file}: its backbone does not fit model.backbone ({first[:160]})"
-        ) from None
-    own = model.projector.state_dict()
-    if projector and all(k in own and own[k].shape == v.shape for k, v in projector.items()):
-        model.projector.load_state_dict(projector)
-        return f"backbone and projector from {file}"
-    return f"backbone from {file}"
-
-
-def save_backbone(model: SSLModel, path: Path, cfg: Config) -> None:
-    """The backbone's weights as safetensors, with what is needed to rebuild it as metadata."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.backbone.state_dict().items()}
-    meta = {
-        "format": BACKBONE_FORMAT,
-        "backbone": cfg.model.backbone,
-        "image_size": str(cfg.data.view_size),
-        "out_dim": str(model.backbone.out_dim),
-        "config": json.dumps(to_dict(cfg)),
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
 
 
 def make_objective(cfg: Config) -> torch.nn.Module:
@@ -361,6 +299,7 @@ def train(
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = make_objective(cfg)
+    monitor = KNNMonitor.from_config(cfg, accelerator, channels_last=channels_last)
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -441,6 +380,24 @@ def train(
             value = accelerator.reduce(value, reduction="mean")
         return value.item()
 
+    def evaluate_knn() -> None:
+        record = monitor.run(accelerator.unwrap_model(model).backbone)
+        progress.knn_step, progress.knn_top1 = progress.step, record["knn_top1"]
+        metrics.write("knn", progress.step, {"epoch": progress.epoch, **record})
+        shown_knn["knn"] = f"{record['knn_top1']:.3f}"
+        bar.set_postfix({**bar_values, **shown_knn}, refresh=False)
+        if main:
+            log.info(
+                "step %d: kNN top-1 %.3f (k=%d), top-5 %.3f; %s train / %s test images; %.1f s",
+                progress.step,
+                record["knn_top1"],
+                record["k"],
+                record["knn_top5"],
+                f"{record['n_train']:,}",
+                f"{record['n_test']:,}",
+                record["eval_s"],
+            )
+
     def log_step(values: dict[str, float]) -> None:
         nonlocal last_log_time, last_log_images
         now = time.perf_counter()
@@ -454,7 +411,12 @@ def train(
         shown["img/s"] = f"{rate:.0f}"
         if "gpu_allocated_gib" in mem:
             shown["mem"] = f"{mem['gpu_allocated_gib']:.2f}G"
-        bar.set_postfix(shown, refresh=False)
+        bar_values.clear()
+        bar_values.update(shown)
+        bar.set_postfix({**shown, **shown_knn}, refresh=False)
+
+    bar_values: dict[str, str] = {}
+    shown_knn: dict[str, str] = {}
 
     bar = tqdm(
         total=total_steps,
@@ -547,6 +509,8 @@ def train(
                     )
                     if main and len(skips):
                         log.info("epoch %d: %s", progress.epoch, skips.summary())
+                    if monitor is not None and monitor.due(progress.epoch):
+                        evaluate_knn()
                     save_checkpoint()
                     saved_at = progress.step
                 if stop.requested:
@@ -554,8 +518,11 @@ def train(
             stopped = stop.requested
     finally:
         bar.close()
+    final_knn = monitor is not None and not stopped and progress.knn_step != progress.step
+    if final_knn:  # the end of the run (saved below, so a resume does not evaluate again)
+        evaluate_knn()
     wall = time.perf_counter() - session_start
-    if progress.step != saved_at:
+    if progress.step != saved_at or final_knn:
         save_checkpoint()
     progress.wall_s = base_wall + wall
     if stopped:
@@ -592,8 +559,11 @@ def train(
         "q": q,
         **_peak_memory_gib(device),
     }
+    if progress.knn_top1 is not None:
+        summary["knn_top1"] = progress.knn_top1
     if main:
-        save_backbone(unwrapped, run_dir / BACKBONE_FILE, cfg)
+        spec = spec_of(unwrapped.backbone, d.view_size, to_dict(cfg))
+        save_safetensors(unwrapped.backbone.state_dict(), spec, run_dir / BACKBONE_FILE)
         skips.write(run_dir / "skipped_files.txt")
         write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
         log.info(
@@ -621,10 +591,7 @@ __all__ = [
     "BACKBONE_FILE",
     "check_run_folder",
     "config_differences",
-    "find_weights",
-    "load_init",
     "make_objective",
     "resolve_precision",
-    "save_backbone",
     "train",
 ]

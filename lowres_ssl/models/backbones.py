@@ -93,8 +93,11 @@ class ResNetBackbone(nn.Module):
             statistics and gradients are the same as without it.
         zero_init_residual: start each residual block's last BN at γ = 0 (each block is the
             identity at init), as VICReg / SFRIK's reference code does.
+        cifar_stem: force the stem (a saved backbone keeps the stem it was trained with);
+            None chooses by ``image_size``.
 
     Attributes:
+        name: the backbone name, one of :data:`BACKBONES`.
         out_dim: the feature width (512 for resnet18/34, 2048 for resnet50).
         cifar_stem: whether the CIFAR stem is used.
         grad_checkpointing: may be switched after construction.
@@ -109,6 +112,7 @@ class ResNetBackbone(nn.Module):
         image_size: int,
         grad_checkpointing: bool = False,
         zero_init_residual: bool = True,
+        cifar_stem: bool | None = None,
     ):
         super().__init__()
         if name not in BACKBONES:
@@ -116,8 +120,11 @@ class ResNetBackbone(nn.Module):
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise UserError(f"image_size must be a positive number of pixels, got {image_size!r}")
         net = _BUILDERS[name](weights=None, zero_init_residual=zero_init_residual)
+        self.name: str = name
         self.out_dim: int = BACKBONES[name]
-        self.cifar_stem: bool = image_size <= CIFAR_STEM_MAX_SIZE
+        self.cifar_stem: bool = (
+            image_size <= CIFAR_STEM_MAX_SIZE if cifar_stem is None else bool(cifar_stem)
+        )
         self.grad_checkpointing: bool = grad_checkpointing
         if self.cifar_stem:
             # At 32–64 px the ImageNet stem's 4x downsampling throws away most of the image

@@ -15,6 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lowres_ssl.config import from_dict, to_dict
+from lowres_ssl.eval import KNNMonitor, open_labeled
+from lowres_ssl.weights import load_backbone
 from tests.engine.test_trainer import crash_at, losses, tiny
 
 
@@ -57,8 +59,10 @@ def run_two(values: dict, out, *, crash: int = 0, resume: bool = False) -> None:
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(3)
-    for i in range(32):
-        Image.fromarray(rng.integers(0, 256, (18, 18, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    for i in range(32):  # two class folders, for the kNN monitor
+        (root / f"c{i % 2}").mkdir(exist_ok=True)
+        pixels = rng.integers(0, 256, (18, 18, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"c{i % 2}" / f"{i}.png")
     return root
 
 
@@ -66,7 +70,7 @@ def test_two_processes_train_and_resume_exactly(folder, tmp_path):
     """4 images per process, 4 steps per epoch, 8 steps. The per-step losses are those of the
     global batch (the regulariser sees both processes' embeddings); a run crashed after step 5
     and resumed repeats the uninterrupted run's losses and final weights."""
-    values = to_dict(tiny(folder, train={"batch_size": 4}))
+    values = to_dict(tiny(folder, train={"batch_size": 4}, eval={"test": str(folder), "k": 5}))
     whole = tmp_path / "whole"
     run_two(values, whole)
     summaries = [json.loads((whole / f"rank{r}.json").read_text()) for r in range(2)]
@@ -80,6 +84,16 @@ def test_two_processes_train_and_resume_exactly(folder, tmp_path):
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {
         p.name for p in (whole / "checkpoints" / "step_00000008").iterdir()
     }
+
+    # The monitor, its features computed by both processes on their shares, gives the value
+    # of one process on the final backbone.
+    record = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["kind"] == "knn" and record["step"] == 8
+    backbone, _ = load_backbone(whole)
+    sets = [open_labeled(str(folder), size=16, cache="none") for _ in range(2)]
+    alone = KNNMonitor(*sets, every_epochs=1, k=5).run(backbone)
+    assert (record["knn_top1"], record["knn_top5"]) == (alone["knn_top1"], alone["knn_top5"])
+    assert record["n_train"] == alone["n_train"] == 32
 
     cut = tmp_path / "cut"
     run_two(values, cut, crash=5)

@@ -1,0 +1,408 @@
+"""Backbone weights in and out: one loader for ``--init``, ``--checkpoint`` and export.
+
+Where weights come from (:func:`find_weights`): a run folder (its ``backbone.safetensors``,
+else its latest checkpoint), a checkpoint folder (``model.safetensors``, backbone and
+projector), or a file: ``.safetensors``, or ``.pth``/``.pt``/``.bin`` read with
+``torch.load(weights_only=True)``. No code from a file ever runs.
+
+What they are (:class:`BackboneSpec`): the architecture is read from the state dict itself
+(bottleneck blocks → resnet50, the number of blocks per stage → resnet18/34, a 3×3 ``conv1`` →
+the CIFAR stem), and the image size and training config from the file's metadata, the sidecar
+JSON of a ``.pth``, or the run folder's ``config.yaml``. A file that lies about its backbone, a
+damaged file and a foreign one are one-line :class:`~lowres_ssl.errors.UserError`s.
+
+The backbone's state-dict keys are torchvision's ResNet keys without ``fc.*``, so an export in
+``torchvision`` format is the same dict, saved with ``torch.save``; it loads with
+``strict=True`` into ``torchvision.models.resnet18()`` after ``model.fc = nn.Identity()`` (and,
+for the CIFAR stem, the 3×3 ``conv1`` and no max-pool; see the README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lowres_ssl.errors import UserError
+from lowres_ssl.models import BACKBONES, CIFAR_STEM_MAX_SIZE, ResNetBackbone, SSLModel
+
+BACKBONE_FILE = "backbone.safetensors"
+BACKBONE_FORMAT = "lowres_ssl.backbone.v1"
+CHECKPOINT_MODEL_FILE = "model.safetensors"
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+EXPORT_FORMATS = ("safetensors", "torchvision")
+
+#: Blocks per stage (layer1 … layer4) of each backbone, as torchvision builds them.
+_STAGE_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
+
+
+@dataclass
+class BackboneSpec:
+    """What is needed to rebuild a backbone: name, image size, stem, feature width."""
+
+    backbone: str
+    image_size: int
+    cifar_stem: bool
+    out_dim: int
+    config: dict[str, Any] | None = None  # the training config, where known
+
+    @property
+    def stem(self) -> str:
+        return "cifar" if self.cifar_stem else "imagenet"
+
+    def describe(self) -> str:
+        stem = "CIFAR stem" if self.cifar_stem else "ImageNet stem"
+        return f"{self.backbone} ({stem}, {self.image_size} px, {self.out_dim} features)"
+
+    def build(self) -> ResNetBackbone:
+        """The architecture, randomly initialised (seed it before calling for a fixed init)."""
+        return ResNetBackbone(self.backbone, image_size=self.image_size, cifar_stem=self.cifar_stem)
+
+
+@dataclass
+class Weights:
+    """Backbone weights read from disk, with where they came from."""
+
+    file: Path
+    backbone: dict[str, Tensor]
+    spec: BackboneSpec
+    projector: dict[str, Tensor] = field(default_factory=dict)
+    run_dir: Path | None = None  # the run folder, when ``file`` belongs to one
+
+    def sha256(self) -> str:
+        """A hash of the backbone's tensors (names, dtypes, shapes, values)."""
+        return state_sha256(self.backbone)
+
+
+def state_sha256(state: dict[str, Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    from lowres_ssl.engine import checkpoint  # the engine imports this module
+
+    return checkpoint.latest(run_dir)
+
+
+def find_weights(path: str | Path, flag: str = "--checkpoint") -> tuple[Path, Path | None]:
+    """(weights file, its run folder or None) behind a run folder, checkpoint folder or file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / BACKBONE_FILE).is_file():
+            return p / BACKBONE_FILE, p if (p / "config.yaml").is_file() else None
+        if (p / CHECKPOINT_MODEL_FILE).is_file():  # a checkpoint folder: run/checkpoints/step_N
+            run = p.parent.parent
+            return p / CHECKPOINT_MODEL_FILE, run if (run / "config.yaml").is_file() else None
+        last = _latest_checkpoint(p)
+        if last is not None and (last / CHECKPOINT_MODEL_FILE).is_file():
+            return last / CHECKPOINT_MODEL_FILE, p
+        raise UserError(
+            f"{flag} {p}: no {BACKBONE_FILE}, {CHECKPOINT_MODEL_FILE} or checkpoint in it; pass "
+            "a run folder, a checkpoint folder or a weights file"
+        )
+    if not p.exists():
+        raise UserError(f"{flag} {p} does not exist")
+    if p.suffix not in (".safetensors", *TORCH_SUFFIXES):
+        raise UserError(
+            f"{flag} {p}: pass a .safetensors or .pth file, a run folder or a checkpoint folder"
+        )
+    return p, None
+
+
+def _damaged(flag: str, file: Path, why: str) -> UserError:
+    return UserError(
+        f"{flag} {file} is not a readable weights file ({why}); it may be truncated or of "
+        "another format: export it again, or pass the run folder"
+    )
+
+
+def read_state(file: Path, flag: str = "--checkpoint") -> tuple[dict[str, Tensor], dict]:
+    """(tensors, metadata) of a weights file; never runs code from it."""
+    if file.stat().st_size == 0:
+        raise _damaged(flag, file, "empty file")
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                meta = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as err:
+            why = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+            raise _damaged(flag, file, f"safetensors: {why}") from None
+    try:
+        with warnings.catch_warnings():  # about pickle protocols: the error below says enough
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise _damaged(
+            flag, file, "a pickle of objects other than tensors, refused because it could run code"
+        ) from None
+    except Exception as err:  # the unpickler raises many kinds of error on garbage
+        why = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+        raise _damaged(flag, file, f"torch.load(weights_only=True): {why}") from None
+    for wrapper in ("state_dict", "model"):  # common layouts of other tools' checkpoints
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values())):
+        raise _damaged(flag, file, "it holds no state dict of tensors")
+    sidecar = file.with_suffix(".json")
+    meta = {}
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            meta = {}
+    return dict(obj), {k: str(v) if not isinstance(v, str) else v for k, v in meta.items()}
+
+
+def _split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(backbone, projector) parts of a whole model's, a backbone's or torchvision's dict."""
+    if any(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        backbone = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
+        projector = {k[10:]: v for k, v in state.items() if k.startswith("projector.")}
+        return backbone, projector
+    # A torchvision classifier's head is not part of the representation.
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}, {}
+
+
+def infer_architecture(state: dict[str, Tensor]) -> tuple[str, bool]:
+    """(backbone name, CIFAR stem?) of a ResNet backbone state dict."""
+    conv1 = state.get("conv1.weight")
+    if conv1 is None or conv1.ndim != 4 or "layer4.0.conv1.weight" not in state:
+        raise UserError(
+            "the weights are not a ResNet backbone (no conv1.weight / layer4 keys); "
+            f"supported backbones: {', '.join(BACKBONES)}"
+        )
+    if "layer1.0.conv3.weight" in state:
+        name = "resnet50"
+    else:
+        blocks = tuple(
+            len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5)
+        )
+        matches = [n for n, b in _STAGE_BLOCKS.items() if b == blocks and n != "resnet50"]
+        if not matches:
+            raise UserError(
+                f"the weights are a ResNet with {blocks} blocks per stage, which is none of "
+                f"{', '.join(BACKBONES)}"
+            )
+        name = matches[0]
+    return name, conv1.shape[-1] == 3
+
+
+def _run_config(run_dir: Path | None) -> dict[str, Any] | None:
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    try:
+        values = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return None
+    return values if isinstance(values, dict) else None
+
+
+def _view_size(config: dict[str, Any] | None) -> int | None:
+    data = (config or {}).get("data") or {}
+    size = data.get("image_size") or data.get("load_size")
+    return int(size) if size else None
+
+
+def load_weights(path: str | Path, flag: str = "--checkpoint") -> Weights:
+    """The backbone weights behind ``path`` (see :func:`find_weights`), with their spec."""
+    file, run_dir = find_weights(path, flag)
+    state, meta = read_state(file, flag)
+    backbone, projector = _split_state(state)
+    try:
+        name, cifar_stem = infer_architecture(backbone)
+    except UserError as err:
+        raise UserError(f"{flag} {file}: {err}") from None
+    claimed = meta.get("backbone")
+    if claimed and claimed != name:
+        raise UserError(
+            f"{flag} {file}: its metadata says {claimed} but its tensors are a {name}; the file "
+            "was changed after export"
+        )
+    config = None
+    if meta.get("config"):
+        try:
+            config = json.loads(meta["config"])
+        except json.JSONDecodeError:
+            config = None
+    config = config or _run_config(run_dir)
+    size = int(meta["image_size"]) if meta.get("image_size") else _view_size(config)
+    if size is None:  # a plain torchvision file: the usual size for its stem
+        size = 32 if cifar_stem else 224
+    spec = BackboneSpec(name, size, cifar_stem, BACKBONES[name], config)
+    return Weights(file, backbone, spec, projector, run_dir)
+
+
+def _mismatch(flag: str, file: Path, have: BackboneSpec, want: ResNetBackbone) -> str | None:
+    if have.backbone != want.name:
+        return f"backbone {have.backbone} in the file, {want.name} asked for"
+    if have.cifar_stem != want.cifar_stem:
+        a = "CIFAR (3x3 conv1)" if have.cifar_stem else "ImageNet (7x7 conv1)"
+        b = "CIFAR" if want.cifar_stem else "ImageNet"
+        return (
+            f"{a} stem in the file, {b} stem asked for (the stem follows the image size: "
+            f"CIFAR up to {CIFAR_STEM_MAX_SIZE} px)"
+        )
+    return None
+
+
+def load_into(backbone: ResNetBackbone, weights: Weights, flag: str = "--checkpoint") -> None:
+    """Load ``weights`` into ``backbone`` (strict); another architecture is a one-line error."""
+    problem = _mismatch(flag, weights.file, weights.spec, backbone)
+    if problem is None:
+        try:
+            backbone.load_state_dict(weights.backbone)
+        except RuntimeError as err:
+            lines = str(err).splitlines()
+            problem = (lines[1] if len(lines) > 1 else lines[0]).strip()[:160]
+    if problem is not None:
+        raise UserError(f"{flag} {weights.file}: {problem}")
+
+
+def load_backbone(path: str | Path, flag: str = "--checkpoint") -> tuple[ResNetBackbone, Weights]:
+    """A backbone rebuilt from its weights alone (architecture, stem and size from the file)."""
+    weights = load_weights(path, flag)
+    with torch.random.fork_rng(devices=[]):  # building draws an init; keep the caller's RNG
+        backbone = weights.spec.build()
+    load_into(backbone, weights, flag)
+    return backbone, weights
+
+
+def random_backbone(spec: BackboneSpec, seed: int = 0) -> ResNetBackbone:
+    """The architecture of ``spec`` at a fixed random init: the baseline every result must
+    beat. The caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.build()
+
+
+def load_init(model: SSLModel, path: str | Path) -> str:
+    """Start training from saved weights: a whole model (backbone and projector, when the
+    projector's shapes match) or a backbone. Returns what was loaded, for the log."""
+    weights = load_weights(path, "--init")
+    load_into(model.backbone, weights, "--init")
+    own = model.projector.state_dict()
+    projector = weights.projector
+    if projector and all(k in own and own[k].shape == v.shape for k, v in projector.items()):
+        model.projector.load_state_dict(projector)
+        return f"backbone and projector from {weights.file}"
+    return f"backbone from {weights.file}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def spec_of(backbone: ResNetBackbone, image_size: int, config: dict | None) -> BackboneSpec:
+    return BackboneSpec(backbone.name, image_size, backbone.cifar_stem, backbone.out_dim, config)
+
+
+def _metadata(spec: BackboneSpec) -> dict[str, str]:
+    meta = {
+        "format": BACKBONE_FORMAT,
+        "backbone": spec.backbone,
+        "image_size": str(spec.image_size),
+        "stem": spec.stem,
+        "out_dim": str(spec.out_dim),
+    }
+    if spec.config is not None:
+        meta["config"] = json.dumps(spec.config)
+    return meta
+
+
+def _plain_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_safetensors(state: dict[str, Tensor], spec: BackboneSpec, path: Path) -> Path:
+    """The backbone's state dict as safetensors, its spec as metadata; atomic."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(_plain_state(state), str(tmp), metadata=_metadata(spec))
+    os.replace(tmp, path)
+    return path
+
+
+def save_torchvision(state: dict[str, Tensor], spec: BackboneSpec, path: Path) -> Path:
+    """A plain state dict with torchvision's keys (``torch.save``), and ``<name>.json`` beside
+    it saying which stem and image size it needs; both atomic."""
+    from lowres_ssl.files import write_text_atomic
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(_plain_state(state), tmp)
+    os.replace(tmp, path)
+    meta = _metadata(spec)
+    meta["load"] = (
+        f"model = torchvision.models.{spec.backbone}(); model.fc = torch.nn.Identity(); "
+        + (
+            "model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
+            "model.maxpool = torch.nn.Identity(); "
+            if spec.cifar_stem
+            else ""
+        )
+        + f"model.load_state_dict(torch.load('{path.name}', weights_only=True))"
+    )
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
+    return path
+
+
+def export(weights: Weights, out: str | Path, fmt: str | None = None) -> Path:
+    """Write ``weights`` as ``fmt`` (default from the suffix: .pth/.pt → torchvision)."""
+    out = Path(out).expanduser()
+    if fmt is None:
+        fmt = "torchvision" if out.suffix in TORCH_SUFFIXES else "safetensors"
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    wanted = (".safetensors",) if fmt == "safetensors" else TORCH_SUFFIXES
+    if out.suffix not in wanted:
+        raise UserError(
+            f"--out {out}: a {fmt} export is a {' or '.join(wanted)} file; rename --out or pass "
+            "--format " + ("torchvision" if fmt == "safetensors" else "safetensors")
+        )
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    save = save_safetensors if fmt == "safetensors" else save_torchvision
+    return save(weights.backbone, weights.spec, out)
+
+
+__all__ = [
+    "BACKBONE_FILE",
+    "BACKBONE_FORMAT",
+    "EXPORT_FORMATS",
+    "BackboneSpec",
+    "Weights",
+    "export",
+    "find_weights",
+    "infer_architecture",
+    "load_backbone",
+    "load_init",
+    "load_into",
+    "load_weights",
+    "random_backbone",
+    "read_state",
+    "save_safetensors",
+    "save_torchvision",
+    "spec_of",
+    "state_sha256",
+]

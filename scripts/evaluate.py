@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""kNN or linear-probe accuracy of a backbone: ``python scripts/evaluate.py knn --checkpoint RUN``.
+
+``--help`` lists the flags; the README's "Evaluate, export, plot" section shows what it prints.
+"""
+
+from lowres_ssl.cli import evaluate_main
+
+if __name__ == "__main__":
+    raise SystemExit(evaluate_main())
