@@ -215,7 +215,10 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, dpi: int = 120
             Line2D([], [], color=c, linewidth=2, label=lab)
             for c, lab in zip(colours, labels, strict=True)
         ]
-        handles.append(Line2D([], [], color="grey", alpha=0.5, linewidth=0.8, label="epoch end"))
+        if any(run.get("epoch") for run in runs):
+            handles.append(
+                Line2D([], [], color="grey", alpha=0.5, linewidth=0.8, label="epoch end")
+            )
         # No suptitle: constrained layout draws it over an "outside" legend, and the legend
         # already names the runs.
         fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 4))

@@ -171,7 +171,8 @@ def read_state(file: Path, flag: str = "--checkpoint") -> tuple[dict[str, Tensor
             meta = json.loads(sidecar.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             meta = {}
-    return dict(obj), {k: str(v) if not isinstance(v, str) else v for k, v in meta.items()}
+    # The sidecar holds JSON values; the metadata of a safetensors file holds strings.
+    return dict(obj), {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
 def _split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -352,7 +353,8 @@ def save_torchvision(state: dict[str, Tensor], spec: BackboneSpec, path: Path) -
     tmp = path.with_name(path.name + ".tmp")
     torch.save(_plain_state(state), tmp)
     os.replace(tmp, path)
-    meta = _metadata(spec)
+    meta: dict[str, Any] = _metadata(spec)
+    meta.update(image_size=spec.image_size, out_dim=spec.out_dim, config=spec.config)
     meta["load"] = (
         f"model = torchvision.models.{spec.backbone}(); model.fc = torch.nn.Identity(); "
         + (

@@ -58,7 +58,9 @@ def test_torchvision_export_loads_strictly_and_gives_the_same_features(tmp_path,
     out = export(load_weights(tmp_path / "b.safetensors"), tmp_path / "resnet18.pth", "torchvision")
     sidecar = json.loads((tmp_path / "resnet18.json").read_text())
     assert sidecar["stem"] == ("cifar" if size <= 64 else "imagenet")
-    assert sidecar["image_size"] == str(size) and sidecar["backbone"] == "resnet18"
+    assert sidecar["image_size"] == size and sidecar["backbone"] == "resnet18"
+    assert sidecar["config"] == {"data": {}}  # an object, read back as the run's config
+    assert load_weights(out).spec.config == {"data": {}}
 
     model = torchvision.models.resnet18(num_classes=10)
     model.fc = torch.nn.Identity()
