@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from lowres_ssl.data import DATASETS
+from lowres_ssl.config import from_dict
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.features import Features, align_classes, cached_features, open_labeled
 from lowres_ssl.eval.knn import knn_evaluate
 from lowres_ssl.eval.linear import linear_probe
+from lowres_ssl.eval.monitor import default_sets
 from lowres_ssl.weights import (
     BackboneSpec,
     load_backbone,
@@ -59,17 +60,15 @@ def eval_precision(setting: str, device: torch.device, config: dict | None) -> s
     return setting
 
 
-def default_sets(config: dict | None) -> tuple[str | None, str | None]:
-    """(train, test) from a run's config: its eval section, else the splits of a dataset
-    name it trained on."""
-    config = config or {}
-    e, d = config.get("eval") or {}, config.get("data") or {}
-    path = str(d.get("path", ""))
-    builtin = path.lower() in DATASETS and not Path(path).expanduser().exists()
-    name = path.lower()
-    train = e.get("train") or (f"{name}:train" if builtin else None)
-    test = e.get("test") or (f"{name}:test" if builtin else None)
-    return train, test
+def run_sets(config: dict | None) -> tuple[str | None, str | None]:
+    """(train, test) defaults from a run's saved config, as its monitor chose them."""
+    if not config:  # e.g. a torchvision file: nothing to go by
+        return None, None
+    try:
+        cfg = from_dict(config)
+    except UserError:  # a config this version cannot read: no defaults
+        return None, None
+    return default_sets(cfg)
 
 
 def evaluate(
@@ -121,7 +120,7 @@ def evaluate(
     if random_init:
         net = random_backbone(spec, seed)
     size = size or spec.image_size
-    default_train, default_test = default_sets(spec.config)
+    default_train, default_test = run_sets(spec.config)
     train, test = train or default_train, test or default_test
     if train is None or test is None:
         raise UserError(
@@ -246,4 +245,4 @@ def summary_line(protocol: str, r: dict[str, Any]) -> str:
     )
 
 
-__all__ = ["PRECISIONS", "PROTOCOLS", "default_sets", "evaluate", "summary_line"]
+__all__ = ["PRECISIONS", "PROTOCOLS", "evaluate", "run_sets", "summary_line"]

@@ -26,30 +26,27 @@ from lowres_ssl.eval.knn import knn_scores, topk_correct
 
 log = logging.getLogger("lowres_ssl")
 
-#: Datasets by name whose training split has labels (STL-10's unlabeled split has none).
-_LABELED_TRAIN = {"cifar10": "train", "cifar100": "train", "stl10": "train"}
+
+def default_sets(cfg: Config) -> tuple[str | None, str | None]:
+    """(train, test) evaluation sets of a run: ``eval.train`` and ``eval.test``, else for a
+    dataset name such as ``cifar10`` its train split (labeled for every named dataset; STL-10's
+    unlabeled images are another split) and its test split; for a folder, the folder itself
+    read as labeled (``root/<class>/…``), and no test set."""
+    e, d = cfg.eval, cfg.data
+    name = d.path.lower()
+    builtin = name in DATASETS and not Path(d.path).expanduser().exists()
+    train = e.train or (f"{name}:train" if builtin else d.path)
+    return train, e.test or (f"{name}:test" if builtin else None)
 
 
 def eval_sets(cfg: Config) -> tuple[str, str] | None:
-    """(train, test) specs of the monitor, or None when it is off.
-
-    Defaults: for a dataset name such as ``cifar10``, its labeled train split and its test
-    split; for a folder, ``eval.train`` defaults to the training folder read as labeled
-    (``root/<class>/…``), and there is no default test set.
-    """
-    e, d = cfg.eval, cfg.data
-    name = d.path.lower()
-    builtin = name in DATASETS and not _exists(d.path)
-    test = e.test or (f"{name}:test" if builtin else None)
-    every = e.every_epochs if e.every_epochs is not None else (1 if test else 0)
+    """(train, test) of the online monitor (see :func:`default_sets`), or None when it is off:
+    ``eval.every_epochs`` 0, or no test set."""
+    train, test = default_sets(cfg)
+    every = cfg.eval.every_epochs if cfg.eval.every_epochs is not None else 1
     if every == 0 or test is None:
         return None
-    train = e.train or (f"{name}:{_LABELED_TRAIN[name]}" if builtin else d.path)
     return train, test
-
-
-def _exists(path: str) -> bool:
-    return Path(path).expanduser().exists()
 
 
 class KNNMonitor:

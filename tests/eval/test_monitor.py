@@ -39,3 +39,13 @@ def test_a_folder_needs_a_test_set_and_its_train_set_defaults_to_the_folder(tmp_
 def test_eval_settings_are_checked(tmp_path, section, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         validate(from_dict({"data": {"path": str(tmp_path)}, "eval": section}))
+
+
+def test_evaluate_takes_its_default_sets_from_the_runs_saved_config(tmp_path):
+    from lowres_ssl.eval.evaluate import run_sets
+
+    assert run_sets({"data": {"path": "cifar10"}}) == ("cifar10:train", "cifar10:test")
+    saved = {"data": {"path": str(tmp_path)}, "eval": {"test": "stl10:test"}}
+    assert run_sets(saved) == (str(tmp_path), "stl10:test")
+    assert run_sets({"a_section_from_the_future": {}}) == (None, None)
+    assert run_sets(None) == (None, None)  # a file with no config: --train and --test needed
