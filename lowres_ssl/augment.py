@@ -27,42 +27,8 @@ Colour formulas (torchvision's ``adjust_*``; every blend is clamped to [0, 1])::
     saturation f ~ U[max(0, 1 - s), 1 + s]:  x' = f x + (1 - f) gray(x)
     hue        f ~ U[-h, h]:                 H' = (H + f) mod 1 in HSV, S and V unchanged
 
-Kornia facts behind this design (kornia 0.9.0, paths under ``kornia/``; read in the source and run):
-
-* ``augmentation.ColorJitter`` uses torchvision's formulas (``augmentation/_2d/intensity/
-  color_jitter.py:68-71``): ``enhance.adjust_brightness_accumulative`` multiplies
-  (``enhance/adjust.py:754``), contrast blends with the grayscale mean (``adjust.py:625-628``),
-  saturation with the grayscale (``adjust.py:230-233``), hue shifts in HSV (``adjust.py:350-392``).
-  ``ColorJiggle`` is the one with Kornia's own formulas (additive brightness, HSV saturation).
-  Kornia's grayscale weights are 0.299/0.587/0.114 (``color/gray.py:113``), torchvision's 0.2989:
-  with a fixed order, ColorJitter is within 3.2e-5 of torchvision (measured).
-* Its **order is one permutation per call, shared by the whole batch**: a single
-  ``torch.randperm(4)`` (``augmentation/random_generator/_2d/color_jitter.py:109``), and
-  ``_dispatch_color_steps`` runs each step over the whole batch in that order
-  (``augmentation/_2d/intensity/color_jiggle.py:95-99``); ``order=`` can only fix it
-  (``color_jitter.py:86-90``). torchvision draws ``randperm(4)`` per image. A shared order gives
-  each image the right marginal distribution but correlates the batch, so :func:`color_jitter`
-  implements the per-image order: four passes, pass ``k`` applies to each image the op that comes
-  ``k``-th in *its* order. The three blends are one fused full-batch ``a x + (1 - a) ref`` per
-  pass (an exact identity where ``a = 1``); hue, the costly op, runs only on the images whose
-  ``k``-th op is hue, so each image pays for one hue shift, as in torchvision. Cost against a
-  shared order: four fused blend passes over the batch instead of three single-op ones.
-* With ``same_on_batch=False`` (the default) factors are per sample, shape ``(B,)``
-  (``random_generator/_2d/color_jitter.py:99-102``, ``_adapted_rsampling((batch_size,), ...)``).
-* A Kornia module's applied mask is ``module._params["batch_prob"]``, a float ``(B,)`` of 0/1 drawn
-  as ``torch.rand(B) < p`` (``augmentation/base.py:244, 307``). A gated module computes its
-  transform on the **whole** batch, then selects with ``torch.where`` (``base.py:453-460,
-  403-407``): blur with p = 0.1 costs as much as with p = 1. Here each gated op runs on the
-  selected images only (:func:`_apply_to`) and the masks are in :attr:`TwoViewAugment.last_params`.
-* ``RandomResizedCrop``'s default ``"slice"`` mode crops and resizes image by image in a Python
-  loop (``geometry/transform/crop2d.py:584-615``); ``"resample"`` mode maps crop corners onto
-  output corners (``augmentation/_2d/geometric/resized_crop.py:91-96``), not torchvision's
-  half-pixel resize, and its fallback crop is not centred (``resized_crop.py:88-89``). Here one
-  ``grid_sample`` crops, resizes (half-pixel, as ``interpolate``) and flips the whole batch.
-* ``RandomSolarize(thresholds=(0.5, 0.5), additions=(0.0, 0.0))`` is exactly ``x >= 0.5 -> 1 - x``
-  (measured); solarize is one ``torch.where`` here anyway, run on the selected images only.
-* Kornia modules draw from the **global** torch RNG on ``module.device``: the CPU, unless the module
-  was moved with ``.to`` (``augmentation/base.py:144, 153-160``).
+Why our own ops rather than Kornia's augmentation modules (shared randomness across the batch,
+gated ops computed on every image): see ``docs/design.md`` §4.
 
 Kornia in the hot path: ``kornia.filters.gaussian_blur2d`` (one kernel per image from a ``(B, 2)``
 sigma, separable, reflect border). The hue shift is :func:`adjust_hue`:

@@ -98,6 +98,9 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("accelerate", "torch", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns at import, on every CPU run, that its 4-bit matmul kernels are not
+    # installed; the kit uses only its 8-bit optimizers, whose own fallback logs one line.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def train_main(argv: list[str] | None = None) -> int:

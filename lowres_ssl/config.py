@@ -319,10 +319,14 @@ def validate(cfg: Config) -> Config:
     if len(o.betas) != 2:
         raise UserError(f"config key optim.betas must be two numbers, got {o.betas}")
     _choice("train.precision", t.precision, PRECISIONS)
-    from lowres_ssl.engine.trainer import make_objective, resolve_precision
+    from lowres_ssl.losses import objective_from_settings
 
-    make_objective(cfg)  # loss settings that cannot work
-    resolve_precision(t.precision)  # fp16 without a GPU
+    # Loss settings that cannot work. The hardware (fp16 needs a GPU) is checked when training
+    # starts, so that a config for another machine can be read and --dry-run here.
+    objective_from_settings(
+        lo.name, lam=lo.lam, kernel_weights=lo.kernel_weights, mmd_path=lo.mmd_path,
+        options=lo.options,
+    )  # fmt: skip
     for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.max_steps", t.max_steps)

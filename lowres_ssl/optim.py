@@ -25,34 +25,9 @@ momentum SGD underneath: :class:`LARS` to ``torch.optim.SGD`` (32-bit state), ``
 ``bitsandbytes.optim.SGD8bit`` (8-bit blockwise-quantised ``mu``). **After** ``step()``,
 ``p.grad`` holds the LARS-scaled gradient, not the raw one: clip or log gradients before the step.
 
-Why not ``bitsandbytes.optim.LARS8bit`` (bitsandbytes 0.50.2, paths under ``bitsandbytes/``):
-
-* its "trust ratio" is not LARS's: it is a clip of the *update* norm to ``max_unorm ||p||``
-  (``backends/cpu/ops.py:327-341``, ``_compute_update_norm_and_scale``), applied to ``mu`` after
-  momentum (``backends/cpu/ops.py:405-414``);
-* the 8-bit path drops even that clip: ``Optimizer1State.update_step`` passes ``unorm_vec`` and
-  ``max_unorm`` to the 32-bit update (``optim/optimizer.py:730-731``) but not to the 8-bit
-  blockwise one (``optim/optimizer.py:736-756``), whose kernel has no such argument
-  (``backends/cpu/ops.py:469-488``);
-* it cannot exclude parameters: ``max_unorm`` is one optimizer-wide value read from
-  ``self.args`` (``optim/optimizer.py:354``; only a ``GlobalOptimManager`` per-tensor override
-  could change it) and decay is plain ``g + wd p`` (``backends/cpu/ops.py:538``);
-* on CUDA, "lars" is not even a key of the 8-bit kernel table ``str2optimizer8bit_blockwise``
-  (``backends/cuda/ops.py:1025-1056``; it is in the 32-bit one at ``:1019``), so the 8-bit
-  update raises "Unsupported optimizer name" (``backends/cuda/ops.py:1170-1174``; read in the
-  source, not run: no GPU was at hand).
-
-bitsandbytes' momentum SGD is the recursion LARS needs (``mu = m mu + g``, first ``mu = g``, no
-dampening): CPU ``backends/cpu/ops.py:537-543``, Triton ``backends/triton/kernels_optim.py:928-933``
-(and ``csrc/kernels.cu`` upstream for CUDA, not shipped in the wheel). ``SGD8bit`` hands
-``(momentum, dampening)`` over as ``betas`` (``optim/sgd.py:94-104``) and the 8-bit kernels never
-read the second one (``backends/cpu/ops.py:537-543``): dampening is silently ignored, so it must be
-0, as it is here. Its ``nesterov`` argument is ignored too. State is 8-bit only for parameters with
-``numel >= min_8bit_size`` (default 4096; ``optim/optimizer.py:674-675``), quantised in blocks of
-256 values with the signed dynamic map (``optim/optimizer.py:688-695``); smaller tensors
-(biases, norms of narrow layers) keep fp32 state. torch's ``SGD`` has the same recursion: first
-``buf = g.clone()``, then ``buf.mul_(m).add_(g, alpha=1 - dampening)``
-(``torch/optim/sgd.py:360-364``, torch 2.15).
+Why not ``bitsandbytes.optim.LARS8bit``, and which properties of bitsandbytes' 8-bit SGD this
+relies on (no dampening, 8-bit state only for tensors of at least 4096 values): see
+``docs/design.md`` §5.
 
 **AdamW**: ``bitsandbytes.optim.AdamW8bit`` or ``torch.optim.AdamW``, with no decay on biases and
 normalisation weights (parameter groups, the same ``ndim <= 1`` rule).

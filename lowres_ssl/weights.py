@@ -101,7 +101,7 @@ def state_sha256(state: dict[str, Tensor]) -> str:
 def _latest_checkpoint(run_dir: Path) -> Path | None:
     from lowres_ssl.engine import checkpoint  # the engine imports this module
 
-    return checkpoint.latest(run_dir)
+    return checkpoint.latest_intact(run_dir)[0]
 
 
 def find_weights(path: str | Path, flag: str = "--checkpoint") -> tuple[Path, Path | None]:

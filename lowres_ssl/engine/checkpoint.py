@@ -4,12 +4,16 @@ A checkpoint is ``run/checkpoints/step_NNNNNNNN/``: what ``accelerator.save_stat
 model as safetensors, the optimizer state including 8-bit buffers, the grad scaler, every
 process's random generators) and ``trainer_state.json`` (epoch, next batch, counters). It is
 written under a temporary name and renamed when every process has finished, so a run killed
-mid-save leaves the previous checkpoint as the latest. Loading goes through ``torch.load`` with
-``weights_only=True`` (Accelerate's default) and safetensors: no code from the file runs.
+mid-save leaves the previous checkpoint as the latest. The size and sha256 of every file are
+recorded in ``trainer_state.json``, so a checkpoint damaged later (a full disk, a partial copy,
+bit rot) is recognised and an older intact one used instead. Loading goes through
+``torch.load`` with ``weights_only=True`` (Accelerate's default) and safetensors: no code from
+the file runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -66,8 +70,9 @@ def save(
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        state = {**asdict(progress), "extra": extra or {}, "files": _manifest(tmp)}
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
-            json.dump({**asdict(progress), "extra": extra or {}}, f, indent=1)
+            json.dump(state, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a checkpoint)
@@ -84,4 +89,56 @@ def load(accelerator, checkpoint: Path) -> tuple[Progress, dict]:
     accelerator.load_state(str(checkpoint))
     values = json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
     extra = values.pop("extra", {})
+    values.pop("files", None)
     return Progress(**values), extra
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification: a checkpoint cut short by a full disk, a partial copy or bit rot is not trusted
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, list]:
+    """Every file of a checkpoint (but the state file) → [size in bytes, sha256]."""
+    return {
+        p.relative_to(folder).as_posix(): [p.stat().st_size, _sha256(p)]
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != STATE_FILE
+    }
+
+
+def damage(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be trusted (a file missing, of another size or content than
+    when it was saved), or None when it is intact. Checkpoints saved before files were
+    recorded cannot be checked and count as intact."""
+    try:
+        values = json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        return f"{STATE_FILE} unreadable ({type(err).__name__})"
+    for name, (size, digest) in values.get("files", {}).items():
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes, {size:,} when saved"
+        if _sha256(path) != digest:
+            return f"{name} has changed since it was saved (checksum)"
+    return None
+
+
+def latest_intact(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint, and a line for each newer damaged one passed over."""
+    passed: list[str] = []
+    for candidate in reversed(checkpoints(run_dir)):
+        why = damage(candidate)
+        if why is None:
+            return candidate, passed
+        passed.append(f"{candidate.name}: {why}")
+    return None, passed

@@ -1,27 +1,27 @@
 """The training loop: images → views → backbone → projector → objective → 8-bit optimizer.
 
 :func:`train` runs one process's share of a run (``accelerate launch`` starts several, plain
-``python`` one). Reading order, as in ARCHITECTURE.md §1:
+``python`` one). Reading order, as in ``docs/design.md`` §1 and §3:
 
-1. the run folder: a new one gets ``config.yaml``; ``resume`` continues the latest checkpoint;
-   a folder holding another run is never overwritten;
+1. the run folder (:mod:`.run_folder`): a new one gets ``config.yaml``; ``resume`` continues
+   the latest checkpoint; a folder holding another run is never overwritten;
 2. data (:mod:`lowres_ssl.data`): uint8 batches on the device, this process's slice of each
    global batch, in an order that depends only on (seed, epoch);
 3. augmentation (:mod:`lowres_ssl.augment`) with its own random generator, saved in checkpoints;
-4. the model and the optimizer, prepared by Accelerate (device, mixed precision, DDP);
-5. the loop: per step the learning rate, two views, the loss in fp32, backward and step; a
-   non-finite loss skips the step; metrics every ``log_every`` steps; a checkpoint every
-   ``checkpoint_every`` steps, at each epoch's end, and on Ctrl-C;
+4. the model and the optimizer, prepared by Accelerate (device, mixed precision, DDP); the
+   online kNN monitor (:mod:`lowres_ssl.eval.monitor`) when a test set is known;
+5. the loop: per step the learning rate, two views, the step (:mod:`.steps`: the loss in
+   fp32, backward, optimizer; a non-finite loss skips it), then the bookkeeping beside the loop
+   (``after_step``: metrics every ``log_every`` steps, a checkpoint every ``checkpoint_every``;
+   ``end_epoch``: the epoch's line, the kNN monitor, a checkpoint); Ctrl-C checkpoints too;
 6. the end: ``backbone.safetensors``, ``summary.json``, ``skipped_files.txt``.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -35,130 +35,36 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from lowres_ssl.augment import build_augment
-from lowres_ssl.config import Config, dump_yaml, load_yaml, to_dict
+from lowres_ssl.config import Config, to_dict
 from lowres_ssl.data import SkipLog, make_loader, open_images
-from lowres_ssl.engine import checkpoint
+from lowres_ssl.device import MIXED_DTYPES, peak_memory_gib, resolve_precision
+from lowres_ssl.engine import checkpoint, run_folder
 from lowres_ssl.engine.checkpoint import Progress
 from lowres_ssl.engine.metrics import MetricsLog
+from lowres_ssl.engine.steps import StepResult, global_mean, two_view_step
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.monitor import KNNMonitor
-from lowres_ssl.files import write_text_atomic
-from lowres_ssl.losses import SFRIKKernel, SFRIKLoss, build_objective
+from lowres_ssl.losses import objective_from_settings
 from lowres_ssl.models import build_model, parameter_count
 from lowres_ssl.optim import CosineSchedule, build_optimizer, warmup_steps_for
 from lowres_ssl.weights import BACKBONE_FILE, load_init, save_safetensors, spec_of
 
 log = logging.getLogger("lowres_ssl")
 
-#: Keys that may change between a run and its resumption (they do not change what is learnt,
-#: or only extend it).
-RESUMABLE_KEYS = {
-    "preset",
-    "train.epochs",
-    "train.max_steps",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.max_bad_steps",
-    "data.num_workers",
-    "data.cache_dir",
-}
-#: Sections that may change on resume as a whole (the kNN monitor only observes training).
-RESUMABLE_SECTIONS = ("eval.",)
-
-_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 # ---------------------------------------------------------------------------------------------
-# Precision, run folder, weights
-
-
-def resolve_precision(setting: str) -> str:
-    """Accelerate's mixed-precision name for the config's ``train.precision``.
-
-    ``auto``: the mixed precision ``accelerate launch --mixed_precision`` (or ``accelerate
-    config``) asked for; else bf16 on GPUs of compute capability ≥ 8.0, fp16 (with loss
-    scaling) below, fp32 on the CPU. The launcher exports "no" when nothing was asked for, so
-    "no" from it counts as no choice: fp32 is ``train.precision: fp32``.
-    """
-    cuda = torch.cuda.is_available()
-    if setting != "auto":
-        chosen = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[setting]
-    else:
-        chosen = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if chosen == "no" and cuda:
-            chosen = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
-    if chosen == "fp16" and not cuda:
-        raise UserError(
-            "fp16 mixed precision needs a CUDA GPU; on the CPU use train.precision=fp32 (or bf16)"
-        )
-    return chosen
-
-
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and key != "options":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``key: saved → current`` for each key that differs and matters for resuming."""
-    a, b = _flatten(saved), _flatten(current)
-    keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
-    keys = [k for k in keys if not k.startswith(RESUMABLE_SECTIONS)]
-    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-
-
-def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None: start afresh). Raises :class:`UserError` for a
-    folder that holds another run, or ``resume`` with nothing to resume."""
-    saved = run_dir / "config.yaml"
-    last = checkpoint.latest(run_dir)
-    if saved.is_file() and last is None:
-        # A start that failed before its first checkpoint: nothing to keep or to continue.
-        return None
-    if resume:
-        if not saved.is_file():
-            raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume")
-        diffs = config_differences(load_yaml(saved), to_dict(cfg))
-        if diffs:
-            raise UserError(
-                f"--resume: the run in {run_dir} was made with another config ({'; '.join(diffs)}"
-                "); resume with the same settings or start a new --out"
-            )
-        return last
-    if saved.is_file():
-        raise UserError(
-            f"{run_dir} already holds a run; pass --resume to continue it, or a new --out"
-        )
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} is not empty and holds no run; choose a new --out")
-    return None
+# Objective, Ctrl-C and out-of-memory
 
 
 def make_objective(cfg: Config) -> torch.nn.Module:
-    """The objective of ``cfg.loss``; settings that cannot work are a :class:`UserError`."""
+    """The objective of ``cfg.loss`` (settings that cannot work are a :class:`UserError`)."""
     loss = cfg.loss
-    try:
-        if loss.name != "sfrik":
-            return build_objective(loss.name, **loss.options)
-        kernel = SFRIKKernel(loss.kernel_weights)
-        if loss.mmd_path == "moments" and kernel.degree > 2:
-            raise ValueError(
-                f"mmd_path moments needs a kernel of degree <= 2, and kernel_weights "
-                f"{loss.kernel_weights} has degree {kernel.degree}; use auto, dense or blocked"
-            )
-        return SFRIKLoss(loss.lam, kernel, mmd_path=loss.mmd_path, **loss.options)
-    except (ValueError, TypeError) as err:
-        raise UserError(f"config section loss: {str(err).splitlines()[0]}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# Ctrl-C and out-of-memory
+    return objective_from_settings(
+        loss.name,
+        lam=loss.lam,
+        kernel_weights=loss.kernel_weights,
+        mmd_path=loss.mmd_path,
+        options=loss.options,
+    )
 
 
 class _StopRequest:
@@ -198,19 +104,6 @@ def _oom_message(cfg: Config) -> str:
     )
 
 
-def _peak_memory_gib(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {
-            "gpu_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-            "gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
-        }
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return {}
-    return {"cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -237,7 +130,7 @@ def train(
     if world > 1:  # a default run name holds a timestamp: take the main process's
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
 
-    resume_from = check_run_folder(run_dir, cfg, resume)
+    resume_from = run_folder.check_run_folder(run_dir, cfg, resume)
     set_seed(cfg.train.seed, device_specific=True)
 
     # Data: this process's slice of each global batch, as uint8 on the device.
@@ -266,7 +159,7 @@ def train(
         num_workers=d.num_workers,
         skip_log=skip_log,
     )
-    dtype = _DTYPES[accelerator.mixed_precision]
+    dtype = MIXED_DTYPES[accelerator.mixed_precision]
     channels_last = device.type == "cuda" and cfg.model.channels_last
     augment = build_augment(d.recipe, d.view_size, out_dtype=dtype, channels_last=channels_last)
     augment = augment.to(device)
@@ -314,10 +207,7 @@ def train(
     # Everything is set up: only now does the run folder appear (a failed start leaves none).
     accelerator.wait_for_everyone()
     if main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        run_folder.create(run_dir, cfg, resuming=resume_from is not None)
     accelerator.wait_for_everyone()
     metrics = MetricsLog(run_dir, enabled=main)
     progress = Progress()
@@ -374,12 +264,6 @@ def train(
             merged.add(part)
         return merged
 
-    def global_mean(value: torch.Tensor) -> float:
-        value = value.detach().float().reshape(1)
-        if world > 1:
-            value = accelerator.reduce(value, reduction="mean")
-        return value.item()
-
     def evaluate_knn() -> None:
         record = monitor.run(accelerator.unwrap_model(model).backbone)
         progress.knn_step, progress.knn_top1 = progress.step, record["knn_top1"]
@@ -403,7 +287,7 @@ def train(
         now = time.perf_counter()
         rate = (session_images - last_log_images) / max(now - last_log_time, 1e-9)
         last_log_time, last_log_images = now, session_images
-        mem = _peak_memory_gib(device)
+        mem = peak_memory_gib(device)
         metrics.write(
             "step", progress.step, {"epoch": progress.epoch, **values, "images_per_s": rate, **mem}
         )
@@ -417,6 +301,67 @@ def train(
 
     bar_values: dict[str, str] = {}
     shown_knn: dict[str, str] = {}
+
+    def after_step(result: StepResult, lr: float, images: int) -> None:
+        """Counters, the metrics line, skipped steps, the hook and periodic checkpoints."""
+        nonlocal session_images, bad_in_a_row, saved_at
+        progress.step += 1
+        progress.batch += 1
+        progress.images += images
+        session_images += images
+        bar.update(1)
+        values = {"loss": result.loss, "lr": lr}
+        if result.finite:
+            bad_in_a_row = 0
+            progress.last_loss = result.loss
+            progress.epoch_loss_sum += result.loss
+            progress.epoch_loss_steps += 1
+            if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
+                values = {"loss": result.loss}
+                values.update({k: global_mean(accelerator, v) for k, v in result.terms.items()})
+                values["lr"] = lr
+                log_step(values)
+        else:
+            progress.bad_steps += 1
+            bad_in_a_row += 1
+            log.warning("step %d: loss is %s; step skipped", progress.step, result.loss)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise UserError(
+                    f"{bad_in_a_row} non-finite losses in a row (step {progress.step}); try a "
+                    "lower optim.base_lr, or train.precision=fp32 (or bf16 instead of fp16); "
+                    "the last good checkpoint is kept"
+                )
+        if on_step is not None:
+            on_step(progress, values)
+        if progress.step % cfg.train.checkpoint_every == 0:
+            save_checkpoint()
+            saved_at = progress.step
+
+    def end_epoch() -> None:
+        """The epoch's metrics line, the kNN monitor when due, and a checkpoint."""
+        nonlocal saved_at
+        done = progress.epoch_loss_steps
+        mean = progress.epoch_loss_sum / done if done else math.nan
+        progress.epoch += 1
+        progress.batch = 0
+        progress.epoch_loss_sum, progress.epoch_loss_steps = 0.0, 0
+        skips = _all_skips(skip_log)
+        metrics.write(
+            "epoch",
+            progress.step,
+            {
+                "epoch": progress.epoch,
+                "loss_mean": mean,
+                "skipped_files": len(skips),
+                "bad_steps": progress.bad_steps,
+            },
+        )
+        if main and len(skips):
+            log.info("epoch %d: %s", progress.epoch, skips.summary())
+        if monitor is not None and monitor.due(progress.epoch):
+            evaluate_knn()
+        save_checkpoint()
+        saved_at = progress.step
 
     bar = tqdm(
         total=total_steps,
@@ -432,6 +377,7 @@ def train(
     bad_in_a_row = 0
     saved_at = progress.step if resume_from is not None else -1
     stopped = False
+    # The loop: schedule, views, step, bookkeeping (after_step), and the epoch's end.
     try:
         with _StopRequest() as stop:
             while progress.epoch < cfg.train.epochs and progress.step < total_steps:
@@ -443,76 +389,14 @@ def train(
                     lr = schedule.apply(optimizer, progress.step)
                     views = augment(batch.images, generator=aug_rng)
                     try:
-                        with accelerator.autocast():
-                            z1, z2 = model(views[0]), model(views[1])
-                        loss = objective(z1, z2)
-                        # The global loss is the mean of the processes' losses; a non-finite
-                        # one on any process makes it non-finite, so all skip together.
-                        loss_value = global_mean(loss)
-                        finite = math.isfinite(loss_value)
-                        if finite:
-                            accelerator.backward(loss)
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
+                        result = two_view_step(
+                            model, objective, views, accelerator=accelerator, optimizer=optimizer
+                        )
                     except torch.cuda.OutOfMemoryError:
                         raise UserError(_oom_message(cfg)) from None
-                    n = batch.images.shape[0] * world
-                    progress.step += 1
-                    progress.batch += 1
-                    progress.images += n
-                    session_images += n
-                    bar.update(1)
-                    values = {"loss": loss_value, "lr": lr}
-                    if finite:
-                        bad_in_a_row = 0
-                        progress.last_loss = loss_value
-                        progress.epoch_loss_sum += loss_value
-                        progress.epoch_loss_steps += 1
-                        if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
-                            terms = getattr(objective, "terms", {})
-                            values = {"loss": loss_value}
-                            values.update({k: global_mean(v) for k, v in terms.items()})
-                            values["lr"] = lr
-                            log_step(values)
-                    else:
-                        progress.bad_steps += 1
-                        bad_in_a_row += 1
-                        log.warning("step %d: loss is %s; step skipped", progress.step, loss_value)
-                        if bad_in_a_row >= cfg.train.max_bad_steps:
-                            raise UserError(
-                                f"{bad_in_a_row} non-finite losses in a row (step "
-                                f"{progress.step}); try a lower optim.base_lr, or "
-                                "train.precision=fp32 (or bf16 instead of fp16); the last good "
-                                "checkpoint is kept"
-                            )
-                    if on_step is not None:
-                        on_step(progress, values)
-                    if progress.step % cfg.train.checkpoint_every == 0:
-                        save_checkpoint()
-                        saved_at = progress.step
+                    after_step(result, lr, batch.images.shape[0] * world)
                 if completed:
-                    done = progress.epoch_loss_steps
-                    mean = progress.epoch_loss_sum / done if done else math.nan
-                    progress.epoch += 1
-                    progress.batch = 0
-                    progress.epoch_loss_sum, progress.epoch_loss_steps = 0.0, 0
-                    skips = _all_skips(skip_log)
-                    metrics.write(
-                        "epoch",
-                        progress.step,
-                        {
-                            "epoch": progress.epoch,
-                            "loss_mean": mean,
-                            "skipped_files": len(skips),
-                            "bad_steps": progress.bad_steps,
-                        },
-                    )
-                    if main and len(skips):
-                        log.info("epoch %d: %s", progress.epoch, skips.summary())
-                    if monitor is not None and monitor.due(progress.epoch):
-                        evaluate_knn()
-                    save_checkpoint()
-                    saved_at = progress.step
+                    end_epoch()
                 if stop.requested:
                     break
             stopped = stop.requested
@@ -535,12 +419,13 @@ def train(
             )
         raise KeyboardInterrupt
 
-    if progress.step == start_step and (run_dir / "summary.json").is_file():
+    finished = run_folder.read_summary(run_dir) if progress.step == start_step else None
+    if finished is not None:
         # Resumed a run that had already finished: nothing was trained, keep its files.
         metrics.close()
         if main:
             log.info("nothing to train: %s already reached step %d", run_dir, progress.step)
-        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        return finished
     unwrapped = accelerator.unwrap_model(model)
     skips = _all_skips(skip_log)
     summary = {
@@ -557,7 +442,7 @@ def train(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "optimizer": getattr(optimizer.optimizer, "description", ""),
         "q": q,
-        **_peak_memory_gib(device),
+        **peak_memory_gib(device),
     }
     if progress.knn_top1 is not None:
         summary["knn_top1"] = progress.knn_top1
@@ -565,7 +450,7 @@ def train(
         spec = spec_of(unwrapped.backbone, d.view_size, to_dict(cfg))
         save_safetensors(unwrapped.backbone.state_dict(), spec, run_dir / BACKBONE_FILE)
         skips.write(run_dir / "skipped_files.txt")
-        write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1))
+        run_folder.write_summary(run_dir, summary)
         log.info(
             "done: %d steps, final loss %.4g, %.0f images/s; %s; run folder %s",
             progress.step,
@@ -587,11 +472,4 @@ def _rng_from_text(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-__all__ = [
-    "BACKBONE_FILE",
-    "check_run_folder",
-    "config_differences",
-    "make_objective",
-    "resolve_precision",
-    "train",
-]
+__all__ = ["BACKBONE_FILE", "make_objective", "resolve_precision", "train"]

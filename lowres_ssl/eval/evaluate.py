@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lowres_ssl.config import from_dict
+from lowres_ssl.device import cuda_mixed_precision
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.features import Features, align_classes, cached_features, open_labeled
 from lowres_ssl.eval.knn import knn_evaluate
@@ -54,7 +55,7 @@ def eval_precision(setting: str, device: torch.device, config: dict | None) -> s
         trained = ((config or {}).get("train") or {}).get("precision", "auto")
         if trained in ("fp32", "bf16", "fp16"):
             return trained
-        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+        return cuda_mixed_precision(device)
     if setting == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU; on the CPU use fp32 or bf16")
     return setting

@@ -7,9 +7,12 @@ on the sphere (dense, blocked and moments paths), the SFRIK objective and its ba
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
+
+from lowres_ssl.errors import UserError
 
 from .baselines import BarlowTwinsLoss, SimCLRLoss, UniformityLoss, VICRegLoss
 from .distributed import gather_views, gather_with_grad, world_size
@@ -35,6 +38,32 @@ def build_objective(name: str, **kwargs: Any) -> nn.Module:
     return OBJECTIVES[name](**kwargs)
 
 
+def objective_from_settings(
+    name: str,
+    *,
+    lam: float | None = None,
+    kernel_weights: Sequence[float] = (1.0, 40.0, 40.0),
+    mmd_path: str = "auto",
+    options: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The objective of a config's ``loss`` section (its keys are the arguments): SFRIK with
+    λ, kernel weights b_1..b_L and MMD path; another objective with ``options`` as its
+    keyword arguments. Settings that cannot work are a one-line :class:`UserError`."""
+    options = options or {}
+    try:
+        if name != "sfrik":
+            return build_objective(name, **options)
+        kernel = SFRIKKernel(list(kernel_weights))
+        if mmd_path == "moments" and kernel.degree > 2:
+            raise ValueError(
+                f"mmd_path moments needs a kernel of degree <= 2, and kernel_weights "
+                f"{list(kernel_weights)} has degree {kernel.degree}; use auto, dense or blocked"
+            )
+        return SFRIKLoss(lam, kernel, mmd_path=mmd_path, **options)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"config section loss: {str(err).splitlines()[0]}") from None
+
+
 __all__ = [
     "OBJECTIVES",
     "BarlowTwinsLoss",
@@ -54,5 +83,6 @@ __all__ = [
     "gegenbauer",
     "gegenbauer_series",
     "mmd_to_uniform",
+    "objective_from_settings",
     "world_size",
 ]

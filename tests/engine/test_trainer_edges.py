@@ -124,3 +124,44 @@ def test_fp16_on_the_cpu_trains_or_is_a_one_line_error(folder, tmp_path, fresh_a
     except UserError as err:
         assert "\n" not in str(err)
         assert not run.exists()
+
+
+def _damage(path, how):
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # one byte changed, same size: only the checksum tells
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit-flip"])
+def test_resume_passes_over_a_damaged_checkpoint(folder, tmp_path, caplog, how):
+    """The newest checkpoint's weights damaged (a full disk, a bad copy): --resume warns in one
+    line and continues from the intact one before it, repeating the uninterrupted losses."""
+    from tests.engine.test_trainer import losses
+
+    whole = tmp_path / "whole"
+    train(tiny(folder), whole, progress_bar=False)
+    cut = tmp_path / "cut"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny(folder), cut, progress_bar=False, on_step=crash_at(7))  # checkpoints 3, 6
+    _damage(cut / "checkpoints" / "step_00000006" / "model.safetensors", how)
+    with caplog.at_level("WARNING", logger="lowres_ssl"):
+        train(tiny(folder), cut, resume=True, progress_bar=False)
+    warned = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warned) == 1 and "step_00000006: model.safetensors" in warned[0]
+    assert "resuming from step_00000003" in warned[0]
+    a, b = losses(whole), losses(cut)
+    assert sorted(b) == list(range(1, 9))
+    assert all(abs(a[s] - b[s]) <= 1e-6 * abs(a[s]) for s in a), (a, b)
+
+
+def test_resume_with_no_intact_checkpoint_is_a_one_line_error(folder, tmp_path):
+    cut = tmp_path / "cut"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny(folder), cut, progress_bar=False, on_step=crash_at(4))  # checkpoint 3
+    _damage(cut / "checkpoints" / "step_00000003" / "model.safetensors", "truncated")
+    with pytest.raises(UserError, match=r"no intact checkpoint in .*step_00000003: model") as e:
+        train(tiny(folder), cut, resume=True, progress_bar=False)
+    assert "\n" not in str(e.value)

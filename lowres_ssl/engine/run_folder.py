@@ -1,0 +1,129 @@
+"""The run folder: which checkpoint to resume, what may change on resume, what a run writes.
+
+A new folder gets ``config.yaml`` when setup has succeeded (a failed start leaves none); a
+folder holding a run is never overwritten without ``--resume``, and ``--resume`` refuses a
+config that differs in anything but the keys below. The finished run writes the backbone
+(:mod:`lowres_ssl.weights`), ``skipped_files.txt`` and ``summary.json``, each atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from lowres_ssl.config import Config, dump_yaml, load_yaml, to_dict
+from lowres_ssl.engine import checkpoint
+from lowres_ssl.errors import UserError
+from lowres_ssl.files import write_text_atomic
+
+log = logging.getLogger("lowres_ssl")
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+SKIPPED_FILE = "skipped_files.txt"
+
+#: Keys that may change between a run and its resumption (they do not change what is learnt,
+#: or only extend it).
+RESUMABLE_KEYS = {
+    "preset",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_bad_steps",
+    "data.num_workers",
+    "data.cache_dir",
+}
+#: Sections that may change on resume as a whole (the kNN monitor only observes training).
+RESUMABLE_SECTIONS = ("eval.",)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: saved → current`` for each key that differs and matters for resuming."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
+    keys = [k for k in keys if not k.startswith(RESUMABLE_SECTIONS)]
+    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None: start afresh). Raises :class:`UserError` for a
+    folder that holds another run, or ``resume`` with nothing to resume."""
+    saved = run_dir / CONFIG_FILE
+    last = checkpoint.latest(run_dir)
+    if saved.is_file() and last is None:
+        # A start that failed before its first checkpoint: nothing to keep or to continue.
+        return None
+    if resume:
+        if not saved.is_file():
+            raise UserError(f"--resume: {run_dir} holds no run (no config.yaml); drop --resume")
+        diffs = config_differences(load_yaml(saved), to_dict(cfg))
+        if diffs:
+            raise UserError(
+                f"--resume: the run in {run_dir} was made with another config ({'; '.join(diffs)}"
+                "); resume with the same settings or start a new --out"
+            )
+        intact, damaged = checkpoint.latest_intact(run_dir)
+        if intact is None:
+            raise UserError(
+                f"--resume: no intact checkpoint in {run_dir} ({'; '.join(damaged)}); start a "
+                "new --out"
+            )
+        if damaged:
+            log.warning(
+                "--resume: passing over damaged checkpoint%s (%s); resuming from %s",
+                "s" if len(damaged) > 1 else "",
+                "; ".join(damaged),
+                intact.name,
+            )
+        return intact
+    if saved.is_file():
+        raise UserError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or a new --out"
+        )
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} is not empty and holds no run; choose a new --out")
+    return None
+
+
+def create(run_dir: Path, cfg: Config, resuming: bool) -> None:
+    """Make the folder; a new run gets its ``config.yaml`` and no stale metrics."""
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(cfg))
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / SUMMARY_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
+
+
+__all__ = [
+    "CONFIG_FILE",
+    "RESUMABLE_KEYS",
+    "RESUMABLE_SECTIONS",
+    "check_run_folder",
+    "config_differences",
+    "create",
+    "read_summary",
+    "write_summary",
+]
