@@ -118,7 +118,8 @@ def train_main(argv: list[str] | None = None) -> int:
         from lowres_ssl.engine import train
 
         with logging_redirect_tqdm():
-            train(cfg, out, resume=args.resume, init=args.init)
+            # A terminal gets a progress bar; a log file or a scheduler gets log lines.
+            train(cfg, out, resume=args.resume, init=args.init, progress_bar=sys.stderr.isatty())
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -207,6 +208,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
                 cache_dir=args.cache_dir,
                 feature_cache=not args.no_feature_cache,
                 num_workers=args.num_workers,
+                progress=sys.stderr.isatty(),
             )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -79,6 +79,7 @@ class TrainConfig:
     epochs: int = 100
     max_steps: int | None = None  # stop after this many optimizer steps in all
     batch_size: int = 256  # per process; the regulariser sees all processes' batches
+    micro_batch_size: int | None = None  # what the card holds at once (embedding cache); None: all
     precision: str = "auto"  # auto (bf16 / fp16 / fp32 by device), bf16, fp16, fp32
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl lines
@@ -330,6 +331,7 @@ def validate(cfg: Config) -> Config:
     for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.max_steps", t.max_steps)
+    _positive("train.micro_batch_size", t.micro_batch_size)
     _positive("train.max_bad_steps", t.max_bad_steps)
     _validate_eval(cfg)
     return cfg

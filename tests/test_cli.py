@@ -93,6 +93,8 @@ def test_train_script_runs_and_resumes(images, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "kernels-community" not in run.stderr  # no third-party import noise in the log
+    # stderr is a pipe, not a terminal: log lines instead of a carriage-return progress bar.
+    assert "\r" not in run.stderr and "step 2/2 (epoch 0): loss " in run.stderr
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
     again = subprocess.run(
         [*cmd[:2], "--resume", "--out", str(out), "--max-steps", "3"],

@@ -8,8 +8,13 @@ config that differs in anything but the keys below. The finished run writes the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +105,57 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
     return None
 
 
+def lock_path(run_dir: Path) -> Path:
+    """The lock of a run folder: beside it, so a start that fails leaves no folder."""
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path, accelerator=None) -> Iterator[None]:
+    """One training per run folder: the main process holds an advisory lock (``flock``, which
+    the system releases when the process dies, so a killed run leaves nothing stuck) while the
+    block runs. A second training into the folder gets a one-line error naming the process that
+    holds it; the other processes of the same launch share the main process's lock."""
+    main = accelerator is None or accelerator.is_main_process
+    handle, problem = _acquire(run_dir) if main else (None, None)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise UserError(problem)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
+
+
+def _acquire(run_dir: Path):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        return None, None
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 — held until the run ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return None, (
+            f"{run_dir} is in use by {holder}; wait for it to finish (or stop it), or choose "
+            "another --out"
+        )
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.ctime()}\n")
+    handle.flush()
+    return handle, None
+
+
 def create(run_dir: Path, cfg: Config, resuming: bool) -> None:
     """Make the folder; a new run gets its ``config.yaml`` and no stale metrics."""
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -124,6 +180,8 @@ __all__ = [
     "check_run_folder",
     "config_differences",
     "create",
+    "exclusive",
+    "lock_path",
     "read_summary",
     "write_summary",
 ]

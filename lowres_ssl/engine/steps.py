@@ -7,11 +7,15 @@ full-batch regulariser in micro-batches (the embedding cache) is called the same
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from lowres_ssl.models import frozen_bn_statistics
 
 
 @dataclass
@@ -57,4 +61,60 @@ def two_view_step(
     return StepResult(value, dict(getattr(objective, "terms", {})), finite)
 
 
-__all__ = ["StepResult", "global_mean", "two_view_step"]
+def embedding_cache_step(
+    model: torch.nn.Module,
+    objective: torch.nn.Module,
+    views: list[Tensor],
+    *,
+    accelerator,
+    optimizer,
+    micro_batch_size: int,
+) -> StepResult:
+    """The full-batch objective with the network run in micro-batches (the embedding cache).
+
+    1. Every micro-batch of both views through the model without autograd; the embeddings are
+       kept (BatchNorm's running statistics are updated here, once per micro-batch).
+    2. The objective on the whole batch in fp32 (gathered across processes inside it) and its
+       gradient g = ∂L/∂z; a non-finite loss skips the step on every process.
+    3. Each micro-batch through the model again, with autograd and BatchNorm's running
+       statistics frozen, and backward of ⟨z_micro, g_micro⟩: its parameter gradient is the
+       micro-batch's share of ∂L/∂θ. Gradients are synchronised across processes on the last
+       micro-batch only. The fp16 loss scaler scales this surrogate like any loss.
+
+    BatchNorm normalises each micro-batch with its own statistics, as on several GPUs without
+    SyncBN; with a model without BatchNorm the gradient is the whole batch's. With
+    ``micro_batch_size`` at least the batch, this is :func:`two_view_step` itself.
+    """
+    n = views[0].shape[0]
+    if micro_batch_size >= n:
+        return two_view_step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
+    # As equal as possible, none larger than asked: a batch of 7 (a bad file dropped) in
+    # micro-batches of 3 runs as 3 + 2 + 2, never leaving BatchNorm a micro-batch of one.
+    count = -(-n // micro_batch_size)
+    bounds = [n * i // count for i in range(count + 1)]
+    parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    with torch.no_grad(), accelerator.autocast():
+        cached = [torch.cat([model(view[p]) for p in parts]).float() for view in views[:2]]
+    z1, z2 = (z.requires_grad_() for z in cached)
+    loss = objective(z1, z2)
+    value = global_mean(accelerator, loss)
+    terms = dict(getattr(objective, "terms", {}))
+    if not math.isfinite(value):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(value, terms, False)
+    grads = torch.autograd.grad(loss, (z1, z2))
+    last = len(parts) - 1
+    with frozen_bn_statistics(model):
+        for i, p in enumerate(parts):
+            sync = contextlib.nullcontext() if i == last else accelerator.no_sync(model)
+            with sync:
+                with accelerator.autocast():
+                    out = [model(view[p]) for view in views[:2]]
+                surrogate = sum((z.float() * g[p]).sum() for z, g in zip(out, grads, strict=True))
+                accelerator.backward(surrogate)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(value, terms, True)
+
+
+__all__ = ["StepResult", "embedding_cache_step", "global_mean", "two_view_step"]

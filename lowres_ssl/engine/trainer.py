@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import math
 import signal
@@ -41,7 +42,12 @@ from lowres_ssl.device import MIXED_DTYPES, peak_memory_gib, resolve_precision
 from lowres_ssl.engine import checkpoint, run_folder
 from lowres_ssl.engine.checkpoint import Progress
 from lowres_ssl.engine.metrics import MetricsLog
-from lowres_ssl.engine.steps import StepResult, global_mean, two_view_step
+from lowres_ssl.engine.steps import (
+    StepResult,
+    embedding_cache_step,
+    global_mean,
+    two_view_step,
+)
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.monitor import KNNMonitor
 from lowres_ssl.losses import objective_from_settings
@@ -95,11 +101,13 @@ def _oom_message(cfg: Config) -> str:
     from lowres_ssl.presets import next_smaller
 
     smaller = next_smaller(cfg.preset)
-    smaller = f" or --preset {smaller}" if smaller else ""
-    bs = cfg.train.batch_size
+    smaller = f", --preset {smaller}" if smaller else ""
+    batch = cfg.train.batch_size
+    micro = min(cfg.train.micro_batch_size or batch, batch)
     return (
-        f"CUDA out of memory with preset {cfg.preset or '(none)'} at micro-batch {bs}: try "
-        f"--set train.batch_size={max(1, bs // 2)}{smaller}, or --set "
+        f"CUDA out of memory with preset {cfg.preset or '(none)'} at batch {batch} per process "
+        f"(micro-batch {micro}): try --set train.micro_batch_size={max(1, micro // 2)} (the "
+        f"regulariser still sees the batch of {batch}){smaller}, or --set "
         "model.grad_checkpointing=true; the last checkpoint is kept"
     )
 
@@ -119,17 +127,33 @@ def train(
 ) -> dict[str, Any]:
     """Train as ``cfg`` says into the run folder ``out``; returns the summary.
 
-    ``on_step(progress, values)`` is called after every step (values: loss terms and lr).
+    ``progress_bar``: a progress bar on stderr; without it, a log line every ``log_every``
+    steps (what a log file or a job scheduler wants). ``on_step(progress, values)`` is called
+    after every step (values: loss terms and lr).
     """
     run_dir = Path(out).expanduser()
     precision = resolve_precision(cfg.train.precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    if (
+        accelerator.num_processes > 1
+    ):  # a default run name holds a timestamp: take the main process's
+        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    with run_folder.exclusive(run_dir, accelerator):
+        return _train(cfg, run_dir, accelerator, resume, init, progress_bar, on_step)
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    accelerator: Accelerator,
+    resume: bool,
+    init: str | Path | None,
+    progress_bar: bool,
+    on_step: Callable[[Progress, dict[str, float]], None] | None,
+) -> dict[str, Any]:
     main = accelerator.is_main_process
     device = accelerator.device
     world = accelerator.num_processes
-    if world > 1:  # a default run name holds a timestamp: take the main process's
-        run_dir = Path(broadcast_object_list([str(run_dir)])[0])
-
     resume_from = run_folder.check_run_folder(run_dir, cfg, resume)
     set_seed(cfg.train.seed, device_specific=True)
 
@@ -146,7 +170,7 @@ def train(
             num_workers=d.num_workers,
             min_size=d.min_size,
             max_pixels=d.max_pixels,
-            progress=main,
+            progress=main and progress_bar,
         )
     skip_log = SkipLog(d.path)
     loader = make_loader(
@@ -192,7 +216,13 @@ def train(
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = make_objective(cfg)
-    monitor = KNNMonitor.from_config(cfg, accelerator, channels_last=channels_last)
+    monitor = KNNMonitor.from_config(
+        cfg, accelerator, channels_last=channels_last, progress=progress_bar
+    )
+    micro = cfg.train.micro_batch_size
+    step = two_view_step
+    if micro and micro < cfg.train.batch_size:  # the full-batch regulariser in micro-batches
+        step = functools.partial(embedding_cache_step, micro_batch_size=micro)
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -298,6 +328,9 @@ def train(
         bar_values.clear()
         bar_values.update(shown)
         bar.set_postfix({**shown, **shown_knn}, refresh=False)
+        if main and not progress_bar:  # a log file or a scheduler: lines, not a bar
+            parts = ", ".join(f"{k} {v}" for k, v in {**shown, **shown_knn}.items())
+            log.info("step %d/%d (epoch %d): %s", progress.step, total_steps, progress.epoch, parts)
 
     bar_values: dict[str, str] = {}
     shown_knn: dict[str, str] = {}
@@ -389,7 +422,7 @@ def train(
                     lr = schedule.apply(optimizer, progress.step)
                     views = augment(batch.images, generator=aug_rng)
                     try:
-                        result = two_view_step(
+                        result = step(
                             model, objective, views, accelerator=accelerator, optimizer=optimizer
                         )
                     except torch.cuda.OutOfMemoryError:

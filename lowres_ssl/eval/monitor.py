@@ -76,7 +76,7 @@ class KNNMonitor:
 
     @classmethod
     def from_config(
-        cls, cfg: Config, accelerator, *, channels_last: bool = False
+        cls, cfg: Config, accelerator, *, channels_last: bool = False, progress: bool = True
     ) -> KNNMonitor | None:
         """The monitor ``cfg.eval`` asks for (None when off); opens (and caches) both sets."""
         sets = eval_sets(cfg)
@@ -101,7 +101,7 @@ class KNNMonitor:
                         device=accelerator.device,
                         num_workers=d.num_workers,
                         max_images=limit,
-                        progress=accelerator.is_main_process,
+                        progress=progress and accelerator.is_main_process,
                     )
                 )
         every = e.every_epochs if e.every_epochs is not None else 1

@@ -248,8 +248,8 @@ def test_out_of_memory_is_a_one_line_error_naming_what_to_try(folder, tmp_path, 
     with pytest.raises(UserError) as e:
         train(cfg, tmp_path / "run", progress_bar=False)
     message = str(e.value)
-    assert "\n" not in message and "preset 8gb at micro-batch 8" in message
-    assert "train.batch_size=4" in message and "grad_checkpointing" in message
+    assert "\n" not in message and "preset 8gb at batch 8 per process (micro-batch 8)" in message
+    assert "train.micro_batch_size=4" in message and "grad_checkpointing" in message
 
 
 def test_precision_auto_follows_the_launcher_then_the_device(monkeypatch):

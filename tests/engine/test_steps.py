@@ -1,0 +1,128 @@
+"""The embedding-cache step against the plain two-view step: the whole batch's gradient in
+micro-batches, BatchNorm statistics updated once per micro-batch, checkpointing, bf16."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch import nn
+
+from lowres_ssl.engine.steps import embedding_cache_step, two_view_step
+from lowres_ssl.losses import SFRIKLoss
+from lowres_ssl.models import build_model
+
+
+class Recorder:
+    """An optimizer that moves nothing and keeps the gradients it was asked to apply."""
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.grads: list[torch.Tensor] | None = None
+
+    def step(self) -> None:
+        self.grads = [p.grad.detach().clone() for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+@pytest.fixture
+def accelerator():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def no_bn_model(q: int = 64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, q),
+    )  # fmt: skip
+
+
+def views(n: int = 12, side: int = 8) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(n, 3, side, side, generator=g) for _ in range(2)]
+
+
+def run(step, model, accelerator, v, **kwargs):
+    optimizer = Recorder(model)
+    objective = SFRIKLoss(lam=2.0)
+    result = step(model, objective, v, accelerator=accelerator, optimizer=optimizer, **kwargs)
+    return result, optimizer.grads
+
+
+@pytest.mark.parametrize("micro", [4, 5, 1])  # divides 12, does not, one image at a time
+def test_without_batchnorm_the_gradient_is_the_whole_batchs(accelerator, micro):
+    model = no_bn_model()
+    v = views()
+    whole, ref = run(two_view_step, copy.deepcopy(model), accelerator, v)
+    cached, got = run(embedding_cache_step, model, accelerator, v, micro_batch_size=micro)
+    assert cached.finite and cached.loss == pytest.approx(whole.loss, rel=1e-6)
+    for a, b in zip(got, ref, strict=True):  # fp32: a different summation order only
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_a_micro_batch_of_the_whole_batch_is_the_plain_step_bit_for_bit(accelerator):
+    model = build_model("resnet18", "32-64", image_size=16)
+    v = views(8, 16)
+    whole, ref = run(two_view_step, copy.deepcopy(model), accelerator, v)
+    same, got = run(embedding_cache_step, model, accelerator, v, micro_batch_size=8)
+    assert same.loss == whole.loss
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+
+
+def test_batchnorm_statistics_are_updated_once_per_micro_batch(accelerator):
+    model = build_model("resnet18", "32-64", image_size=16)
+    manual = copy.deepcopy(model).train()
+    v = views(12, 16)
+    run(embedding_cache_step, model, accelerator, v, micro_batch_size=4)
+    with torch.no_grad():  # what pass 1 does: each micro-batch of each view once
+        for view in v:
+            for i in range(0, 12, 4):
+                manual(view[i : i + 4])
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    twins = [m for m in manual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn, twin in zip(norms, twins, strict=True):
+        assert int(bn.num_batches_tracked) == 6  # 3 micro-batches × 2 views; not 12
+        assert torch.equal(bn.running_mean, twin.running_mean)
+        assert torch.equal(bn.running_var, twin.running_var)
+
+
+def test_the_cache_step_with_gradient_checkpointing(accelerator):
+    plain = build_model("resnet18", "32-64", image_size=16)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.backbone.grad_checkpointing = True
+    v = views(10, 16)
+    a, ga = run(embedding_cache_step, plain, accelerator, v, micro_batch_size=4)
+    b, gb = run(embedding_cache_step, checkpointed, accelerator, v, micro_batch_size=4)
+    assert a.loss == b.loss
+    for x, y in zip(ga, gb, strict=True):
+        assert (x - y).abs().max() <= 1e-5 * y.abs().max() + 1e-12
+    bn = checkpointed.backbone.bn1
+    assert int(bn.num_batches_tracked) == 6  # the recomputation did not count again
+
+
+def test_the_cache_step_under_bf16_autocast_on_the_cpu():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        model = no_bn_model()
+        v = views()
+        fp32 = Accelerator(cpu=True)
+        _, ref = run(embedding_cache_step, copy.deepcopy(model), fp32, v, micro_batch_size=5)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        bf16 = Accelerator(cpu=True, mixed_precision="bf16")
+        result, got = run(embedding_cache_step, model, bf16, v, micro_batch_size=5)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert result.finite
+    flat = torch.cat([g.flatten() for g in got])
+    flat_ref = torch.cat([g.flatten() for g in ref])
+    # bf16 keeps 8 bits of mantissa: the direction of the gradient, not its last digits.
+    assert torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0) > 0.99
