@@ -3,6 +3,7 @@ micro-batches, BatchNorm statistics updated once per micro-batch, checkpointing,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -126,3 +127,48 @@ def test_the_cache_step_under_bf16_autocast_on_the_cpu():
     flat_ref = torch.cat([g.flatten() for g in ref])
     # bf16 keeps 8 bits of mantissa: the direction of the gradient, not its last digits.
     assert torch.nn.functional.cosine_similarity(flat, flat_ref, dim=0) > 0.99
+
+
+class GlooAccelerator:
+    """What the steps use of Accelerate, over torch.distributed directly (the harness starts
+    the gloo processes itself)."""
+
+    def __init__(self, world: int):
+        self.num_processes = world
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        loss.backward()
+
+    def no_sync(self, model):
+        return model.no_sync()
+
+    def reduce(self, value, reduction="mean"):
+        value = value.clone()
+        torch.distributed.all_reduce(value)
+        return value / self.num_processes
+
+
+def cache_step_worker(rank: int, world: int, micro: int):
+    v = views(12)
+    rows = slice(rank * 6, (rank + 1) * 6)
+    model = nn.parallel.DistributedDataParallel(no_bn_model())
+    result, grads = run(
+        embedding_cache_step, model, GlooAccelerator(world), [x[rows] for x in v],
+        micro_batch_size=micro,
+    )  # fmt: skip
+    return {"loss": torch.tensor(result.loss), "grads": grads}
+
+
+@pytest.mark.parametrize("micro", [2, 4])  # divides the 6 images per process, and does not
+def test_two_processes_give_the_gradient_of_one_process_on_the_whole_batch(micro):
+    from tests.distributed_harness import run_distributed
+
+    whole, ref = run(two_view_step, no_bn_model(), GlooAccelerator(1), views(12))
+    results = run_distributed(cache_step_worker, 2, micro)
+    for r in results:  # the regulariser saw the global batch of 12; gradients synchronised
+        assert r["loss"].item() == pytest.approx(whole.loss, rel=1e-6)
+        for a, b in zip(r["grads"], ref, strict=True):
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max()
