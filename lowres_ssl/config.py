@@ -80,6 +80,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps in all
     batch_size: int = 256  # per process; the regulariser sees all processes' batches
     micro_batch_size: int | None = None  # what the card holds at once (embedding cache); None: all
+    accumulate_steps: int = 1  # plain gradient accumulation: another objective (see README)
     precision: str = "auto"  # auto (bf16 / fp16 / fp32 by device), bf16, fp16, fp32
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl lines
@@ -332,6 +333,12 @@ def validate(cfg: Config) -> Config:
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.max_steps", t.max_steps)
     _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive("train.accumulate_steps", t.accumulate_steps)
+    if t.accumulate_steps > 1 and t.micro_batch_size and t.micro_batch_size < t.batch_size:
+        raise UserError(
+            "config keys train.micro_batch_size and train.accumulate_steps are two ways to fit a "
+            "batch on the card; set one (micro_batch_size keeps the whole batch's objective)"
+        )
     _positive("train.max_bad_steps", t.max_bad_steps)
     _validate_eval(cfg)
     return cfg

@@ -108,3 +108,10 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_micro_batches_and_accumulation_are_not_combined(tmp_path):
+    values = {"data": {"path": str(tmp_path)}, "eval": {"every_epochs": 0},
+              "train": {"batch_size": 8, "micro_batch_size": 4, "accumulate_steps": 2}}  # fmt: skip
+    with pytest.raises(UserError, match="set one"):
+        validate(from_dict(values))

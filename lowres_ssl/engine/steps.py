@@ -1,8 +1,9 @@
 """One optimizer step, as a unit the training loop calls: views in, the global loss out.
 
 A step function is called as ``step(model, objective, views, accelerator=…, optimizer=…)`` and
-returns a :class:`StepResult`. The plain two-view step is here; a step that computes the
-full-batch regulariser in micro-batches (the embedding cache) is called the same way.
+returns a :class:`StepResult`: the plain two-view step, the embedding cache (the full-batch
+regulariser with the network in micro-batches) and plain gradient accumulation (another
+objective for batch-statistic losses).
 """
 
 from __future__ import annotations
@@ -117,4 +118,51 @@ def embedding_cache_step(
     return StepResult(value, terms, True)
 
 
-__all__ = ["StepResult", "embedding_cache_step", "global_mean", "two_view_step"]
+def accumulation_step(
+    model: torch.nn.Module,
+    objective: torch.nn.Module,
+    views: list[Tensor],
+    *,
+    accelerator,
+    optimizer,
+    accumulate_steps: int,
+) -> StepResult:
+    """Plain gradient accumulation: the batch in ``accumulate_steps`` parts, each with its own
+    loss, the mean of their gradients applied in one optimizer step.
+
+    This is **another objective** for a loss that is a statistic of the batch: SFRIK's MMD (and
+    VICReg's covariance, SimCLR's negatives) is then computed on each part, a smaller batch,
+    not on the whole one. :func:`embedding_cache_step` keeps the whole batch's objective.
+    """
+    n = views[0].shape[0]
+    count = min(accumulate_steps, n)
+    bounds = [n * i // count for i in range(count + 1)]
+    parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    losses, terms = [], {}
+    for i, p in enumerate(parts):
+        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                z1, z2 = model(views[0][p]), model(views[1][p])
+            loss = objective(z1, z2)
+            value = global_mean(accelerator, loss)
+            losses.append(value)
+            part_terms = getattr(objective, "terms", {})
+            for k, v in part_terms.items():
+                terms[k] = terms.get(k, 0) + v.detach() / len(parts)
+            if not math.isfinite(value):
+                optimizer.zero_grad(set_to_none=True)
+                return StepResult(value, terms, False)
+            accelerator.backward(loss / len(parts))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(sum(losses) / len(losses), terms, True)
+
+
+__all__ = [
+    "StepResult",
+    "accumulation_step",
+    "embedding_cache_step",
+    "global_mean",
+    "two_view_step",
+]

@@ -44,6 +44,7 @@ from lowres_ssl.engine.checkpoint import Progress
 from lowres_ssl.engine.metrics import MetricsLog
 from lowres_ssl.engine.steps import (
     StepResult,
+    accumulation_step,
     embedding_cache_step,
     global_mean,
     two_view_step,
@@ -223,6 +224,8 @@ def _train(
     step = two_view_step
     if micro and micro < cfg.train.batch_size:  # the full-batch regulariser in micro-batches
         step = functools.partial(embedding_cache_step, micro_batch_size=micro)
+    elif cfg.train.accumulate_steps > 1:
+        step = functools.partial(accumulation_step, accumulate_steps=cfg.train.accumulate_steps)
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:

@@ -172,3 +172,24 @@ def test_two_processes_give_the_gradient_of_one_process_on_the_whole_batch(micro
         assert r["loss"].item() == pytest.approx(whole.loss, rel=1e-6)
         for a, b in zip(r["grads"], ref, strict=True):
             assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_plain_accumulation_is_the_mean_of_the_parts_another_objective(accelerator):
+    from lowres_ssl.engine.steps import accumulation_step
+
+    model = no_bn_model()
+    v = views()
+    one, ref_one = run(two_view_step, copy.deepcopy(model), accelerator, v)
+    same, got_one = run(accumulation_step, copy.deepcopy(model), accelerator, v, accumulate_steps=1)
+    assert same.loss == one.loss and all(map(torch.equal, got_one, ref_one))
+    halves = [run(two_view_step, copy.deepcopy(model), accelerator, [x[s] for x in v])
+              for s in (slice(0, 6), slice(6, 12))]  # fmt: skip
+    acc, got = run(accumulation_step, model, accelerator, v, accumulate_steps=2)
+    assert acc.loss == pytest.approx((halves[0][0].loss + halves[1][0].loss) / 2, rel=1e-6)
+    for g, a, b in zip(got, halves[0][1], halves[1][1], strict=True):
+        assert (g - (a + b) / 2).abs().max() <= 1e-5 * g.abs().max()
+    # The regulariser saw batches of 6, not 12: not the whole batch's gradient.
+    assert (
+        max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(got, ref_one, strict=True))
+        > 1e-3
+    )
