@@ -37,6 +37,12 @@ def global_mean(accelerator, value: Tensor) -> float:
     return value.item()
 
 
+def even_parts(n: int, count: int) -> list[slice]:
+    """``count`` consecutive slices of ``range(n)`` whose sizes differ by at most one."""
+    bounds = [n * i // count for i in range(count + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
 def two_view_step(
     model: torch.nn.Module,
     objective: torch.nn.Module,
@@ -90,10 +96,8 @@ def embedding_cache_step(
     if micro_batch_size >= n:
         return two_view_step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
     # As equal as possible, none larger than asked: a batch of 7 (a bad file dropped) in
-    # micro-batches of 3 runs as 3 + 2 + 2, never leaving BatchNorm a micro-batch of one.
-    count = -(-n // micro_batch_size)
-    bounds = [n * i // count for i in range(count + 1)]
-    parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    # micro-batches of 3 runs as 2 + 2 + 3, never leaving BatchNorm a micro-batch of one.
+    parts = even_parts(n, -(-n // micro_batch_size))
     with torch.no_grad(), accelerator.autocast():
         cached = [torch.cat([model(view[p]) for p in parts]).float() for view in views[:2]]
     z1, z2 = (z.requires_grad_() for z in cached)
@@ -135,9 +139,7 @@ def accumulation_step(
     not on the whole one. :func:`embedding_cache_step` keeps the whole batch's objective.
     """
     n = views[0].shape[0]
-    count = min(accumulate_steps, n)
-    bounds = [n * i // count for i in range(count + 1)]
-    parts = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+    parts = even_parts(n, min(accumulate_steps, n))
     losses, terms = [], {}
     for i, p in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
