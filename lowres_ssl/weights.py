@@ -80,12 +80,9 @@ class Weights:
     projector: dict[str, Tensor] = field(default_factory=dict)
     run_dir: Path | None = None  # the run folder, when ``file`` belongs to one
 
-    def sha256(self) -> str:
-        """A hash of the backbone's tensors (names, dtypes, shapes, values)."""
-        return state_sha256(self.backbone)
-
 
 def state_sha256(state: dict[str, Tensor]) -> str:
+    """A hash of a state dict's tensors (names, dtypes, shapes, values)."""
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()

@@ -84,12 +84,11 @@ class KNNMonitor:
             return None
         e, d = cfg.eval, cfg.data
         size = e.image_size or d.view_size
+        wanted = ((sets[0], e.max_train_images, "train"), (sets[1], e.max_test_images, "test"))
+        for spec, _, default_split in wanted:  # a bad test spec fails before train is decoded
+            split_spec(spec, default_split)
         opened = []
-        for spec, limit, default_split in (
-            (sets[0], e.max_train_images, "train"),
-            (sets[1], e.max_test_images, "test"),
-        ):
-            split_spec(spec, default_split)  # a bad spec fails before anything is decoded
+        for spec, limit, default_split in wanted:
             with accelerator.main_process_first():
                 opened.append(
                     open_labeled(
