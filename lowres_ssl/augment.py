@@ -206,6 +206,35 @@ class ViewParams:
     blur_sigma: torch.Tensor
     solarize: torch.Tensor
 
+    def part(self, rows: slice) -> ViewParams:
+        """The parameters of the images ``rows`` of the batch."""
+        return ViewParams(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+
+
+class PlannedViews:
+    """The views of one batch with their parameters drawn but not yet computed.
+
+    Made by :meth:`TwoViewAugment.plan`; holds the uint8 images and the parameters (a few
+    bytes per image). ``take()`` computes every view, ``take(part, count)`` the first ``count``
+    views of the images ``part`` (a slice). Computing a part twice gives the same tensors: the
+    ops are deterministic given their parameters.
+    """
+
+    def __init__(
+        self, augment: TwoViewAugment, images: torch.Tensor, params: list[ViewParams]
+    ) -> None:
+        self.augment, self.images, self.params = augment, images, params
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def take(self, part: slice | None = None, count: int | None = None) -> list[torch.Tensor]:
+        count = len(self.params) if count is None else count
+        if part is None:
+            return self.augment._compute(self.images, self.params, count)
+        params = [p.part(part) for p in self.params[:count]]
+        return self.augment._compute(self.images[part], params, count)
+
 
 # Columns of the one (B, _N_RAND) uniform draw per view. The count is fixed whatever the recipe
 # enables, so the RNG stream, and with it a resume, does not depend on the recipe's contents.
@@ -457,7 +486,6 @@ class TwoViewAugment(nn.Module):
             f"channels_last={self.channels_last}"
         )
 
-    @torch.no_grad()
     def forward(
         self, images: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> list[torch.Tensor]:
@@ -467,18 +495,36 @@ class TwoViewAugment(nn.Module):
         ``out_dtype`` on the input's device. ``generator``: a CPU ``torch.Generator`` to draw the
         parameters from instead of the global RNG.
         """
+        return self.plan(images, generator=generator).take()
+
+    def plan(
+        self, images: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> PlannedViews:
+        """Draw the parameters of every view of ``images`` now; compute views later, in parts.
+
+        ``plan(x, generator=g).take()`` is ``self(x, generator=g)``, bit for bit, and draws the
+        same random numbers; ``take(part)`` computes the views of ``images[part]`` only (what
+        the embedding cache does per micro-batch, so the views of a whole batch never sit in
+        memory at once).
+        """
         _check_images(images)
         n, _, height, width = images.shape
         params = [self._sample(n, height, width, spec, generator) for spec, _ in self.views]
+        self.last_params = params
+        return PlannedViews(self, images, params)
+
+    @torch.no_grad()
+    def _compute(
+        self, images: torch.Tensor, params: Sequence[ViewParams], count: int
+    ) -> list[torch.Tensor]:
+        """The first ``count`` views of ``images`` with the drawn ``params``."""
         # Autocast would run grid_sample and the blur in half precision: keep float32.
         with torch.autocast(images.device.type, enabled=False):
             x = images.float().div_(255) if images.dtype == torch.uint8 else images
-            views = [
+            return [
                 self._view(x, spec, side, p)
-                for (spec, side), p in zip(self.views, params, strict=True)
+                for (spec, side), p in zip(self.views[:count], params[:count], strict=True)
             ]
-        self.last_params = params
-        return views
 
     def _sample(
         self, n: int, height: int, width: int, spec: ViewSpec, generator: torch.Generator | None
@@ -571,6 +617,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "RECIPES",
+    "PlannedViews",
     "Recipe",
     "TwoViewAugment",
     "ViewParams",

@@ -11,6 +11,8 @@ import platform
 
 import torch
 
+from lowres_ssl.device import available_cores
+
 
 def meminfo() -> dict[str, int]:
     """/proc/meminfo in KiB (empty where there is no /proc)."""
@@ -32,12 +34,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -50,7 +46,7 @@ def load_lines(before: float | None) -> list[str]:
     work on the machine skews the timings."""
     if before is None:
         return []
-    cores = usable_cores()
+    cores = available_cores()
     lines = [f"- Load average (1 min) before the run: {before:.2f} on {cores} cores"]
     if before > 0.5 * cores:
         lines.append(
@@ -64,7 +60,7 @@ def machine_lines(device: str) -> list[str]:
     """Markdown bullet lines naming the CPU, the GPU (for ``device == "cuda"``) and versions."""
     ram = meminfo().get("MemTotal", 0) / 2**20
     lines = [
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({usable_cores()} usable, torch "
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({available_cores()} usable, torch "
         f"threads: {torch.get_num_threads()}), {ram:.1f} GiB RAM",
     ]
     if device == "cuda":

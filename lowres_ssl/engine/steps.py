@@ -4,6 +4,10 @@ A step function is called as ``step(model, objective, views, accelerator=…, op
 returns a :class:`StepResult`: the plain two-view step, the embedding cache (the full-batch
 regulariser with the network in micro-batches) and plain gradient accumulation (another
 objective for batch-statistic losses).
+
+``views`` is what :meth:`lowres_ssl.augment.TwoViewAugment.plan` returns (the batch's uint8
+images and drawn parameters; a step computes the views of the parts it runs, so the embedding
+cache never holds the views of the whole batch), or a list of view tensors (held views).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lowres_ssl.augment import PlannedViews
 from lowres_ssl.models import frozen_bn_statistics
+
+Views = PlannedViews | list[Tensor]
 
 
 @dataclass
@@ -43,10 +50,17 @@ def even_parts(n: int, count: int) -> list[slice]:
     return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
+def _take(views: Views, part: slice | None = None) -> list[Tensor]:
+    """The two views of the images ``part`` (all with ``None``), computed now if planned."""
+    if isinstance(views, PlannedViews):
+        return views.take(part, 2)
+    return [v if part is None else v[part] for v in views[:2]]
+
+
 def two_view_step(
     model: torch.nn.Module,
     objective: torch.nn.Module,
-    views: list[Tensor],
+    views: Views,
     *,
     accelerator,
     optimizer,
@@ -56,8 +70,9 @@ def two_view_step(
     The global loss is the mean of the processes' losses; a non-finite one on any process makes
     it non-finite, so all processes skip the step together.
     """
+    v1, v2 = _take(views)
     with accelerator.autocast():
-        z1, z2 = model(views[0]), model(views[1])
+        z1, z2 = model(v1), model(v2)
     loss = objective(z1, z2)
     value = global_mean(accelerator, loss)
     finite = math.isfinite(value)
@@ -71,7 +86,7 @@ def two_view_step(
 def embedding_cache_step(
     model: torch.nn.Module,
     objective: torch.nn.Module,
-    views: list[Tensor],
+    views: Views,
     *,
     accelerator,
     optimizer,
@@ -80,7 +95,9 @@ def embedding_cache_step(
     """The full-batch objective with the network run in micro-batches (the embedding cache).
 
     1. Every micro-batch of both views through the model without autograd; the embeddings are
-       kept (BatchNorm's running statistics are updated here, once per micro-batch).
+       kept (BatchNorm's running statistics are updated here, once per micro-batch). Planned
+       views are computed per micro-batch, here and again in 3: only a micro-batch's views are
+       ever in memory (``docs/benchmarks/step.md`` measures what that costs).
     2. The objective on the whole batch in fp32 (gathered across processes inside it) and its
        gradient g = ∂L/∂z; a non-finite loss skips the step on every process.
     3. Each micro-batch through the model again, with autograd and BatchNorm's running
@@ -92,15 +109,18 @@ def embedding_cache_step(
     SyncBN; with a model without BatchNorm the gradient is the whole batch's. With
     ``micro_batch_size`` at least the batch, this is :func:`two_view_step` itself.
     """
-    n = views[0].shape[0]
+    n = len(views) if isinstance(views, PlannedViews) else views[0].shape[0]
     if micro_batch_size >= n:
         return two_view_step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
     # As equal as possible, none larger than asked: a batch of 7 (a bad file dropped) in
     # micro-batches of 3 runs as 2 + 2 + 3, never leaving BatchNorm a micro-batch of one.
     parts = even_parts(n, -(-n // micro_batch_size))
+    cached: list[list[Tensor]] = [[], []]
     with torch.no_grad(), accelerator.autocast():
-        cached = [torch.cat([model(view[p]) for p in parts]).float() for view in views[:2]]
-    z1, z2 = (z.requires_grad_() for z in cached)
+        for p in parts:
+            for out, view in zip(cached, _take(views, p), strict=True):
+                out.append(model(view))
+    z1, z2 = (torch.cat(z).float().requires_grad_() for z in cached)
     loss = objective(z1, z2)
     value = global_mean(accelerator, loss)
     terms = dict(getattr(objective, "terms", {}))
@@ -114,7 +134,7 @@ def embedding_cache_step(
             sync = contextlib.nullcontext() if i == last else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    out = [model(view[p]) for view in views[:2]]
+                    out = [model(view) for view in _take(views, p)]
                 surrogate = sum((z.float() * g[p]).sum() for z, g in zip(out, grads, strict=True))
                 accelerator.backward(surrogate)
     optimizer.step()
@@ -125,7 +145,7 @@ def embedding_cache_step(
 def accumulation_step(
     model: torch.nn.Module,
     objective: torch.nn.Module,
-    views: list[Tensor],
+    views: Views,
     *,
     accelerator,
     optimizer,
@@ -138,14 +158,15 @@ def accumulation_step(
     VICReg's covariance, SimCLR's negatives) is then computed on each part, a smaller batch,
     not on the whole one. :func:`embedding_cache_step` keeps the whole batch's objective.
     """
-    n = views[0].shape[0]
+    n = len(views) if isinstance(views, PlannedViews) else views[0].shape[0]
     parts = even_parts(n, min(accumulate_steps, n))
     losses, terms = [], {}
     for i, p in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
         with sync:
+            v1, v2 = _take(views, p)
             with accelerator.autocast():
-                z1, z2 = model(views[0][p]), model(views[1][p])
+                z1, z2 = model(v1), model(v2)
             loss = objective(z1, z2)
             value = global_mean(accelerator, loss)
             losses.append(value)
@@ -163,6 +184,7 @@ def accumulation_step(
 
 __all__ = [
     "StepResult",
+    "Views",
     "accumulation_step",
     "embedding_cache_step",
     "global_mean",

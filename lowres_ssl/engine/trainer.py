@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from lowres_ssl.augment import build_augment
 from lowres_ssl.config import Config, to_dict
 from lowres_ssl.data import SkipLog, make_loader, open_images
-from lowres_ssl.device import MIXED_DTYPES, peak_memory_gib, resolve_precision
+from lowres_ssl.device import MIXED_DTYPES, peak_memory_gib, resolve_precision, use_the_cores
 from lowres_ssl.engine import checkpoint, run_folder
 from lowres_ssl.engine.checkpoint import Progress
 from lowres_ssl.engine.metrics import MetricsLog
@@ -135,10 +135,10 @@ def train(
     run_dir = Path(out).expanduser()
     precision = resolve_precision(cfg.train.precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
-    if (
-        accelerator.num_processes > 1
-    ):  # a default run name holds a timestamp: take the main process's
+    if accelerator.num_processes > 1:  # a default run name holds a timestamp: the main's
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
+    if accelerator.device.type == "cpu" and (note := use_the_cores(accelerator.num_processes)):
+        log.info(note)
     with run_folder.exclusive(run_dir, accelerator):
         return _train(cfg, run_dir, accelerator, resume, init, progress_bar, on_step)
 
@@ -423,7 +423,7 @@ def _train(
                         completed = False
                         break
                     lr = schedule.apply(optimizer, progress.step)
-                    views = augment(batch.images, generator=aug_rng)
+                    views = augment.plan(batch.images, generator=aug_rng)
                     try:
                         result = step(
                             model, objective, views, accelerator=accelerator, optimizer=optimizer

@@ -85,8 +85,8 @@ def test_batchnorm_statistics_are_updated_once_per_micro_batch(accelerator):
     v = views(12, 16)
     run(embedding_cache_step, model, accelerator, v, micro_batch_size=4)
     with torch.no_grad():  # what pass 1 does: each micro-batch of each view once
-        for view in v:
-            for i in range(0, 12, 4):
+        for i in range(0, 12, 4):
+            for view in v:
                 manual(view[i : i + 4])
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     twins = [m for m in manual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -193,3 +193,69 @@ def test_plain_accumulation_is_the_mean_of_the_parts_another_objective(accelerat
         max(((g - r).abs().max() / r.abs().max()).item() for g, r in zip(got, ref_one, strict=True))
         > 1e-3
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Planned views: the uint8 batch and its drawn parameters, views computed per micro-batch
+
+
+def planned(n: int = 12, seed: int = 3):
+    from lowres_ssl.augment import build_augment
+
+    augment = build_augment("cifar", 16)
+    images = torch.randint(
+        0, 256, (n, 3, 20, 20), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    return augment, images
+
+
+def test_planned_views_are_the_augmentation_bit_for_bit_and_in_parts():
+    augment, images = planned()
+    held = augment(images, generator=torch.Generator().manual_seed(5))
+    plan = augment.plan(images, generator=torch.Generator().manual_seed(5))
+    for a, b in zip(held, plan.take(), strict=True):
+        assert torch.equal(a, b)
+    parts = [plan.take(slice(0, 5), 2), plan.take(slice(5, 12), 2)]
+    for i in range(2):
+        torch.testing.assert_close(
+            torch.cat([parts[0][i], parts[1][i]]), held[i], rtol=0, atol=1e-6
+        )
+    again = plan.take(slice(5, 12), 2)
+    assert all(torch.equal(a, b) for a, b in zip(again, parts[1], strict=True))
+
+
+@pytest.mark.parametrize("micro", [4, 5])
+def test_cache_step_with_planned_views_equals_held_views(accelerator, micro):
+    augment, images = planned()
+    held = augment(images, generator=torch.Generator().manual_seed(5))
+    plan = augment.plan(images, generator=torch.Generator().manual_seed(5))
+    model = build_model("resnet18", "32-16", image_size=16)
+    _, ref = run(
+        embedding_cache_step, copy.deepcopy(model), accelerator, held, micro_batch_size=micro
+    )
+    seen: list[int] = []
+    compute = augment._compute
+
+    def spy(x, params, count):
+        seen.append(x.shape[0])
+        return compute(x, params, count)
+
+    augment._compute = spy
+    _, got = run(
+        embedding_cache_step, copy.deepcopy(model), accelerator, plan, micro_batch_size=micro
+    )
+    assert max(seen) <= micro  # the whole batch's views were never computed at once
+    assert len(seen) == 2 * len(range(0, 12, micro))  # each micro-batch twice: passes 1 and 3
+    for a, b in zip(ref, got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_plain_step_with_planned_views_is_bit_identical(accelerator):
+    augment, images = planned()
+    held = augment(images, generator=torch.Generator().manual_seed(5))
+    plan = augment.plan(images, generator=torch.Generator().manual_seed(5))
+    model = build_model("resnet18", "32-16", image_size=16)
+    r1, ref = run(two_view_step, copy.deepcopy(model), accelerator, held)
+    r2, got = run(two_view_step, copy.deepcopy(model), accelerator, plan)
+    assert r1.loss == r2.loss
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))

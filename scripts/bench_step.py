@@ -1,0 +1,300 @@
+"""The training step with the embedding cache against one pass and against a plain small batch.
+
+For a ResNet-18 at 32 px and at 96 px, each row is one training step as the engine runs it
+(augmentation on the device, the objective in fp32, the optimizer; real LARS, SFRIK at the
+projector's q) in its own process, so that peak memory is the row's own:
+
+- ``one pass``: the regulariser batch B through the network at once (where it fits);
+- ``cache m``: the same batch B and objective in micro-batches of m (the embedding cache),
+  views planned (uint8 images + drawn parameters, each micro-batch's views computed when it
+  runs, twice) or, for comparison, ``held`` (the whole batch's views computed first and kept);
+- ``plain m``: a plain step at batch m (what a card that holds m could train without the cache;
+  another objective: the regulariser sees m images).
+
+Columns: the step's wall time (median of the timed steps), images per second, peak memory
+(CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, and its growth during the steps),
+and two ratios per image: the cache against plain m (the cost of the second, no-grad forward
+and the larger loss) and against one pass.
+
+    python scripts/bench_step.py --device cpu     # writes docs/benchmarks/step.md
+    python scripts/bench_step.py --device cuda    # writes docs/benchmarks/step_cuda.md
+
+CPU rows use small batches (B = 256 at 32 px, 64 at 96 px): a step at B = 1024 takes minutes
+on a laptop CPU. Figures are comparable only within one report (same machine, same load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+OUTPUTS = {
+    "cpu": REPO / "docs/benchmarks/step.md",
+    "cuda": REPO / "docs/benchmarks/step_cuda.md",
+}
+
+
+@dataclass
+class Row:
+    size: int  # view side in pixels
+    mode: str  # one, cache, plain
+    batch: int  # images per step (the regulariser's batch)
+    micro: int | None = None  # cache: images per network pass
+    views: str = "planned"  # planned or held
+    step_s: float = float("nan")
+    aug_s: float = float("nan")  # one augmentation of the whole batch (both views)
+    peak_gib: float = float("nan")
+    growth_gib: float = float("nan")  # CPU: peak RSS minus RSS before the first step
+    reserved_gib: float = float("nan")  # CUDA
+    error: str = ""
+
+    @property
+    def label(self) -> str:
+        if self.mode == "cache":
+            return f"cache {self.micro}" + (" (held views)" if self.views == "held" else "")
+        return {"one": "one pass", "plain": f"plain {self.batch}"}[self.mode]
+
+    @property
+    def per_image(self) -> float:
+        return self.step_s / self.batch
+
+
+def grid(device: str) -> list[Row]:
+    """The rows of a report: per size, one pass, the cache at each micro-batch, plain m."""
+    if device == "cuda":
+        plan = {32: (1024, [64, 128, 256]), 96: (1024, [64, 128, 256])}
+    else:
+        plan = {32: (256, [32, 64, 128]), 96: (64, [16, 32])}
+    rows = []
+    for size, (batch, micros) in plan.items():
+        rows.append(Row(size, "one", batch))
+        for m in micros:
+            rows.append(Row(size, "cache", batch, m))
+        rows.append(Row(size, "cache", batch, micros[0], views="held"))
+        for m in micros:
+            rows.append(Row(size, "plain", m))
+    return rows
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def measure(row: Row, device: str, projector: str, warmup: int, steps: int) -> Row:
+    """One row, in this process (call it in a fresh one: CPU peak RSS cannot be reset)."""
+    import functools
+
+    import torch
+    from accelerate import Accelerator
+
+    from lowres_ssl.augment import build_augment
+    from lowres_ssl.device import MIXED_DTYPES, peak_memory_gib, resolve_precision
+    from lowres_ssl.engine.steps import embedding_cache_step, two_view_step
+    from lowres_ssl.losses import objective_from_settings
+    from lowres_ssl.models import build_model
+    from lowres_ssl.optim import build_optimizer
+
+    cuda = device == "cuda"
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision("auto" if cuda else "fp32"), cpu=not cuda
+    )
+    dev = accelerator.device
+    torch.manual_seed(0)
+    model = build_model("resnet18", projector, image_size=row.size)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(
+        "lars", model, lr=0.3, weight_decay=1e-6, state_bits=8 if cuda else 32
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective = objective_from_settings("sfrik", lam=None, kernel_weights=[1.0, 40.0, 40.0])
+    recipe = "cifar" if row.size <= 64 else "vicreg"
+    augment = build_augment(
+        recipe, row.size, out_dtype=MIXED_DTYPES[accelerator.mixed_precision], channels_last=cuda
+    ).to(dev)
+    side = row.size if row.size <= 64 else row.size * 5 // 4  # photos are cropped, then resized
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (row.batch, 3, side, side), dtype=torch.uint8, generator=g)
+    images = images.to(dev)
+    step = two_view_step
+    if row.mode == "cache":
+        step = functools.partial(embedding_cache_step, micro_batch_size=row.micro)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def one_step() -> float:
+        sync()
+        start = time.perf_counter()
+        views = augment.plan(images, generator=g)
+        if row.views == "held":
+            views = views.take(None, 2)
+        step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
+        sync()
+        return time.perf_counter() - start
+
+    model.train()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = 0.0 if cuda else _rss_gib()
+    try:
+        for _ in range(warmup):
+            one_step()
+        times = [one_step() for _ in range(steps)]
+    except torch.cuda.OutOfMemoryError:
+        row.error = "out of memory"
+        return row
+    sync()
+    start = time.perf_counter()
+    for _ in range(3):
+        augment.plan(images, generator=g).take(None, 2)
+    sync()
+    row.aug_s = (time.perf_counter() - start) / 3
+    row.step_s = statistics.median(times)
+    mem = peak_memory_gib(dev)
+    if cuda:
+        row.peak_gib, row.reserved_gib = mem["gpu_allocated_gib"], mem["gpu_reserved_gib"]
+    else:
+        row.peak_gib = mem["cpu_rss_gib"]
+        row.growth_gib = row.peak_gib - before
+    return row
+
+
+def run_isolated(row: Row, args: argparse.Namespace) -> Row:
+    cmd = [sys.executable, __file__, "--one", json.dumps(asdict(row)), "--device", args.device]
+    cmd += ["--projector", args.projector, "--warmup", str(args.warmup)]
+    cmd += ["--steps", str(args.steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        row.error = (done.stderr.strip().splitlines() or ["failed"])[-1][:120]
+        return row
+    return Row(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "–" if x != x else format(x, spec)  # NaN → dash
+
+
+def table(rows: list[Row], device: str) -> list[str]:
+    cpu = device == "cpu"
+    head = "| size | step | batch | step s | img/s | aug s | peak GiB |"
+    head += " growth GiB |" if cpu else " reserved GiB |"
+    head += " time/img vs plain m | time/img vs one pass | peak vs one pass |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        one = next((o for o in rows if o.size == r.size and o.mode == "one"), None)
+        plain = next(
+            (p for p in rows if p.size == r.size and p.mode == "plain" and p.batch == r.micro),
+            None,
+        )
+        if r.error:
+            lines.append(f"| {r.size} | {r.label} | {r.batch} | {r.error} |" + " |" * 7)
+            continue
+        vs_plain = r.per_image / plain.per_image if r.mode == "cache" and plain else float("nan")
+        vs_one = r.per_image / one.per_image if one and r.mode != "one" else float("nan")
+        mem = r.peak_gib / one.peak_gib if one and r.mode != "one" else float("nan")
+        lines.append(
+            f"| {r.size} | {r.label} | {r.batch} | {r.step_s:.3f} | {r.batch / r.step_s:.1f} | "
+            f"{_fmt(r.aug_s, '.3f')} | {r.peak_gib:.2f} | "
+            f"{_fmt(r.growth_gib if cpu else r.reserved_gib, '.2f')} | {_fmt(vs_plain, '.2f')} | "
+            f"{_fmt(vs_one, '.2f')} | {_fmt(mem, '.2f')} |"
+        )
+    return lines
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument(
+        "--projector",
+        help="projector widths (default: 1024-2048 on the CPU, the "
+        "8gb preset's 2048-2048-8192 on CUDA)",
+    )
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 1 CPU, 3 CUDA)")
+    p.add_argument("--steps", type=int, help="timed steps (default 2 CPU, 10 CUDA)")
+    p.add_argument("--sizes", help="comma-separated view sides to run (default: 32,96)")
+    p.add_argument("--output", type=Path, help="markdown report (default under docs/benchmarks)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
+    args = p.parse_args()
+    cuda = args.device == "cuda"
+    args.projector = args.projector or ("2048-2048-8192" if cuda else "1024-2048")
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.steps = args.steps or (10 if cuda else 2)
+    if args.one:
+        row = measure(
+            Row(**json.loads(args.one)), args.device, args.projector, args.warmup, args.steps
+        )
+        print(json.dumps(asdict(row)))
+        return 0
+
+    import torch
+
+    from lowres_ssl import bench
+
+    if cuda and not torch.cuda.is_available():
+        print("error: --device cuda needs a CUDA GPU; run --device cpu here", file=sys.stderr)
+        return 2
+    load = bench.load_average()
+    rows = grid(args.device)
+    if args.sizes:
+        keep = {int(s) for s in args.sizes.split(",")}
+        rows = [r for r in rows if r.size in keep]
+    print(f"{len(rows)} rows, each in its own process", flush=True)
+    for i, row in enumerate(rows):
+        rows[i] = run_isolated(row, args)
+        r = rows[i]
+        print(
+            f"  {r.size:3d} px  {r.label:<22} B={r.batch:<5} "
+            + (
+                r.error
+                or f"{r.step_s:.3f} s/step, {r.batch / r.step_s:.1f} img/s, "
+                f"peak {r.peak_gib:.2f} GiB"
+            ),
+            flush=True,
+        )
+    precision = "bf16/fp16 autocast" if cuda else "fp32"
+    lines = [
+        f"# The training step: embedding cache, one pass, plain small batch ({args.device})",
+        "",
+        "Written by `python scripts/bench_step.py --device " + args.device + "`.",
+        "",
+        *bench.machine_lines(args.device),
+        *bench.load_lines(load),
+        f"- ResNet-18 (CIFAR stem at 32 px, ImageNet stem at 96 px), projector {args.projector}, "
+        f"SFRIK (λ = 8192/4000, kernel weights 1, 40, 40), LARS "
+        f"({'8-bit' if cuda else '32-bit'} state), {precision}; augmentation on the device "
+        "(`cifar` recipe at 32 px, `vicreg` at 96 px from 120 px images) inside the step time",
+        f"- {args.warmup} untimed step(s), then the median of {args.steps}; each row in a fresh "
+        "process",
+        "",
+        *table(rows, args.device),
+        "",
+        "Reading the table: `time/img vs plain m` is the price of the cache over training at "
+        "the micro-batch alone (the second, no-grad forward and the loss on the whole batch); "
+        "`time/img vs one pass` and `peak vs one pass` compare it with the same objective "
+        "computed at once. `aug s` is one augmentation of the batch (both views): planned views "
+        "compute it twice per step, held views once but keep both views of the whole batch.",
+        "",
+    ]
+    out = args.output or OUTPUTS[args.device]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
