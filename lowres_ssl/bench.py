@@ -23,6 +23,24 @@ def meminfo() -> dict[str, int]:
         return {}
 
 
+def proc_status_bytes(key: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak since the last :func:`reset_peak_rss`)
+    of this process, from ``/proc/self/status`` (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {key} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current RSS. (``ru_maxrss`` is no use in a benchmark's child
+    process: Linux carries it over ``fork`` + ``exec``, so the child reports its parent's
+    peak if that was higher.)"""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -32,14 +32,30 @@ examples:
 """
 
 
+def preset_lines() -> str:
+    """The presets with their one-line descriptions (for --help)."""
+    from lowres_ssl import presets
+
+    lines = ["presets (--preset NAME; auto picks by the GPU's memory):"]
+    for name, path in presets.available().items():
+        description = load_yaml(path).get("description", "")
+        lines.append(f"  {name:<6} {description}")
+    return "\n".join(lines) + "\n"
+
+
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
         description="Self-supervised training (SFRIK by default) on a folder of images.",
-        epilog=TRAIN_EXAMPLES,
+        epilog=TRAIN_EXAMPLES + "\n" + preset_lines(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--preset", help="a preset name (presets/NAME.yaml), auto, or a YAML path")
+    p.add_argument(
+        "--autofit",
+        action="store_true",
+        help="before training, run a few real steps and lower the micro-batch until they fit",
+    )
     p.add_argument("--config", help="a full or partial config YAML (e.g. a run's config.yaml)")
     p.add_argument("--data", help="a folder of images, or cifar10 / cifar100 / stl10")
     p.add_argument("--out", help="the run folder (default: runs/<preset>-<date>-<time>)")
@@ -75,6 +91,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         preset_name = values.get("preset")
     elif args.preset or not args.config:
         preset_name, values, _ = presets.load_preset(args.preset or "auto")
+        args.auto_preset = (args.preset or "auto") == "auto"
     if args.config:
         values = merge(values, load_yaml(args.config))
     flags: dict = {}
@@ -109,17 +126,39 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args)
         out = args.out or default_out(cfg)
+        from lowres_ssl import fit
+
+        target = fit.target_device(cfg, chosen_by_auto=getattr(args, "auto_preset", False))
         if args.dry_run:
-            print(dump_yaml(cfg), end="")
+            resolved, _, lines = fit.plan(cfg, target)
+            if target.chosen_by_auto:
+                lines.insert(0, fit.auto_line(cfg, target))
+            if target.warning:
+                lines.insert(0, target.warning)
+            print(dump_yaml(resolved), end="")
             print(f"# run folder: {out}" + (" (resume)" if args.resume else ""))
+            for line in lines:
+                print(f"# {line}")
             return 0
+        log = logging.getLogger("lowres_ssl")
+        if target.warning:
+            log.warning(target.warning)
+        if target.chosen_by_auto:
+            log.info(fit.auto_line(cfg, target))
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         from lowres_ssl.engine import train
 
         with logging_redirect_tqdm():
             # A terminal gets a progress bar; a log file or a scheduler gets log lines.
-            train(cfg, out, resume=args.resume, init=args.init, progress_bar=sys.stderr.isatty())
+            train(
+                cfg,
+                out,
+                resume=args.resume,
+                init=args.init,
+                progress_bar=sys.stderr.isatty(),
+                autofit=args.autofit,
+            )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

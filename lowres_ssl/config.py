@@ -30,18 +30,25 @@ class DataConfig:
 
     path: str = "cifar10"  # a folder of images, or cifar10 / cifar100 / stl10
     split: str = "train"  # for a dataset name
-    load_size: int = 32  # side of the decoded square (px)
+    load_size: int | str = "auto"  # side of the decoded square (px); auto: from the images
+    photo_size: int = 128  # load_size auto: the view side for photos (small images keep theirs)
     image_size: int | None = None  # side of the views; None = load_size
     cache: str = "auto"  # auto, none, disk, gpu
     cache_dir: str | None = None  # None = $LOWRES_SSL_CACHE or ~/.cache/lowres_ssl
     num_workers: int | None = None  # decoding processes; None = cores - 1 (at most 8)
     min_size: int = 16  # skip images whose shorter side is smaller (px)
     max_pixels: int = 178_956_970  # skip larger images (decompression bombs)
-    recipe: str = "cifar"  # augmentation: vicreg, auh, cifar
+    recipe: str = (
+        "auto"  # augmentation: vicreg, auh, cifar; auto: cifar for small images, else vicreg
+    )
 
     @property
     def view_size(self) -> int:
-        return self.image_size or self.load_size
+        """The side of the views (``load_size`` must be resolved: see ``lowres_ssl.fit``)."""
+        size = self.image_size or self.load_size
+        if not isinstance(size, int):
+            raise ValueError("data.load_size is still 'auto': resolve it first (lowres_ssl.fit)")
+        return size
 
 
 @dataclass
@@ -79,7 +86,8 @@ class TrainConfig:
     epochs: int = 100
     max_steps: int | None = None  # stop after this many optimizer steps in all
     batch_size: int = 256  # per process; the regulariser sees all processes' batches
-    micro_batch_size: int | None = None  # what the card holds at once (embedding cache); None: all
+    micro_batch_size: int | str | None = None  # what the card holds at once (the embedding
+    # cache): a number, auto (fitted to the card by the memory estimator) or None (the batch)
     accumulate_steps: int = 1  # plain gradient accumulation: another objective (see README)
     precision: str = "auto"  # auto (bf16 / fp16 / fp32 by device), bf16, fp16, fp32
     seed: int = 0
@@ -278,6 +286,14 @@ def _positive(key: str, value: float | int | None, *, allow_zero: bool = False) 
         raise UserError(f"config key {key} must be {bound}, got {value}")
 
 
+def _positive_or_auto(key: str, value: int | str | None) -> None:
+    if isinstance(value, str):
+        if value != "auto":
+            raise UserError(f"config key {key} must be a positive integer or auto, got {value!r}")
+        return
+    _positive(key, value)
+
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -291,8 +307,9 @@ def validate(cfg: Config) -> Config:
 
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
     _choice("data.cache", d.cache, CACHE_CHOICES)
-    _choice("data.recipe", d.recipe, list(RECIPES))
-    for key in ("load_size", "min_size", "max_pixels"):
+    _choice("data.recipe", d.recipe, ["auto", *RECIPES])
+    _positive_or_auto("data.load_size", d.load_size)
+    for key in ("photo_size", "min_size", "max_pixels"):
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.image_size", d.image_size)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
@@ -332,9 +349,10 @@ def validate(cfg: Config) -> Config:
     for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
     _positive("train.max_steps", t.max_steps)
-    _positive("train.micro_batch_size", t.micro_batch_size)
+    _positive_or_auto("train.micro_batch_size", t.micro_batch_size)
     _positive("train.accumulate_steps", t.accumulate_steps)
-    if t.accumulate_steps > 1 and t.micro_batch_size and t.micro_batch_size < t.batch_size:
+    micro = t.micro_batch_size
+    if t.accumulate_steps > 1 and (micro == "auto" or (micro and micro < t.batch_size)):
         raise UserError(
             "config keys train.micro_batch_size and train.accumulate_steps are two ways to fit a "
             "batch on the card; set one (micro_batch_size keeps the whole batch's objective)"

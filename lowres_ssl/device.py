@@ -87,6 +87,39 @@ def use_the_cores(world: int) -> str | None:
     return f"one process on the CPU: using its {cores} cores (accelerate launch had set 1 thread)"
 
 
+#: Set to a number of GiB to emulate a smaller CUDA card on a larger one: the allocator is
+#: capped there (``torch.cuda.set_per_process_memory_fraction``) and every automatic choice
+#: (``--preset auto``, ``micro_batch_size: auto``) sizes for it. For benchmarks and tests.
+CARD_ENV = "LOWRES_SSL_GPU_GIB"
+
+
+def card_memory_gib(device: torch.device | int | None = None) -> float:
+    """The CUDA card's memory in GiB: the emulated size where ``LOWRES_SSL_GPU_GIB`` is set
+    (the allocator is then capped there), else the card's total."""
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    wanted = os.environ.get(CARD_ENV)
+    if not wanted:
+        return total
+    try:
+        gib = float(wanted)
+    except ValueError:
+        raise UserError(
+            f"{CARD_ENV}={wanted!r}: give the emulated card size in GiB, e.g. 8"
+        ) from None
+    if not 0 < gib <= total:
+        raise UserError(f"{CARD_ENV}={wanted}: must be between 0 and the card's {total:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib / total, device)
+    return gib
+
+
+def ram_gib() -> float:
+    """The machine's total RAM in GiB (8 where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 8.0
+
+
 def peak_memory_gib(device: torch.device) -> dict[str, float]:
     """Peak GPU memory (allocated, reserved) or, on the CPU, the process's peak RSS, in GiB."""
     if device.type == "cuda":
@@ -102,10 +135,13 @@ def peak_memory_gib(device: torch.device) -> dict[str, float]:
 
 
 __all__ = [
+    "CARD_ENV",
     "MIXED_DTYPES",
     "available_cores",
+    "card_memory_gib",
     "cuda_mixed_precision",
     "peak_memory_gib",
+    "ram_gib",
     "resolve_precision",
     "use_the_cores",
 ]

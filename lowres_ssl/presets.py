@@ -21,10 +21,12 @@ META_KEYS = ("description", "vram_gib")
 
 
 def available() -> dict[str, Path]:
-    """Preset name → file, sorted by name."""
+    """Preset name → file, smallest card first (``cpu``, ``4gb``, …)."""
     if not PRESET_DIR.is_dir():
         return {}
-    return {p.stem: p for p in sorted(PRESET_DIR.glob("*.yaml"))}
+    files = sorted(PRESET_DIR.glob("*.yaml"))
+    sizes = {p: float(load_yaml(p).get("vram_gib", 0) or 0) for p in files}
+    return {p.stem: p for p in sorted(files, key=lambda p: (sizes[p], p.stem))}
 
 
 def load_preset(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -53,7 +55,7 @@ def device_vram_gib() -> float | None:
 
 
 def card_sizes() -> dict[str, float]:
-    """Preset name → the card it is made for, in GiB (0 for the CPU)."""
+    """Preset name → the card it is made for, in GiB (0 for the CPU), smallest first."""
     return {
         name: float(load_yaml(path).get("vram_gib", 0) or 0) for name, path in available().items()
     }
@@ -70,11 +72,11 @@ def next_smaller(name: str | None) -> str | None:
 def choose_auto(vram_gib: float | None = None) -> str:
     """The preset for a card of ``vram_gib`` (default: the one found): the largest preset whose
     ``vram_gib`` is at most the card's nominal size (cards report a little under their label,
-    so 5 % of slack); ``cpu`` without a GPU."""
+    so 8 % of slack: a "4 GB" card shows 3.8 GiB); ``cpu`` without a GPU."""
     vram_gib = device_vram_gib() if vram_gib is None else vram_gib
     if not vram_gib:
         return "cpu"
-    fits = [(gib, name) for name, gib in card_sizes().items() if 0 < gib <= vram_gib * 1.05]
+    fits = [(gib, name) for name, gib in card_sizes().items() if 0 < gib <= vram_gib * 1.08]
     best = max(fits, key=lambda fit: fit[0])[1] if fits else None  # ties: first by name
     if best is None:
         sizes = ", ".join(available())

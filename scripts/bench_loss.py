@@ -228,32 +228,26 @@ class Cost:
     memory: float  # bytes: peak extra memory of one call
 
 
-def block_rows(n: int, block_size: int | None) -> int:
-    """Rows per Gram block of the blocked path (mirrors lowres_ssl.losses.mmd)."""
-    return block_size or max(1, min(n, 2048 * 2048 // max(n, 1)))
-
-
 def model_cost(case: Case, block_size: int | None) -> Cost:
     """Rough cost of one call, fitted to a few CPU measurements of this library.
 
-    All losses: normalised or centred copies, cat, gradients: ~7·n·q floats. SFRIK: the Gram
-    matrix of each view, 2n²q flops forward and 2n²q backward (and 2n²q more to recompute it
-    on the blocked path); dense keeps one n×n matrix per view for the backward, blocked a
-    block at a time. VICReg: two q×q covariances, 8nq² flops, ~4.5 q² floats at the peak;
-    Barlow Twins: one q×q cross-correlation, 6nq² flops, ~3.7 q² floats.
+    Memory: :func:`lowres_ssl.memory.loss_bytes`, the rule the training memory estimator uses.
+    Flops: SFRIK computes the Gram matrix of each view, 2n²q flops forward and 2n²q backward
+    (and 2n²q more to recompute it on the blocked path). VICReg: two q×q covariances, 8nq²
+    flops; Barlow Twins: one q×q cross-correlation, 6nq² flops.
     """
+    from lowres_ssl.memory import loss_bytes
+
     n, q = case.n, case.q
-    linear = 7 * n * q
-    if case.loss == "sfrik_dense":
-        chunk = min(n * n, 2048 * 2048)
-        return Cost(8 * n * n * q, 30 * n * q + 80 * n * n, FLOAT * (linear + 2 * n * n + chunk))
-    if case.loss == "sfrik_blocked":
-        chunk = block_rows(n, block_size) * n
-        return Cost(12 * n * n * q, 30 * n * q + 80 * n * n, FLOAT * (linear + 4 * chunk))
+    if case.loss in SFRIK:
+        path = case.loss.removeprefix("sfrik_")
+        memory = loss_bytes("sfrik", n, q, mmd_path=path, block_size=block_size)
+        flops = (8 if path == "dense" else 12) * n * n * q
+        return Cost(flops, 30 * n * q + 80 * n * n, memory)
     if case.loss == "vicreg":
-        return Cost(8 * n * q * q, 30 * n * q + 35 * q * q, FLOAT * (linear + 4.5 * q * q))
+        return Cost(8 * n * q * q, 30 * n * q + 35 * q * q, loss_bytes("vicreg", n, q))
     if case.loss == "barlow_twins":
-        return Cost(6 * n * q * q, 30 * n * q + 25 * q * q, FLOAT * (linear + 3.7 * q * q))
+        return Cost(6 * n * q * q, 30 * n * q + 25 * q * q, loss_bytes("barlow_twins", n, q))
     raise ValueError(case.loss)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -86,11 +85,6 @@ def grid(device: str) -> list[Row]:
     return rows
 
 
-def _rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-
-
 def measure(row: Row, device: str, projector: str, warmup: int, steps: int) -> Row:
     """One row, in this process (call it in a fresh one: CPU peak RSS cannot be reset)."""
     import functools
@@ -99,6 +93,7 @@ def measure(row: Row, device: str, projector: str, warmup: int, steps: int) -> R
     from accelerate import Accelerator
 
     from lowres_ssl.augment import build_augment
+    from lowres_ssl.bench import proc_status_bytes, reset_peak_rss
     from lowres_ssl.device import MIXED_DTYPES, peak_memory_gib, resolve_precision
     from lowres_ssl.engine.steps import embedding_cache_step, two_view_step
     from lowres_ssl.losses import objective_from_settings
@@ -148,7 +143,10 @@ def measure(row: Row, device: str, projector: str, warmup: int, steps: int) -> R
     model.train()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    before = 0.0 if cuda else _rss_gib()
+    before = 0.0
+    if not cuda:
+        reset_peak_rss()
+        before = proc_status_bytes("VmRSS") / 2**30
     try:
         for _ in range(warmup):
             one_step()
@@ -167,7 +165,7 @@ def measure(row: Row, device: str, projector: str, warmup: int, steps: int) -> R
     if cuda:
         row.peak_gib, row.reserved_gib = mem["gpu_allocated_gib"], mem["gpu_reserved_gib"]
     else:
-        row.peak_gib = mem["cpu_rss_gib"]
+        row.peak_gib = proc_status_bytes("VmHWM") / 2**30
         row.growth_gib = row.peak_gib - before
     return row
 

@@ -81,7 +81,7 @@ def test_validation_names_the_key_and_the_choices(tmp_path):
         ({"optim": {"name": "sgd"}}, "optim.name is 'sgd'; choose one of lars, adamw"),
         ({"model": {"backbone": "vit"}}, "choose one of resnet18, resnet34, resnet50"),
         ({"data": {"cache": "ram"}}, "choose one of auto, none, disk, gpu"),
-        ({"data": {"recipe": "simclr"}}, "choose one of vicreg, auh, cifar"),
+        ({"data": {"recipe": "simclr"}}, "choose one of auto, vicreg, auh, cifar"),
         ({"train": {"precision": "fp64"}}, "choose one of auto, bf16, fp16, fp32"),
         ({"train": {"batch_size": 0}}, r"train\.batch_size must be > 0"),
         ({"optim": {"state_bits": 16}}, "must be 8 or 32"),

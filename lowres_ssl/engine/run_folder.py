@@ -42,6 +42,7 @@ RESUMABLE_KEYS = {
     "train.max_bad_steps",
     "data.num_workers",
     "data.cache_dir",
+    "train.micro_batch_size",  # the card it runs on; the objective stays the batch's
 }
 #: Sections that may change on resume as a whole (the kNN monitor only observes training).
 RESUMABLE_SECTIONS = ("eval.",)
@@ -62,7 +63,14 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     a, b = _flatten(saved), _flatten(current)
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
     keys = [k for k in keys if not k.startswith(RESUMABLE_SECTIONS)]
+    # "auto" in the current config stands for what it resolved to when the run started.
+    keys = [k for k in keys if b.get(k) != "auto"]
     return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The config a run started with (its ``config.yaml``), as nested dicts."""
+    return load_yaml(run_dir / CONFIG_FILE)
 
 
 def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import logging
 import math
@@ -35,11 +36,19 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from lowres_ssl import fit
 from lowres_ssl.augment import build_augment
 from lowres_ssl.config import Config, to_dict
 from lowres_ssl.data import SkipLog, make_loader, open_images
-from lowres_ssl.device import MIXED_DTYPES, peak_memory_gib, resolve_precision, use_the_cores
+from lowres_ssl.device import (
+    MIXED_DTYPES,
+    card_memory_gib,
+    peak_memory_gib,
+    resolve_precision,
+    use_the_cores,
+)
 from lowres_ssl.engine import checkpoint, run_folder
+from lowres_ssl.engine.autofit import autofit as run_autofit
 from lowres_ssl.engine.checkpoint import Progress
 from lowres_ssl.engine.metrics import MetricsLog
 from lowres_ssl.engine.steps import (
@@ -125,8 +134,12 @@ def train(
     init: str | Path | None = None,
     progress_bar: bool = True,
     on_step: Callable[[Progress, dict[str, float]], None] | None = None,
+    autofit: bool = False,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says into the run folder ``out``; returns the summary.
+
+    ``autofit``: before training, a few real steps lower the micro-batch until they fit the
+    card (:mod:`.autofit`).
 
     ``progress_bar``: a progress bar on stderr; without it, a log line every ``log_every``
     steps (what a log file or a job scheduler wants). ``on_step(progress, values)`` is called
@@ -134,13 +147,15 @@ def train(
     """
     run_dir = Path(out).expanduser()
     precision = resolve_precision(cfg.train.precision)
+    if torch.cuda.is_available():
+        card_memory_gib()  # an emulated card (LOWRES_SSL_GPU_GIB) is capped before any allocation
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     if accelerator.num_processes > 1:  # a default run name holds a timestamp: the main's
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     if accelerator.device.type == "cpu" and (note := use_the_cores(accelerator.num_processes)):
         log.info(note)
     with run_folder.exclusive(run_dir, accelerator):
-        return _train(cfg, run_dir, accelerator, resume, init, progress_bar, on_step)
+        return _train(cfg, run_dir, accelerator, resume, init, progress_bar, on_step, autofit)
 
 
 def _train(
@@ -151,11 +166,17 @@ def _train(
     init: str | Path | None,
     progress_bar: bool,
     on_step: Callable[[Progress, dict[str, float]], None] | None,
+    autofit: bool,
 ) -> dict[str, Any]:
     main = accelerator.is_main_process
     device = accelerator.device
     world = accelerator.num_processes
     resume_from = run_folder.check_run_folder(run_dir, cfg, resume)
+    if resume_from is not None:  # "auto" keeps what it resolved to when the run started
+        cfg = fit.keep_saved(cfg, run_folder.saved_config(run_dir))
+    cfg, note = fit.resolve_view_size(cfg)
+    if main and note:
+        log.info(note)
     set_seed(cfg.train.seed, device_specific=True)
 
     # Data: this process's slice of each global batch, as uint8 on the device.
@@ -174,6 +195,12 @@ def _train(
             progress=main and progress_bar,
         )
     skip_log = SkipLog(d.path)
+    on_device = len(images) if getattr(images, "device", device).type == "cuda" else 0
+    cfg, _, note = fit.resolve_micro_batch(
+        cfg, device, processes=world, cached_images=on_device, mixed=precision_in_use(accelerator)
+    )
+    if main and note:
+        log.info(note)
     loader = make_loader(
         images,
         cfg.train.batch_size,
@@ -220,12 +247,26 @@ def _train(
     monitor = KNNMonitor.from_config(
         cfg, accelerator, channels_last=channels_last, progress=progress_bar
     )
-    micro = cfg.train.micro_batch_size
-    step = two_view_step
-    if micro and micro < cfg.train.batch_size:  # the full-batch regulariser in micro-batches
-        step = functools.partial(embedding_cache_step, micro_batch_size=micro)
-    elif cfg.train.accumulate_steps > 1:
-        step = functools.partial(accumulation_step, accumulate_steps=cfg.train.accumulate_steps)
+    step = step_for(cfg, cfg.train.micro_batch_size)
+    if autofit and device.type != "cuda":
+        log.info("--autofit sizes the micro-batch for a CUDA card; nothing to fit on the CPU")
+    elif autofit:
+        micro = run_autofit(
+            lambda m: step_for(cfg, m),
+            model,
+            objective,
+            augment,
+            accelerator=accelerator,
+            optimizer=optimizer,
+            batch_size=cfg.train.batch_size,
+            load_size=d.load_size,
+            micro_batch_size=cfg.train.micro_batch_size or cfg.train.batch_size,
+        )
+        chosen = micro if micro < cfg.train.batch_size else None
+        cfg = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, micro_batch_size=chosen)
+        )
+        step = step_for(cfg, micro)
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -498,6 +539,20 @@ def _train(
     metrics.close()
     accelerator.wait_for_everyone()
     return summary
+
+
+def step_for(cfg: Config, micro: int | None) -> Callable:
+    """The step function of ``cfg`` with micro-batches of ``micro`` (None: the whole batch)."""
+    if micro and micro < cfg.train.batch_size:  # the full-batch regulariser in micro-batches
+        return functools.partial(embedding_cache_step, micro_batch_size=micro)
+    if cfg.train.accumulate_steps > 1:
+        return functools.partial(accumulation_step, accumulate_steps=cfg.train.accumulate_steps)
+    return two_view_step
+
+
+def precision_in_use(accelerator: Accelerator) -> bool:
+    """Whether the network runs under 16-bit autocast."""
+    return accelerator.mixed_precision in ("bf16", "fp16")
 
 
 def _rng_to_text(state: torch.Tensor) -> str:
