@@ -62,7 +62,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     name: str = "sfrik"  # sfrik, vicreg, barlow_twins, uniformity, simclr
-    lam: float | None = None  # SFRIK's λ; None = 8192/4000 as in the paper
+    lam: float | None = None  # SFRIK's λ; None: follows q as the official recipes (q/4000 to 8192)
     kernel_weights: list[float] = field(default_factory=lambda: [1.0, 40.0, 40.0])  # b_1..b_L
     mmd_path: str = "auto"  # auto, dense, blocked, moments
     options: dict[str, Any] = field(default_factory=dict)  # other keyword arguments

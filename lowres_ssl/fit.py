@@ -179,8 +179,9 @@ def target_device(cfg: Config, *, chosen_by_auto: bool = False) -> Target:
     from lowres_ssl.presets import card_sizes
 
     if torch.cuda.is_available():
-        gib = card_memory_gib(0)
-        found = f"{torch.cuda.get_device_name(0)} ({gib:.1f} GiB)"
+        index = torch.cuda.current_device()
+        gib = card_memory_gib(index)
+        found = f"{torch.cuda.get_device_name(index)} ({gib:.1f} GiB)"
         return Target(torch.device("cuda"), gib, found, True, chosen_by_auto)
     found = no_gpu_reason()
     nominal = card_sizes().get(cfg.preset or "", 0.0)

@@ -48,10 +48,13 @@ def load_preset(name: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 
 def device_vram_gib() -> float | None:
-    """Total memory of the first CUDA device in GiB, or None without one."""
+    """Memory of the current CUDA device in GiB (an emulated card's, where
+    ``LOWRES_SSL_GPU_GIB`` is set), or None without one."""
     if not torch.cuda.is_available():
         return None
-    return torch.cuda.get_device_properties(0).total_memory / 2**30
+    from lowres_ssl.device import card_memory_gib
+
+    return card_memory_gib(torch.cuda.current_device())
 
 
 def card_sizes() -> dict[str, float]:

@@ -61,7 +61,7 @@ from lowres_ssl.engine.steps import (
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.monitor import KNNMonitor
 from lowres_ssl.losses import objective_from_settings
-from lowres_ssl.models import build_model, parameter_count
+from lowres_ssl.models import build_model, parameter_count, projector_out_dim
 from lowres_ssl.optim import CosineSchedule, build_optimizer, warmup_steps_for
 from lowres_ssl.weights import BACKBONE_FILE, load_init, save_safetensors, spec_of
 
@@ -72,7 +72,8 @@ log = logging.getLogger("lowres_ssl")
 
 
 def make_objective(cfg: Config) -> torch.nn.Module:
-    """The objective of ``cfg.loss`` (settings that cannot work are a :class:`UserError`)."""
+    """The objective of ``cfg.loss``; SFRIK's λ, when unset, follows q (:func:`default_lam`).
+    Settings that cannot work are a :class:`UserError`."""
     loss = cfg.loss
     return objective_from_settings(
         loss.name,
@@ -80,6 +81,7 @@ def make_objective(cfg: Config) -> torch.nn.Module:
         kernel_weights=loss.kernel_weights,
         mmd_path=loss.mmd_path,
         options=loss.options,
+        q=projector_out_dim(cfg.model.projector),
     )
 
 
@@ -116,9 +118,10 @@ def _oom_message(cfg: Config) -> str:
     micro = min(cfg.train.micro_batch_size or batch, batch)
     return (
         f"CUDA out of memory with preset {cfg.preset or '(none)'} at batch {batch} per process "
-        f"(micro-batch {micro}): try --set train.micro_batch_size={max(1, micro // 2)} (the "
-        f"regulariser still sees the batch of {batch}){smaller}, or --set "
-        "model.grad_checkpointing=true; the last checkpoint is kept"
+        f"(micro-batch {micro}): try --set train.micro_batch_size={max(1, micro // 2)} or "
+        f"--autofit (a smaller micro-batch keeps the objective: the regulariser still sees "
+        f"{batch}; a smaller batch changes it){smaller}, or --set model.grad_checkpointing=true;"
+        " the last checkpoint is kept"
     )
 
 

@@ -19,7 +19,7 @@ from .distributed import gather_views, gather_with_grad, world_size
 from .gegenbauer import gegenbauer, gegenbauer_series
 from .kernels import GaussianKernel, PolynomialKernel, RotationInvariantKernel, SFRIKKernel
 from .mmd import choose_path, expected_mmd_uniform, mmd_to_uniform
-from .sfrik import SFRIKLoss
+from .sfrik import SFRIKLoss, default_lam
 
 #: Objective name → class, for configs (``loss.name``).
 OBJECTIVES: dict[str, type[nn.Module]] = {
@@ -45,11 +45,16 @@ def objective_from_settings(
     kernel_weights: Sequence[float] = (1.0, 40.0, 40.0),
     mmd_path: str = "auto",
     options: dict[str, Any] | None = None,
+    q: int | None = None,
 ) -> nn.Module:
     """The objective of a config's ``loss`` section (its keys are the arguments): SFRIK with
-    λ, kernel weights b_1..b_L and MMD path; another objective with ``options`` as its
-    keyword arguments. Settings that cannot work are a one-line :class:`UserError`."""
+    λ (unset: :func:`default_lam` of the embedding width ``q``, where given), kernel weights
+    b_1..b_L and MMD path; another objective with ``options`` as its keyword arguments.
+    Settings that cannot work are a one-line :class:`UserError`."""
     options = options or {}
+    official_form = {"sim_coeff", "mmd_coeff"} & set(options)
+    if name == "sfrik" and lam is None and q is not None and not official_form:
+        lam = default_lam(q)
     try:
         if name != "sfrik":
             return build_objective(name, **options)
@@ -77,6 +82,7 @@ __all__ = [
     "VICRegLoss",
     "build_objective",
     "choose_path",
+    "default_lam",
     "expected_mmd_uniform",
     "gather_views",
     "gather_with_grad",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,14 +23,16 @@ class SFRIKLoss(nn.Module):
 
     The official code writes ``sim·mean((ẑ¹ − ẑ²)²) + mmd·(MMD²(ẑ¹) + MMD²(ẑ²))/2`` with the
     mean over all n·q entries: pass ``sim_coeff`` and ``mmd_coeff`` to get exactly that value
-    (it is the paper's form times sim/q, with λ = mmd·q/sim). λ is the better knob: it does
-    not have to change when q does.
+    (it is the paper's form times sim/q, with λ = mmd·q/sim). The official recipes change sim
+    with q (4000 at q = 8192, 40000 at q = 32768), so λ does change with q:
+    :func:`default_lam` follows them.
 
     Under torch.distributed the MMD uses the embeddings of all processes (see
     :mod:`lowres_ssl.losses.distributed`); the invariance term is local.
 
     Args:
-        lam: λ (default 8192/4000 = 2.048, the paper's q = 8192, sim = 4000).
+        lam: λ (default 8192/4000 = 2.048, the paper's q = 8192, sim = 4000; the trainer
+            passes :func:`default_lam` of its q).
         kernel: the kernel (default ``SFRIKKernel((1, 40, 40))``).
         sim_coeff, mmd_coeff: the official code's coefficients, instead of ``lam``.
         mmd_path, block_size: passed to :func:`mmd_to_uniform`.
@@ -94,3 +98,17 @@ class SFRIKLoss(nn.Module):
             f"sim_coeff={self.sim_coeff}, mmd_coeff={self.mmd_coeff}, kernel={self.kernel!r}, "
             f"mmd_path={self.mmd_path!r}"
         )
+
+
+def default_lam(q: int) -> float:
+    """λ for embeddings of width ``q`` when the config leaves it unset: the official recipes'
+    λ = mmd·q/sim (mmd = 1). Up to q = 8192 their fixed sim = 4000 (λ = q/4000: 0.512 at
+    q = 2048, 2.048 at 8192); from q = 32768 on, sim = 40000 (0.82 at 32768); in between, sim
+    grows log-linearly with q (λ ≈ 1.30 at q = 16384: interpolated, not a published recipe).
+    ``docs/benchmarks/recipes.md`` has the measurements at the ``cpu`` preset's scale."""
+    if q <= 8192:
+        return q / 4000
+    if q >= 32768:
+        return q / 40000
+    sim = 4000 * 10 ** (math.log(q / 8192) / math.log(4))
+    return q / sim

@@ -278,3 +278,22 @@ def test_tensorboard_events_when_installed(folder, tmp_path):
     run = tmp_path / "run"
     train(tiny(folder, train={"max_steps": 2}), run, progress_bar=False)
     assert any((run / "tensorboard").iterdir())
+
+
+def test_auto_sizes_are_resolved_recorded_and_kept_on_resume(folder, tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    auto = {"data": {"load_size": "auto", "recipe": "auto"}, "train": {"micro_batch_size": "auto"}}
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(folder, **auto), run, progress_bar=False, on_step=interrupt_at(3))
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    # 18 × 20 images: small, trained at their size rounded to 8 px, the cifar recipe; on the
+    # CPU the whole batch runs at once (it fits in RAM).
+    assert saved["data"]["load_size"] == 16 and saved["data"]["recipe"] == "cifar"
+    assert saved["train"]["micro_batch_size"] is None
+    summary = train(tiny(folder, **auto), run, resume=True, progress_bar=False)
+    assert summary["steps"] == 16
+    uninterrupted = tmp_path / "whole"
+    train(tiny(folder), uninterrupted, progress_bar=False)
+    assert losses(run) == losses(uninterrupted)  # the same run as with the sizes given

@@ -130,3 +130,17 @@ def test_registry_builds_by_name():
     assert isinstance(build_objective("sfrik", lam=1.0), SFRIKLoss)
     with pytest.raises(ValueError, match="choose one of sfrik"):
         build_objective("byol")
+
+
+def test_the_default_lambda_follows_q_as_the_official_recipes():
+    from lowres_ssl.losses import default_lam, objective_from_settings
+
+    # λ = mmd·q/sim of the official recipes: sim 4000 up to q = 8192, 40000 at q = 32768.
+    assert default_lam(2048) == pytest.approx(0.512)
+    assert default_lam(8192) == pytest.approx(2.048)
+    assert default_lam(32768) == pytest.approx(0.8192)
+    assert default_lam(8192) > default_lam(16384) > default_lam(32768)  # between: interpolated
+    assert objective_from_settings("sfrik", q=2048).lam == pytest.approx(0.512)
+    assert objective_from_settings("sfrik", lam=1.5, q=2048).lam == 1.5  # a set λ is kept
+    official = objective_from_settings("sfrik", q=2048, options={"sim_coeff": 1, "mmd_coeff": 1})
+    assert official.lam is None
