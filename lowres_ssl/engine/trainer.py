@@ -198,7 +198,8 @@ def _train(
             progress=main and progress_bar,
         )
     skip_log = SkipLog(d.path)
-    on_device = len(images) if getattr(images, "device", device).type == "cuda" else 0
+    on_gpu = getattr(images, "device", torch.device("cpu")).type == "cuda"  # data.cache gpu
+    on_device = len(images) if on_gpu else 0
     cfg, _, note = fit.resolve_micro_batch(
         cfg, device, processes=world, cached_images=on_device, mixed=precision_in_use(accelerator)
     )
