@@ -35,13 +35,16 @@ OUTPUTS = {
     "cpu": REPO / "docs/benchmarks/presets.md",
     "cuda": REPO / "docs/benchmarks/presets_cuda.md",
 }
-#: Small real cases measured on the CPU: (view size, projector, batch, micro-batch or 0).
+#: Small real cases measured on the CPU: (view size, projector, batch, micro-batch or 0,
+#: gradient checkpointing).
 CPU_CASES = [
-    (32, "256-512", 64, 0),
-    (32, "256-512", 64, 16),
-    (32, "1024-2048", 128, 0),
-    (32, "1024-2048", 128, 32),
-    (96, "512-1024", 32, 0),
+    (32, "256-512", 64, 0, False),
+    (32, "256-512", 64, 16, False),
+    (32, "256-512", 128, 0, False),
+    (32, "256-512", 128, 0, True),
+    (32, "1024-2048", 128, 0, False),
+    (32, "1024-2048", 128, 32, False),
+    (96, "512-1024", 32, 0, False),
 ]
 
 
@@ -190,21 +193,25 @@ def cpu_cases(steps: int) -> list[str]:
     from lowres_ssl.memory import Setting
 
     lines = [
-        "| views | projector | batch / micro-batch | estimated GiB | measured GiB | "
-        "measured / estimated |",
-        "|---|---|---|---|---|---|",
+        "| views | projector | batch / micro-batch | checkpointing | estimated GiB | "
+        "measured GiB | measured / estimated |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for size, projector, batch, micro in CPU_CASES:
+    for size, projector, batch, micro, checkpointing in CPU_CASES:
         s = Setting(
             projector=projector, view_size=size, load_size=size, batch_size=batch,
             micro_batch_size=micro or None, mixed=False, cuda=False, state_bits=32,
+            checkpointing=checkpointing,
         )  # fmt: skip
         r = run_isolated(s, steps, env={"OMP_NUM_THREADS": "1"})
+        ck = "on" if checkpointing else "off"
         if "error" in r:
-            lines.append(f"| {size} px | {projector} | {batch} / {micro or '–'} | {r['error']} |")
+            lines.append(
+                f"| {size} px | {projector} | {batch} / {micro or '–'} | {ck} | {r['error']} |"
+            )
             continue
         lines.append(
-            f"| {size} px | {projector} | {batch} / {micro or 'one pass'} | "
+            f"| {size} px | {projector} | {batch} / {micro or 'one pass'} | {ck} | "
             f"{r['estimated_gib']:.3f} | {r['measured_gib']:.3f} | "
             f"{r['measured_gib'] / r['estimated_gib']:.2f} |"
         )

@@ -93,13 +93,21 @@ def test_the_breakdown_names_every_part():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize(
-    ("size", "projector", "batch", "micro"),
-    [(32, "256-512", 64, 0), (32, "256-512", 64, 16), (96, "512-1024", 32, 0)],
+    ("size", "projector", "batch", "micro", "checkpointing"),
+    [
+        (32, "256-512", 64, 0, False),
+        (32, "256-512", 64, 16, False),
+        (32, "256-512", 64, 0, True),
+        (96, "512-1024", 32, 0, False),
+    ],
 )
-def test_the_estimate_is_close_to_the_measured_cpu_peak(size, projector, batch, micro):
+def test_the_estimate_is_close_to_the_measured_cpu_peak(
+    size, projector, batch, micro, checkpointing
+):
     setting = Setting(
         projector=projector, view_size=size, load_size=size, batch_size=batch,
         micro_batch_size=micro or None, mixed=False, cuda=False, state_bits=32,
+        checkpointing=checkpointing,
     )  # fmt: skip
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_presets.py"), "--steps", "2"]
     cmd += ["--one", json.dumps(dataclasses.asdict(setting))]
