@@ -25,7 +25,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,84 +50,35 @@ CPU_CASES = [
 def measure(setting, steps: int) -> dict:
     """Run ``steps`` real training steps of ``setting`` (a :class:`lowres_ssl.memory.Setting`)
     in this process; its peak memory, time per step and the estimate."""
-    import functools
-
     import torch
-    from accelerate import Accelerator
 
-    from lowres_ssl.augment import build_augment
-    from lowres_ssl.bench import proc_status_bytes, reset_peak_rss
-    from lowres_ssl.device import card_memory_gib
-    from lowres_ssl.engine.steps import embedding_cache_step, two_view_step
-    from lowres_ssl.losses import objective_from_settings
+    from lowres_ssl.bench import step_rig
     from lowres_ssl.memory import estimate
-    from lowres_ssl.models import build_model
-    from lowres_ssl.optim import build_optimizer
 
     s = setting
-    cuda = s.cuda
-    if cuda:
-        card_memory_gib(0)  # caps the allocator at an emulated card (LOWRES_SSL_GPU_GIB)
-    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if s.mixed else "no"
-    accelerator = Accelerator(mixed_precision=precision if cuda else "no", cpu=not cuda)
-    device = accelerator.device
     est = estimate(s)
-    torch.manual_seed(0)
-    model = build_model(
-        s.backbone, s.projector, image_size=s.view_size, grad_checkpointing=s.checkpointing
-    )
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(
-        s.optimizer, model, lr=0.1, weight_decay=1e-6, state_bits=s.state_bits
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    objective = objective_from_settings("sfrik", lam=None, kernel_weights=[1.0, 40.0, 40.0])
-    recipe = "cifar" if s.view_size <= 64 else "vicreg"
-    dtype = torch.bfloat16 if precision == "bf16" else (torch.float16 if cuda and s.mixed else None)
-    augment = build_augment(
-        recipe, s.view_size, out_dtype=dtype or torch.float32, channels_last=cuda
-    ).to(device)
-    g = torch.Generator().manual_seed(1)
-    side = s.load_size
-    images = torch.randint(0, 256, (s.batch_size, 3, side, side), dtype=torch.uint8, generator=g)
-    images = images.to(device)
+    rig = step_rig(s)
     cache = None
-    if cuda and s.cached_images:  # the decoded set on the card, as data.cache auto keeps it
-        cache = torch.zeros(s.cached_images, 3, side, side, dtype=torch.uint8, device=device)
-    step = two_view_step
-    if s.micro < s.batch_size:
-        step = functools.partial(embedding_cache_step, micro_batch_size=s.micro)
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    before = 0
-    if not cuda:
-        reset_peak_rss()
-        before = proc_status_bytes("VmRSS")
-    times = []
+    if rig.cuda and s.cached_images:  # the decoded set on the card, as data.cache auto keeps it
+        side = s.load_size
+        cache = torch.zeros(s.cached_images, 3, side, side, dtype=torch.uint8, device="cuda")
+    before = rig.reset_peak()
     try:
-        for _ in range(steps):
-            start = time.perf_counter()
-            step(model, objective, augment.plan(images, generator=g), accelerator=accelerator,
-                 optimizer=optimizer)  # fmt: skip
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        times = [rig.run() for _ in range(steps)]
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory", "estimated_gib": est.total_gib}
     del cache
-    timed = times[1:] or times  # the first step allocates the optimizer state
+    timed = sorted(times[1:] or times)  # the first step allocates the optimizer state
     out = {
         "estimated_gib": est.total_gib,
-        "step_s": sorted(timed)[len(timed) // 2],
-        "images_per_s": s.batch_size / sorted(timed)[len(timed) // 2],
+        "step_s": timed[len(timed) // 2],
+        "images_per_s": s.batch_size / timed[len(timed) // 2],
     }
-    if cuda:
-        out["allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    peak = rig.peak()
+    if rig.cuda:
+        out.update(peak)
     else:
-        out["measured_gib"] = (proc_status_bytes("VmHWM") - before) / 2**30
+        out["measured_gib"] = peak["rss_gib"] - before
         out["estimated_gib"] = (est.total - est.parts["weights"]) / 2**30
     return out
 
@@ -143,8 +93,9 @@ def run_isolated(setting, steps: int, env: dict | None = None) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def preset_settings(name: str, size: str, *, cuda: bool):
-    """(config, Setting) of preset ``name`` for its card, at 32 px or at its photo size."""
+def preset_settings(name: str, size: str):
+    """(config, estimate, card GiB) of preset ``name`` for its card (0: the CPU, sized for the
+    RAM), at 32 px (``size`` "small") or at its photo size."""
     from lowres_ssl import fit, presets
     from lowres_ssl.config import from_dict, validate
 
@@ -156,15 +107,11 @@ def preset_settings(name: str, size: str, *, cuda: bool):
     card = float(meta.get("vram_gib") or 0)
     import torch
 
-    target = fit.Target(torch.device("cuda" if card else "cpu"), card or _ram(), "", here=not card)
-    cfg, est, _ = fit.plan(cfg, target)
-    return cfg, est, card
-
-
-def _ram() -> float:
     from lowres_ssl.device import ram_gib
 
-    return ram_gib()
+    target = fit.Target(torch.device("cuda" if card else "cpu"), card or ram_gib(), "", not card)
+    cfg, est, _ = fit.plan(cfg, target)
+    return cfg, est, card
 
 
 def estimate_table() -> list[str]:
@@ -177,7 +124,7 @@ def estimate_table() -> list[str]:
     ]
     for name in presets.available():
         for size in ("small", "photo"):
-            _, est, card = preset_settings(name, size, cuda=True)
+            _, est, card = preset_settings(name, size)
             s = est.setting
             micro = s.micro if s.micro < s.batch_size else "one pass"
             share = f"{est.total_gib / card:.0%}" if card else "–"
@@ -232,7 +179,7 @@ def cuda_cases(steps: int) -> list[str]:
         if not card:
             continue
         for size in ("small", "photo"):
-            _, est, _ = preset_settings(name, size, cuda=True)
+            _, est, _ = preset_settings(name, size)
             s = est.setting
             r = run_isolated(s, steps, env={"LOWRES_SSL_GPU_GIB": str(card)})
             head = (
@@ -248,7 +195,7 @@ def cuda_cases(steps: int) -> list[str]:
                 )
             print(lines[-1], flush=True)
     # Side by side on the 8 GB preset at 32 px.
-    _, est, _ = preset_settings("8gb", "small", cuda=True)
+    _, est, _ = preset_settings("8gb", "small")
     base = est.setting
     variants = {
         "as the preset": base,

@@ -86,86 +86,41 @@ def grid(device: str) -> list[Row]:
 
 
 def measure(row: Row, device: str, projector: str, warmup: int, steps: int) -> Row:
-    """One row, in this process (call it in a fresh one: CPU peak RSS cannot be reset)."""
-    import functools
-
+    """One row, in this process (call it in a fresh one, so the peak is the row's own)."""
     import torch
-    from accelerate import Accelerator
 
-    from lowres_ssl.augment import build_augment
-    from lowres_ssl.bench import proc_status_bytes, reset_peak_rss
-    from lowres_ssl.device import MIXED_DTYPES, peak_memory_gib, resolve_precision
-    from lowres_ssl.engine.steps import embedding_cache_step, two_view_step
-    from lowres_ssl.losses import objective_from_settings
-    from lowres_ssl.models import build_model
-    from lowres_ssl.optim import build_optimizer
+    from lowres_ssl.bench import step_rig
+    from lowres_ssl.memory import Setting
 
     cuda = device == "cuda"
-    accelerator = Accelerator(
-        mixed_precision=resolve_precision("auto" if cuda else "fp32"), cpu=not cuda
-    )
-    dev = accelerator.device
-    torch.manual_seed(0)
-    model = build_model("resnet18", projector, image_size=row.size)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(
-        "lars", model, lr=0.3, weight_decay=1e-6, state_bits=8 if cuda else 32
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    objective = objective_from_settings("sfrik", lam=None, kernel_weights=[1.0, 40.0, 40.0])
-    recipe = "cifar" if row.size <= 64 else "vicreg"
-    augment = build_augment(
-        recipe, row.size, out_dtype=MIXED_DTYPES[accelerator.mixed_precision], channels_last=cuda
-    ).to(dev)
+    setting = Setting(
+        projector=projector, view_size=row.size, load_size=row.size, batch_size=row.batch,
+        micro_batch_size=row.micro if row.mode == "cache" else None, mixed=cuda,
+        state_bits=8 if cuda else 32, cuda=cuda,
+    )  # fmt: skip
     side = row.size if row.size <= 64 else row.size * 5 // 4  # photos are cropped, then resized
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (row.batch, 3, side, side), dtype=torch.uint8, generator=g)
-    images = images.to(dev)
-    step = two_view_step
-    if row.mode == "cache":
-        step = functools.partial(embedding_cache_step, micro_batch_size=row.micro)
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    def one_step() -> float:
-        sync()
-        start = time.perf_counter()
-        views = augment.plan(images, generator=g)
-        if row.views == "held":
-            views = views.take(None, 2)
-        step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
-        sync()
-        return time.perf_counter() - start
-
-    model.train()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    before = 0.0
-    if not cuda:
-        reset_peak_rss()
-        before = proc_status_bytes("VmRSS") / 2**30
+    rig = step_rig(setting, load_side=side)
+    held = row.views == "held"
+    before = rig.reset_peak()
     try:
         for _ in range(warmup):
-            one_step()
-        times = [one_step() for _ in range(steps)]
+            rig.run(held_views=held)
+        times = [rig.run(held_views=held) for _ in range(steps)]
     except torch.cuda.OutOfMemoryError:
         row.error = "out of memory"
         return row
-    sync()
+    peak = rig.peak()
+    rig.sync()
     start = time.perf_counter()
     for _ in range(3):
-        augment.plan(images, generator=g).take(None, 2)
-    sync()
+        rig.augment.plan(rig.images, generator=rig.generator).take(None, 2)
+    rig.sync()
     row.aug_s = (time.perf_counter() - start) / 3
     row.step_s = statistics.median(times)
-    mem = peak_memory_gib(dev)
     if cuda:
-        row.peak_gib, row.reserved_gib = mem["gpu_allocated_gib"], mem["gpu_reserved_gib"]
+        row.peak_gib, row.reserved_gib = peak["allocated_gib"], peak["reserved_gib"]
     else:
-        row.peak_gib = proc_status_bytes("VmHWM") / 2**30
+        row.peak_gib = peak["rss_gib"]
         row.growth_gib = row.peak_gib - before
     return row
 
