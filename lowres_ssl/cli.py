@@ -130,9 +130,9 @@ def train_main(argv: list[str] | None = None) -> int:
 
         target = fit.target_device(cfg, chosen_by_auto=getattr(args, "auto_preset", False))
         if args.dry_run:
-            resolved, _, lines = fit.plan(cfg, target)
+            resolved, est, lines = fit.plan(cfg, target)
             if target.chosen_by_auto:
-                lines.insert(0, fit.auto_line(cfg, target))
+                lines.insert(0, fit.auto_line(cfg, target, est))
             if target.warning:
                 lines.insert(0, target.warning)
             print(dump_yaml(resolved), end="")

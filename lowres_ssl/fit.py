@@ -198,7 +198,7 @@ def images_on_card(cfg: Config, target: Target) -> int:
     """How many decoded images ``data.cache`` would keep on the card (the loader's rule: the
     whole set where it takes at most a quarter of the card's memory)."""
     from lowres_ssl.data import DATASETS
-    from lowres_ssl.data.loader import GPU_CACHE_FRACTION
+    from lowres_ssl.data.loader import fits_gpu_cache
 
     if target.device.type != "cuda" or cfg.data.cache not in ("gpu", "auto"):
         return 0
@@ -211,8 +211,7 @@ def images_on_card(cfg: Config, target: Target) -> int:
 
         n = len(scan_folder(cfg.data.path))
     size = cfg.data.load_size
-    fits = n * 3 * size * size <= GPU_CACHE_FRACTION * target.card_gib * GIB
-    return n if fits else 0
+    return n if fits_gpu_cache(n * 3 * size * size, target.card_gib * GIB) else 0
 
 
 def plan(cfg: Config, target: Target) -> tuple[Config, Estimate | None, list[str]]:
@@ -236,9 +235,11 @@ def plan(cfg: Config, target: Target) -> tuple[Config, Estimate | None, list[str
     return cfg, est, lines
 
 
-def auto_line(cfg: Config, target: Target) -> str:
-    """``--preset auto``'s one line: what it found, what it chose, the estimated peak."""
-    _, est, _ = plan(cfg, target)
+def auto_line(cfg: Config, target: Target, est: Estimate | None = None) -> str:
+    """``--preset auto``'s one line: what it found, what it chose, the estimated peak
+    (``est``: the plan's, when it has been made already)."""
+    if est is None:
+        _, est, _ = plan(cfg, target)
     s = est.setting
     how = f"micro-batches of {s.micro}" if s.micro < s.batch_size else "one pass"
     return (

@@ -85,15 +85,7 @@ def loss_bytes(
 
     linear = 7.0 * n * q
     if name in ("sfrik", "uniformity"):
-        path = mmd_path
-        if path == "auto":
-            if kernel_degree is not None and (
-                kernel_degree <= 1
-                or (kernel_degree == 2 and q < n and q * q <= mmd.DENSE_MAX_ENTRIES)
-            ):
-                path = "moments"
-            else:
-                path = "dense" if n * n <= mmd.DENSE_MAX_ENTRIES else "blocked"
+        path = mmd.path_for_degree(n, q, kernel_degree) if mmd_path == "auto" else mmd_path
         if path == "moments":
             return FLOAT * (linear + 3.0 * q * q)
         if path == "dense":

@@ -265,14 +265,18 @@ class ArrayLoader(ImageLoader):
             thread.join()
 
 
-def _device_memory_bytes(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+def fits_gpu_cache(nbytes: float, card_bytes: float) -> bool:
+    """The rule of ``cache: gpu`` and ``auto``: a decoded set of ``nbytes`` stays on a card of
+    ``card_bytes`` when it takes at most :data:`GPU_CACHE_FRACTION` of it."""
+    return nbytes <= GPU_CACHE_FRACTION * card_bytes
 
 
 def _fits_on_device(nbytes: int, device: torch.device) -> bool:
     if device.type != "cuda":
         return True
-    return nbytes <= GPU_CACHE_FRACTION * _device_memory_bytes(device)
+    from lowres_ssl.device import card_memory_gib  # the emulated card's, where one is set
+
+    return fits_gpu_cache(nbytes, card_memory_gib(device) * 2**30)
 
 
 def open_images(

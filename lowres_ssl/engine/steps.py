@@ -57,6 +57,10 @@ def _take(views: Views, part: slice | None = None) -> list[Tensor]:
     return [v if part is None else v[part] for v in views[:2]]
 
 
+def _batch_size(views: Views) -> int:
+    return len(views) if isinstance(views, PlannedViews) else views[0].shape[0]
+
+
 def two_view_step(
     model: torch.nn.Module,
     objective: torch.nn.Module,
@@ -109,7 +113,7 @@ def embedding_cache_step(
     SyncBN; with a model without BatchNorm the gradient is the whole batch's. With
     ``micro_batch_size`` at least the batch, this is :func:`two_view_step` itself.
     """
-    n = len(views) if isinstance(views, PlannedViews) else views[0].shape[0]
+    n = _batch_size(views)
     if micro_batch_size >= n:
         return two_view_step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
     # As equal as possible, none larger than asked: a batch of 7 (a bad file dropped) in
@@ -158,7 +162,7 @@ def accumulation_step(
     VICReg's covariance, SimCLR's negatives) is then computed on each part, a smaller batch,
     not on the whole one. :func:`embedding_cache_step` keeps the whole batch's objective.
     """
-    n = len(views) if isinstance(views, PlannedViews) else views[0].shape[0]
+    n = _batch_size(views)
     parts = even_parts(n, min(accumulate_steps, n))
     losses, terms = [], {}
     for i, p in enumerate(parts):

@@ -70,7 +70,12 @@ def choose_path(n: int, dim: int, kernel: RotationInvariantKernel) -> str:
     Moments when ψ has degree ≤ 1 (O(n·q)), or degree 2 and q < n (n·q² < n²·q flops) with a
     small q × q matrix; dense while the Gram matrix stays small; blocked beyond.
     """
-    degree = kernel.degree
+    return path_for_degree(n, dim, kernel.degree)
+
+
+def path_for_degree(n: int, dim: int, degree: int | None) -> str:
+    """:func:`choose_path` for a kernel of polynomial degree ``degree`` (None: not a
+    polynomial), without the kernel itself (the memory estimator's case)."""
     small_second_moment = dim * dim <= DENSE_MAX_ENTRIES
     if degree is not None and (degree <= 1 or (degree == 2 and dim < n and small_second_moment)):
         return "moments"
