@@ -157,6 +157,17 @@ class Recipe:
 _VICREG_VIEW1 = ViewSpec(blur_p=1.0, solarize_p=0.0)
 _VICREG_VIEW2 = ViewSpec(blur_p=0.1, solarize_p=0.2)
 _AUH_VIEW = ViewSpec(jitter_p=1.0, saturation=0.4, hue=0.4, blur_p=0.0, solarize_p=0.0)
+_SUPERVISED_VIEW = ViewSpec(
+    scale=(0.35, 1.0),
+    jitter_p=0.8,
+    brightness=0.2,
+    contrast=0.2,
+    saturation=0.2,
+    hue=0.0,
+    gray_p=0.0,
+    blur_p=0.0,
+    solarize_p=0.0,
+)
 
 #: Recipe name → :class:`Recipe`:
 #:
@@ -165,6 +176,9 @@ _AUH_VIEW = ViewSpec(jitter_p=1.0, saturation=0.4, hue=0.4, blur_p=0.0, solarize
 #: * ``auh``: the SFRIK paper's STL-10 recipe: crop and flip as above, jitter (0.4, 0.4, 0.4, 0.4)
 #:   p 1.0, grayscale 0.2, no blur, no solarize, on both views.
 #: * ``cifar``: ``vicreg`` without blur (sigma up to 2 px smears a 32 px image); solarize kept.
+#: * ``supervised``: fine-tuning's one view (only view 1 is used): crop (0.35, 1), flip 0.5,
+#:   light jitter (0.2, 0.2, 0.2, 0) p 0.8, nothing else. A milder crop than the SSL recipes':
+#:   a labeled few epochs need the object in the view, not an invariance to losing it.
 RECIPES: dict[str, Recipe] = {
     "vicreg": Recipe("vicreg", _VICREG_VIEW1, _VICREG_VIEW2),
     "auh": Recipe("auh", _AUH_VIEW, _AUH_VIEW),
@@ -173,6 +187,7 @@ RECIPES: dict[str, Recipe] = {
         dataclasses.replace(_VICREG_VIEW1, blur_p=0.0),
         dataclasses.replace(_VICREG_VIEW2, blur_p=0.0),
     ),
+    "supervised": Recipe("supervised", _SUPERVISED_VIEW, _SUPERVISED_VIEW),
 }
 
 

@@ -61,6 +61,10 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="the run folder (default: runs/<preset>-<date>-<time>)")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--max-steps", type=int, help="train.max_steps: stop after this many steps")
+    p.add_argument(
+        "--time-budget",
+        help="train.time_budget: fit the run to a wall time (15m, 2h, 90s): steps and schedule",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--init", help="start from weights: a run folder, checkpoint, .safetensors/.pth")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -101,6 +105,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         flags.setdefault("train", {})["epochs"] = args.epochs
     if args.max_steps is not None:
         flags.setdefault("train", {})["max_steps"] = args.max_steps
+    if args.time_budget is not None:
+        flags.setdefault("train", {})["time_budget"] = args.time_budget
     values = merge(values, flags)
     values = merge(values, parse_set(args.set))
     values.setdefault("preset", preset_name)
@@ -164,6 +170,242 @@ def train_main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune.py
+
+FINETUNE_EXAMPLES = """\
+examples:
+  accelerate launch scripts/finetune.py --checkpoint runs/NAME --train DIR --val DIR --preset 8gb
+  python scripts/finetune.py --checkpoint runs/NAME --train cifar10 --train-fraction 0.1
+  python scripts/finetune.py --random-init --checkpoint runs/NAME --train DIR --val DIR  # baseline
+  python scripts/finetune.py --checkpoint runs/NAME --train DIR --val DIR --freeze-backbone
+  python scripts/finetune.py --resume --out runs/ft
+
+The run folder holds classifier.safetensors (the best model by validation top-1; backbone,
+head, class names), classifier_last.safetensors, metrics.jsonl and summary.json.
+"""
+
+#: Fine-tuning's own defaults, over a preset's hardware settings (the SFRIK paper's
+#: semi-supervised protocol: SGD with momentum, no weight decay, cosine to 0, batch 256).
+FINETUNE_DEFAULTS: dict = {
+    "optim": {
+        "name": "sgd",
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "warmup_epochs": 0.0,
+        "final_lr_ratio": 0.0,
+    },
+    "train": {"epochs": 20, "batch_size": 256, "checkpoint_every": 1000},
+    "data": {"recipe": "supervised"},
+    "eval": {"every_epochs": 0},  # the kNN monitor is pre-training's; validation replaces it
+}
+
+#: What fine-tuning takes from a preset: the card's settings, not pre-training's recipe.
+PRESET_KEYS_FOR_FINETUNING = {
+    "data": ("cache", "cache_dir", "num_workers", "photo_size", "min_size", "max_pixels"),
+    "model": ("backbone", "grad_checkpointing", "channels_last"),
+    "train": ("precision", "micro_batch_size", "seed"),
+    "optim": ("state_bits",),
+}
+
+
+def finetune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="finetune.py",
+        description="Supervised fine-tuning of a pre-trained backbone plus a new linear head on "
+        "a labeled folder (root/<class>/<image>).",
+        epilog=FINETUNE_EXAMPLES + "\n" + preset_lines(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", help="pre-trained weights: a run folder, checkpoint or file")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="the same architecture from scratch (the baseline; no weights are loaded)",
+    )
+    p.add_argument("--train", help="the labeled training folder, or cifar10 / cifar100 / stl10")
+    p.add_argument("--val", help="the labeled validation folder or a split (cifar10:test)")
+    p.add_argument("--preset", help="a preset name (its card settings), auto, or a YAML path")
+    p.add_argument("--autofit", action="store_true", help="fit the micro-batch to the card")
+    p.add_argument("--config", help="a full or partial config YAML")
+    p.add_argument("--out", help="the run folder (default: runs/ft-<date>-<time>)")
+    p.add_argument("--epochs", type=int, help="train.epochs (default 20)")
+    p.add_argument("--max-steps", type=int, help="train.max_steps")
+    p.add_argument("--time-budget", help="train.time_budget (15m, 2h, 90s)")
+    p.add_argument("--train-fraction", type=float, help="a class-balanced fraction (0.01, 0.1)")
+    p.add_argument("--per-class", type=int, help="or this many labeled images per class")
+    p.add_argument("--freeze-backbone", action="store_true", help="train the head only")
+    p.add_argument("--backbone-lr", type=float, help="per 256 images (default 0.01)")
+    p.add_argument("--head-lr", type=float, help="per 256 images (default 0.2)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any key")
+    return p
+
+
+def resolve_finetune_config(args: argparse.Namespace) -> Config:
+    """Layer: a preset's card settings < fine-tuning defaults < --config < flags < --set; the
+    backbone and image size come from --checkpoint (a resume reads the run's config.yaml)."""
+    from lowres_ssl import presets
+
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out, the run folder to continue")
+    values: dict = {}
+    if args.resume and not args.preset and not args.config:
+        saved = Path(args.out).expanduser() / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"--resume: {args.out} holds no run (no config.yaml)")
+        values = load_yaml(saved)
+    else:
+        name, preset, _ = presets.load_preset(args.preset or "auto")
+        values = {
+            section: {k: preset[section][k] for k in keys if k in preset.get(section, {})}
+            for section, keys in PRESET_KEYS_FOR_FINETUNING.items()
+        }
+        values = merge(values, FINETUNE_DEFAULTS)
+        values["preset"] = name
+    if args.config:
+        values = merge(values, load_yaml(args.config))
+    flags: dict = {"finetune": {}, "train": {}, "data": {}}
+    f, t = flags["finetune"], flags["train"]
+    if args.checkpoint:
+        f["checkpoint"] = args.checkpoint
+    if args.random_init:
+        f["random_init"] = True
+    if args.val:
+        f["val"] = args.val
+    if args.freeze_backbone:
+        f["freeze_backbone"] = True
+    for key in ("train_fraction", "per_class", "backbone_lr", "head_lr"):
+        if getattr(args, key) is not None:
+            f[key] = getattr(args, key)
+    if args.train:
+        flags["data"]["path"] = args.train
+    for key in ("epochs", "max_steps", "time_budget"):
+        if getattr(args, key) is not None:
+            t[key] = getattr(args, key)
+    values = merge(values, flags)
+    values = merge(values, parse_set(args.set))
+    checkpoint = (values.get("finetune") or {}).get("checkpoint")
+    if not args.resume:
+        if checkpoint:  # the architecture and the image size are the checkpoint's
+            from lowres_ssl.weights import load_weights
+
+            spec = load_weights(checkpoint, "--checkpoint").spec
+            values = merge(values, {"model": {"backbone": spec.backbone}})
+            if (values.get("data") or {}).get("load_size", "auto") == "auto":
+                values = merge(values, {"data": {"load_size": spec.image_size}})
+        elif not (values.get("finetune") or {}).get("random_init"):
+            raise UserError(
+                "finetune.py needs --checkpoint (the pre-trained weights), or --random-init to "
+                "train the architecture from scratch"
+            )
+        given = merge(load_yaml(args.config) if args.config else {}, parse_set(args.set))
+        if not args.train and not (given.get("data") or {}).get("path"):
+            raise UserError("finetune.py needs --train, the labeled folder to train on")
+    return validate(from_dict(values))
+
+
+def finetune_main(argv: list[str] | None = None) -> int:
+    args = finetune_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        cfg = resolve_finetune_config(args)
+        out = args.out or f"runs/ft-{datetime.now():%Y%m%d-%H%M%S}"
+        from lowres_ssl import fit
+
+        target = fit.target_device(cfg, chosen_by_auto=not args.preset and not args.resume)
+        if args.dry_run:
+            resolved, _, _ = fit.plan(cfg, target)
+            print(dump_yaml(resolved), end="")
+            print(f"# run folder: {out}" + (" (resume)" if args.resume else ""))
+            if target.warning:
+                print(f"# {target.warning}")
+            return 0
+        if target.warning:
+            logging.getLogger("lowres_ssl").warning(target.warning)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        from lowres_ssl.engine import train
+        from lowres_ssl.engine.tasks import FineTuning
+
+        with logging_redirect_tqdm():
+            summary = train(
+                cfg,
+                out,
+                task=FineTuning(),
+                resume=args.resume,
+                progress_bar=sys.stderr.isatty(),
+                autofit=args.autofit,
+            )
+        if "best_val_top1" in summary:
+            print(
+                f"validation top-1 {summary['best_val_top1']:.4f} (best, epoch "
+                f"{summary['best_epoch']}), last {summary['val_top1']:.4f}; "
+                f"classifier: {Path(out) / 'classifier.safetensors'}"
+            )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# predict.py
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="predict.py",
+        description="Classify every image of a folder with a fine-tuned classifier (a CSV), or "
+        "write the backbone's features (--embeddings).",
+        epilog="examples:\n"
+        "  python scripts/predict.py --checkpoint runs/ft --images DIR --out predictions.csv\n"
+        "  python scripts/predict.py --checkpoint runs/NAME --images DIR --embeddings feats.npy",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="a finetune.py run folder or its file")
+    p.add_argument("--images", required=True, help="a folder of images (recursive)")
+    p.add_argument("--out", help="the CSV to write (path, class, probability, top-5)")
+    p.add_argument("--embeddings", help="write backbone features to this .npy instead")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda")
+    p.add_argument("--num-workers", type=int, help="decoding processes")
+    return p
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    from lowres_ssl.predict import predict, summary_line
+
+    args = predict_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        _positive_flags(args, ("batch_size",))
+        if bool(args.out) == bool(args.embeddings):
+            raise UserError("pass --out predictions.csv, or --embeddings features.npy")
+        if args.embeddings and not args.embeddings.endswith(".npy"):
+            raise UserError(f"--embeddings {args.embeddings}: the features file is a .npy")
+        summary = predict(
+            args.checkpoint,
+            args.images,
+            args.out or args.embeddings,
+            embeddings=bool(args.embeddings),
+            batch_size=args.batch_size,
+            device=args.device,
+            num_workers=args.num_workers,
+            progress=sys.stderr.isatty(),
+        )
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(summary_line(summary))
     return 0
 
 
@@ -348,7 +590,11 @@ __all__ = [
     "evaluate_main",
     "evaluate_parser",
     "export_main",
+    "finetune_main",
+    "finetune_parser",
     "plot_main",
+    "predict_main",
+    "predict_parser",
     "resolve_config",
     "train_main",
     "train_parser",

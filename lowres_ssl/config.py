@@ -95,6 +95,7 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (also at each epoch's end)
     keep_checkpoints: int = 2  # the last K are kept
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    time_budget: str | float | None = None  # 15m, 2h, 90s or seconds: fit the steps to it
 
 
 @dataclass
@@ -112,6 +113,22 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning (``scripts/finetune.py``); unused by pre-training."""
+
+    checkpoint: str | None = None  # the pre-trained weights: run folder, checkpoint or file
+    random_init: bool = False  # the same architecture from scratch (the baseline)
+    val: str | None = None  # labeled folder or dataset:split, validated every epoch
+    backbone_lr: float = 0.01  # per 256 images (scaled by the global batch)
+    head_lr: float = 0.2  # per 256 images
+    freeze_backbone: bool = False  # train the head only (a linear probe with augmentation)
+    train_fraction: float | None = None  # a class-balanced subset of the training folder
+    per_class: int | None = None  # or this many images per class
+    label_smoothing: float = 0.0
+    val_every_epochs: int = 1
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -119,6 +136,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     preset: str | None = None  # the preset it started from (for the record)
 
 
@@ -358,8 +376,33 @@ def validate(cfg: Config) -> Config:
             "batch on the card; set one (micro_batch_size keeps the whole batch's objective)"
         )
     _positive("train.max_bad_steps", t.max_bad_steps)
+    if t.time_budget is not None:
+        from lowres_ssl.engine.budget import parse_budget
+
+        parse_budget(t.time_budget)
     _validate_eval(cfg)
+    _validate_finetune(cfg)
     return cfg
+
+
+def _validate_finetune(cfg: Config) -> None:
+    f = cfg.finetune
+    for key in ("backbone_lr", "head_lr"):
+        _positive(f"finetune.{key}", getattr(f, key), allow_zero=True)
+    _positive("finetune.per_class", f.per_class)
+    _positive("finetune.val_every_epochs", f.val_every_epochs, allow_zero=True)
+    if f.train_fraction is not None and not 0 < f.train_fraction <= 1:
+        raise UserError(
+            f"config key finetune.train_fraction must be in (0, 1], got {f.train_fraction}"
+        )
+    if f.train_fraction is not None and f.per_class is not None:
+        raise UserError(
+            "config keys finetune.train_fraction and finetune.per_class both pick a subset; set one"
+        )
+    if not 0 <= f.label_smoothing < 1:
+        raise UserError(
+            f"config key finetune.label_smoothing must be in [0, 1), got {f.label_smoothing}"
+        )
 
 
 def _validate_eval(cfg: Config) -> None:

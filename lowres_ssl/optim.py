@@ -419,6 +419,18 @@ def _adamw_8bit(bnb: ModuleType, groups: list[dict], hp: _Hyper) -> torch.optim.
     return opt
 
 
+def _sgd_32bit(groups: list[dict], hp: _Hyper) -> torch.optim.Optimizer:
+    opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    opt.description = "SGD with momentum (32-bit state, torch.optim.SGD)"  # type: ignore[attr-defined]
+    return opt
+
+
+def _sgd_8bit(bnb: ModuleType, groups: list[dict], hp: _Hyper) -> torch.optim.Optimizer:
+    opt = bnb.optim.SGD8bit(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+    opt.description = "SGD with momentum (8-bit momentum, bitsandbytes SGD8bit)"
+    return opt
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lars": OptimizerSpec(
         torch_name="LARS on torch.optim.SGD",
@@ -431,6 +443,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         build_32bit=_adamw_32bit,
         build_8bit=_adamw_8bit,
         make_probe=lambda bnb, params: bnb.optim.AdamW8bit(params, lr=0.1),
+    ),
+    # Plain momentum SGD: the supervised fine-tuning recipe (no trust ratio on a new head).
+    "sgd": OptimizerSpec(
+        torch_name="torch.optim.SGD",
+        build_32bit=_sgd_32bit,
+        build_8bit=_sgd_8bit,
+        make_probe=lambda bnb, params: bnb.optim.SGD8bit(params, lr=0.1, momentum=0.9),
     ),
 }
 
@@ -506,7 +525,7 @@ def build_optimizer(
     eps: float = 1e-8,
     state_bits: int = 8,
 ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (``lars`` or ``adamw``) over a model or parameters.
+    """The optimizer ``name`` (``lars``, ``adamw`` or ``sgd``) over a model or parameters.
 
     A module or a list of tensors is split by :func:`parameter_groups` (no decay and, for LARS,
     no trust ratio on ``ndim <= 1`` parameters); a list of group dicts is used as given.
@@ -526,8 +545,8 @@ def build_optimizer(
     groups = _groups_from(model_or_params, hp.weight_decay)
     if state_bits == 32:
         return spec.build_32bit(groups, hp)
-    if key == "lars" and hp.momentum == 0:
-        raise UserError("8-bit LARS needs momentum > 0; use state_bits=32 for momentum 0")
+    if key in ("lars", "sgd") and hp.momentum == 0:
+        raise UserError(f"8-bit {key.upper()} needs momentum > 0; use state_bits=32 for momentum 0")
     params = [p for g in groups for p in g["params"]]
     try:
         bnb = _import_bitsandbytes()

@@ -39,6 +39,9 @@ from lowres_ssl.models import BACKBONES, CIFAR_STEM_MAX_SIZE, ResNetBackbone, SS
 
 BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_FORMAT = "lowres_ssl.backbone.v1"
+CLASSIFIER_FILE = "classifier.safetensors"  # a fine-tuning run's best model by validation
+CLASSIFIER_LAST_FILE = "classifier_last.safetensors"  # ... and its final one
+CLASSIFIER_FORMAT = "lowres_ssl.classifier.v1"
 CHECKPOINT_MODEL_FILE = "model.safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 EXPORT_FORMATS = ("safetensors", "torchvision")
@@ -105,8 +108,9 @@ def find_weights(path: str | Path, flag: str = "--checkpoint") -> tuple[Path, Pa
     """(weights file, its run folder or None) behind a run folder, checkpoint folder or file."""
     p = Path(path).expanduser()
     if p.is_dir():
-        if (p / BACKBONE_FILE).is_file():
-            return p / BACKBONE_FILE, p if (p / "config.yaml").is_file() else None
+        for name in (BACKBONE_FILE, CLASSIFIER_FILE):  # pre-training's, fine-tuning's
+            if (p / name).is_file():
+                return p / name, p if (p / "config.yaml").is_file() else None
         if (p / CHECKPOINT_MODEL_FILE).is_file():  # a checkpoint folder: run/checkpoints/step_N
             run = p.parent.parent
             return p / CHECKPOINT_MODEL_FILE, run if (run / "config.yaml").is_file() else None
@@ -366,6 +370,94 @@ def save_torchvision(state: dict[str, Tensor], spec: BackboneSpec, path: Path) -
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# Classifiers (fine-tuning's output)
+
+
+@dataclass
+class ClassifierFile:
+    """A fine-tuned classifier read from disk: backbone spec, head, class names."""
+
+    file: Path
+    spec: BackboneSpec
+    state: dict[str, Tensor]  # backbone.* and head.*
+    classes: list[str]
+    info: dict[str, Any]  # the rest of the metadata (val_top1, epoch, preprocessing, …)
+
+    def build(self):
+        """The :class:`~lowres_ssl.models.Classifier` with these weights (eval mode)."""
+        from lowres_ssl.models import Classifier
+
+        with torch.random.fork_rng(devices=[]):
+            model = Classifier(self.spec.build(), len(self.classes))
+        model.load_state_dict(self.state)
+        return model.eval()
+
+
+def save_classifier(
+    model, spec: BackboneSpec, classes: list[str], path: Path, info: dict[str, Any] | None = None
+) -> Path:
+    """Backbone + head as safetensors; the backbone spec, class names, preprocessing and
+    ``info`` (JSON values) in the metadata; atomic."""
+    from lowres_ssl.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    meta = _metadata(spec)
+    meta["format"] = CLASSIFIER_FORMAT
+    meta["classes"] = json.dumps(list(classes))
+    meta["preprocessing"] = json.dumps(
+        {
+            "resize": "centred square, bicubic, to image_size",
+            "image_size": spec.image_size,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+        }
+    )
+    meta["info"] = json.dumps(info or {})
+    state = {
+        **{f"backbone.{k}": v for k, v in model.backbone.state_dict().items()},
+        **{f"head.{k}": v for k, v in model.head.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(_plain_state(state), str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_classifier(path: str | Path, flag: str = "--checkpoint") -> ClassifierFile:
+    """A classifier from a fine-tuning run folder (its best model, ``classifier.safetensors``)
+    or a classifier file; anything else is a one-line error."""
+    p = Path(path).expanduser()
+    file = p / CLASSIFIER_FILE if p.is_dir() else p
+    if p.is_dir() and not file.is_file():
+        raise UserError(
+            f"{flag} {p}: no {CLASSIFIER_FILE} in it; pass the --out folder of a finished "
+            "finetune.py run (or its classifier file)"
+        )
+    if not file.exists():
+        raise UserError(f"{flag} {file} does not exist")
+    if file.suffix != ".safetensors":
+        raise UserError(f"{flag} {file}: a classifier is a .safetensors file from finetune.py")
+    state, meta = read_state(file, flag)
+    if meta.get("format") != CLASSIFIER_FORMAT or "head.weight" not in state:
+        raise UserError(
+            f"{flag} {file} is not a classifier from finetune.py (no head or class names); "
+            "for a backbone's features use --embeddings"
+        )
+    weights = load_weights(file, flag)
+    try:
+        classes = json.loads(meta["classes"])
+        info = json.loads(meta.get("info", "{}"))
+    except (KeyError, json.JSONDecodeError):
+        raise UserError(f"{flag} {file}: its class names are unreadable") from None
+    if len(classes) != state["head.weight"].shape[0]:
+        raise UserError(
+            f"{flag} {file}: {len(classes)} class names for a head of "
+            f"{state['head.weight'].shape[0]} outputs; the file was changed after training"
+        )
+    keep = {k: v for k, v in state.items() if k.startswith(("backbone.", "head."))}
+    return ClassifierFile(file, weights.spec, keep, classes, info)
+
+
 def export(weights: Weights, out: str | Path, fmt: str | None = None) -> Path:
     """Write ``weights`` as ``fmt`` (default from the suffix: .pth/.pt → torchvision)."""
     out = Path(out).expanduser()
@@ -388,18 +480,24 @@ def export(weights: Weights, out: str | Path, fmt: str | None = None) -> Path:
 __all__ = [
     "BACKBONE_FILE",
     "BACKBONE_FORMAT",
+    "CLASSIFIER_FILE",
+    "CLASSIFIER_FORMAT",
+    "CLASSIFIER_LAST_FILE",
     "EXPORT_FORMATS",
     "BackboneSpec",
+    "ClassifierFile",
     "Weights",
     "export",
     "find_weights",
     "infer_architecture",
     "load_backbone",
+    "load_classifier",
     "load_init",
     "load_into",
     "load_weights",
     "random_backbone",
     "read_state",
+    "save_classifier",
     "save_safetensors",
     "save_torchvision",
     "spec_of",

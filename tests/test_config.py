@@ -78,10 +78,13 @@ def test_validation_names_the_key_and_the_choices(tmp_path):
     validate(from_dict(ok))
     cases = [
         ({"loss": {"name": "byol"}}, "loss.name is 'byol'; choose one of sfrik, vicreg"),
-        ({"optim": {"name": "sgd"}}, "optim.name is 'sgd'; choose one of lars, adamw"),
+        ({"optim": {"name": "sgdw"}}, "optim.name is 'sgdw'; choose one of lars, adamw, sgd"),
         ({"model": {"backbone": "vit"}}, "choose one of resnet18, resnet34, resnet50"),
         ({"data": {"cache": "ram"}}, "choose one of auto, none, disk, gpu"),
-        ({"data": {"recipe": "simclr"}}, "choose one of auto, vicreg, auh, cifar"),
+        ({"data": {"recipe": "simclr"}}, "choose one of auto, vicreg, auh, cifar, supervised"),
+        ({"train": {"time_budget": "soon"}}, "time_budget 'soon' is not a duration"),
+        ({"finetune": {"train_fraction": 1.5}}, r"finetune\.train_fraction must be in \(0, 1\]"),
+        ({"finetune": {"train_fraction": 0.1, "per_class": 5}}, "set one"),
         ({"train": {"precision": "fp64"}}, "choose one of auto, bf16, fp16, fp32"),
         ({"train": {"batch_size": 0}}, r"train\.batch_size must be > 0"),
         ({"optim": {"state_bits": 16}}, "must be 8 or 32"),

@@ -37,8 +37,12 @@ class Progress:
     epoch_loss_sum: float = 0.0  # finite losses of this epoch so far (for its mean)
     epoch_loss_steps: int = 0
     last_loss: float | None = None  # the last finite loss
-    knn_step: int = -1  # the step of the last kNN evaluation (the online monitor)
-    knn_top1: float | None = None  # its result
+    knn_step: int = -1  # the step of the last evaluation (the kNN monitor, or validation)
+    knn_top1: float | None = None  # its result (kNN top-1, or validation top-1)
+    best_top1: float | None = None  # the best evaluation result so far
+    best_step: int = -1  # ... its step (-1: none yet)
+    best_epoch: int = 0
+    total_steps: int | None = None  # the total a time budget chose (None: from the config)
 
 
 def checkpoints(run_dir: Path) -> list[Path]:

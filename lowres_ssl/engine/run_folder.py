@@ -43,6 +43,7 @@ RESUMABLE_KEYS = {
     "data.num_workers",
     "data.cache_dir",
     "train.micro_batch_size",  # the card it runs on; the objective stays the batch's
+    "train.time_budget",  # a resumed run keeps the total its budget chose
 }
 #: Sections that may change on resume as a whole (the kNN monitor only observes training).
 RESUMABLE_SECTIONS = ("eval.",)
@@ -61,6 +62,9 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved → current`` for each key that differs and matters for resuming."""
     a, b = _flatten(saved), _flatten(current)
+    # A key the saved config lacks (written before the key existed) had its default then.
+    defaults = _flatten(to_dict(Config()))
+    a = {**{k: v for k, v in defaults.items() if k not in a and k in b}, **a}
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
     keys = [k for k in keys if not k.startswith(RESUMABLE_SECTIONS)]
     # "auto" in the current config stands for what it resolved to when the run started.

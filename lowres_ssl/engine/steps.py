@@ -146,6 +146,66 @@ def embedding_cache_step(
     return StepResult(value, terms, True)
 
 
+@dataclass
+class LabeledViews:
+    """One view per image (planned, or a tensor) and the images' class labels."""
+
+    views: PlannedViews | Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def take(self, part: slice) -> Tensor:
+        if isinstance(self.views, PlannedViews):
+            return self.views.take(part, 1)[0]
+        return self.views[part]
+
+
+def supervised_step(
+    model: torch.nn.Module,
+    objective: torch.nn.Module,
+    views: LabeledViews,
+    *,
+    accelerator,
+    optimizer,
+    micro_batch_size: int | None = None,
+) -> StepResult:
+    """Cross-entropy on one view per image, backward and step (supervised fine-tuning).
+
+    The loss is a mean over images, so micro-batches (``micro_batch_size`` below the batch)
+    give the whole batch's gradient: each part's loss is weighted by its share of the batch
+    and the gradients add up, synchronised across processes on the last part. BatchNorm
+    normalises each micro-batch with its own statistics. A non-finite loss on any process or
+    part skips the step on every process. Terms: ``ce`` and ``train_top1`` (this process).
+    """
+    n = len(views)
+    count = 1 if not micro_batch_size or micro_batch_size >= n else -(-n // micro_batch_size)
+    parts = even_parts(n, count)
+    loss_sum = torch.zeros((), device=views.labels.device)
+    correct = torch.zeros((), device=views.labels.device)
+    values = []
+    for i, p in enumerate(parts):
+        sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
+        with sync:
+            x, y = views.take(p), views.labels[p]
+            with accelerator.autocast():
+                logits = model(x)
+            loss = objective(logits.float(), y)
+            value = global_mean(accelerator, loss)
+            if not math.isfinite(value):
+                optimizer.zero_grad(set_to_none=True)
+                return StepResult(value, {"ce": loss.detach()}, False)
+            share = (p.stop - p.start) / n
+            values.append(value * share)
+            accelerator.backward(loss * share)
+            loss_sum += loss.detach() * share
+            correct += (logits.detach().argmax(1) == y).sum()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(sum(values), {"ce": loss_sum, "train_top1": correct / n}, True)
+
+
 def accumulation_step(
     model: torch.nn.Module,
     objective: torch.nn.Module,
@@ -187,10 +247,12 @@ def accumulation_step(
 
 
 __all__ = [
+    "LabeledViews",
     "StepResult",
     "Views",
     "accumulation_step",
     "embedding_cache_step",
     "global_mean",
+    "supervised_step",
     "two_view_step",
 ]

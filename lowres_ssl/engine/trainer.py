@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import logging
 import math
 import signal
@@ -37,9 +36,8 @@ from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from lowres_ssl import fit
-from lowres_ssl.augment import build_augment
-from lowres_ssl.config import Config, to_dict
-from lowres_ssl.data import SkipLog, make_loader, open_images
+from lowres_ssl.config import Config
+from lowres_ssl.data import SkipLog, make_loader
 from lowres_ssl.device import (
     MIXED_DTYPES,
     card_memory_gib,
@@ -47,23 +45,18 @@ from lowres_ssl.device import (
     resolve_precision,
     use_the_cores,
 )
-from lowres_ssl.engine import checkpoint, run_folder
+from lowres_ssl.engine import budget, checkpoint, run_folder
 from lowres_ssl.engine.autofit import autofit as run_autofit
+from lowres_ssl.engine.budget import parse_budget
 from lowres_ssl.engine.checkpoint import Progress
 from lowres_ssl.engine.metrics import MetricsLog
-from lowres_ssl.engine.steps import (
-    StepResult,
-    accumulation_step,
-    embedding_cache_step,
-    global_mean,
-    two_view_step,
-)
+from lowres_ssl.engine.steps import LabeledViews, StepResult, global_mean
+from lowres_ssl.engine.tasks import FineTuning, Pretraining
 from lowres_ssl.errors import UserError
-from lowres_ssl.eval.monitor import KNNMonitor
 from lowres_ssl.losses import objective_from_settings
-from lowres_ssl.models import build_model, parameter_count, projector_out_dim
-from lowres_ssl.optim import CosineSchedule, build_optimizer, warmup_steps_for
-from lowres_ssl.weights import BACKBONE_FILE, load_init, save_safetensors, spec_of
+from lowres_ssl.models import parameter_count, projector_out_dim
+from lowres_ssl.optim import CosineSchedule, warmup_steps_for
+from lowres_ssl.weights import BACKBONE_FILE
 
 log = logging.getLogger("lowres_ssl")
 
@@ -133,21 +126,27 @@ def train(
     cfg: Config,
     out: str | Path,
     *,
+    task: Pretraining | FineTuning | None = None,
     resume: bool = False,
     init: str | Path | None = None,
     progress_bar: bool = True,
     on_step: Callable[[Progress, dict[str, float]], None] | None = None,
     autofit: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says into the run folder ``out``; returns the summary.
 
-    ``autofit``: before training, a few real steps lower the micro-batch until they fit the
-    card (:mod:`.autofit`).
+    ``task``: what is trained (:mod:`.tasks`): self-supervised pre-training (the default) or
+    supervised fine-tuning. ``autofit``: before training, a few real steps lower the
+    micro-batch until they fit the card (:mod:`.autofit`). ``clock``: the time source of the
+    time budget (``train.time_budget``) and the reported wall time (tests inject one).
 
     ``progress_bar``: a progress bar on stderr; without it, a log line every ``log_every``
     steps (what a log file or a job scheduler wants). ``on_step(progress, values)`` is called
     after every step (values: loss terms and lr).
     """
+    started = clock()
+    task = task if task is not None else Pretraining()
     run_dir = Path(out).expanduser()
     precision = resolve_precision(cfg.train.precision)
     if torch.cuda.is_available():
@@ -158,18 +157,24 @@ def train(
     if accelerator.device.type == "cpu" and (note := use_the_cores(accelerator.num_processes)):
         log.info(note)
     with run_folder.exclusive(run_dir, accelerator):
-        return _train(cfg, run_dir, accelerator, resume, init, progress_bar, on_step, autofit)
+        return _train(
+            cfg, run_dir, accelerator, task, resume, init, progress_bar, on_step, autofit,
+            clock, started,
+        )  # fmt: skip
 
 
 def _train(
     cfg: Config,
     run_dir: Path,
     accelerator: Accelerator,
+    task: Pretraining | FineTuning,
     resume: bool,
     init: str | Path | None,
     progress_bar: bool,
     on_step: Callable[[Progress, dict[str, float]], None] | None,
     autofit: bool,
+    clock: Callable[[], float],
+    started: float,
 ) -> dict[str, Any]:
     main = accelerator.is_main_process
     device = accelerator.device
@@ -185,18 +190,7 @@ def _train(
     # Data: this process's slice of each global batch, as uint8 on the device.
     d = cfg.data
     with accelerator.main_process_first():
-        images = open_images(
-            d.path,
-            load_size=d.load_size,
-            split=d.split,
-            cache=d.cache,
-            cache_dir=d.cache_dir,
-            device=device,
-            num_workers=d.num_workers,
-            min_size=d.min_size,
-            max_pixels=d.max_pixels,
-            progress=main and progress_bar,
-        )
+        images = task.open_images(cfg, device, main and progress_bar)
     skip_log = SkipLog(d.path)
     on_gpu = getattr(images, "device", torch.device("cpu")).type == "cuda"  # data.cache gpu
     on_device = len(images) if on_gpu else 0
@@ -217,46 +211,29 @@ def _train(
     )
     dtype = MIXED_DTYPES[accelerator.mixed_precision]
     channels_last = device.type == "cuda" and cfg.model.channels_last
-    augment = build_augment(d.recipe, d.view_size, out_dtype=dtype, channels_last=channels_last)
-    augment = augment.to(device)
+    augment = task.augment(cfg, out_dtype=dtype, channels_last=channels_last).to(device)
     aug_rng = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + accelerator.process_index)
 
     # Model, optimizer, objective, schedule. Seeded again here, so the initial weights do not
     # depend on what the data setup drew (building a cache or reusing one).
     set_seed(cfg.train.seed, device_specific=True)
-    model = build_model(
-        cfg.model.backbone,
-        cfg.model.projector,
-        image_size=d.view_size,
-        grad_checkpointing=cfg.model.grad_checkpointing,
-    )
-    init_note = load_init(model, init) if init and resume_from is None else None
+    model, init_note = task.build_model(cfg, images, init, resuming=resume_from is not None)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     o = cfg.optim
     global_batch = cfg.train.batch_size * world
-    peak_lr = o.base_lr * global_batch / 256
-    optimizer = build_optimizer(
-        o.name,
-        model,
-        lr=peak_lr,
-        weight_decay=o.weight_decay,
-        momentum=o.momentum,
-        eta=o.eta,
-        betas=tuple(o.betas),
-        state_bits=o.state_bits,
-    )
+    optimizer, peak_lr = task.optimizer(cfg, model, global_batch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    objective = make_objective(cfg)
-    monitor = KNNMonitor.from_config(
+    objective = task.objective(cfg)
+    evaluation = task.evaluation(
         cfg, accelerator, channels_last=channels_last, progress=progress_bar
     )
-    step = step_for(cfg, cfg.train.micro_batch_size)
+    step = task.step_for(cfg, cfg.train.micro_batch_size)
     if autofit and device.type != "cuda":
         log.info("--autofit sizes the micro-batch for a CUDA card; nothing to fit on the CPU")
     elif autofit:
         micro = run_autofit(
-            lambda m: step_for(cfg, m),
+            lambda m: task.step_for(cfg, m),
             model,
             objective,
             augment,
@@ -270,22 +247,23 @@ def _train(
         cfg = dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, micro_batch_size=chosen)
         )
-        step = step_for(cfg, micro)
+        step = task.step_for(cfg, micro)
     steps_per_epoch = len(loader)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
-    schedule = CosineSchedule(
-        peak_lr,
-        total_steps,
-        warmup_steps_for(total_steps, steps_per_epoch, o.warmup_epochs),
-        o.final_lr_ratio,
-    )
+
+    def make_schedule(total: int) -> CosineSchedule:
+        warmup = warmup_steps_for(total, steps_per_epoch, o.warmup_epochs)
+        return CosineSchedule(peak_lr, total, warmup, o.final_lr_ratio)
+
+    schedule = make_schedule(total_steps)
 
     # Everything is set up: only now does the run folder appear (a failed start leaves none).
     accelerator.wait_for_everyone()
     if main:
         run_folder.create(run_dir, cfg, resuming=resume_from is not None)
+        task.write_records(run_dir)
     accelerator.wait_for_everyone()
     metrics = MetricsLog(run_dir, enabled=main)
     progress = Progress()
@@ -302,13 +280,20 @@ def _train(
     elif resume:
         log.info("--resume: no checkpoint yet in %s; starting from the beginning", run_dir)
     base_wall, start_step = progress.wall_s, progress.step
+    budget_s = parse_budget(cfg.train.time_budget) if cfg.train.time_budget else None
+    if progress.total_steps is not None:  # a budgeted run keeps the total it chose
+        total_steps = progress.total_steps
+        schedule = make_schedule(total_steps)
+    elif budget_s is not None:  # provisional: the warm-up below measures, then fits the total
+        total_steps = cfg.train.max_steps or 10**9
+        schedule = make_schedule(total_steps)
 
-    q = accelerator.unwrap_model(model).q
     if main:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         log.info(
-            "training %s on %s (%s, %d process%s): %s images, %d steps/epoch, steps %d→%d; "
-            "%s + projector %s (q=%d, %.1fM parameters); %s; optimizer %s",
+            "%s %s on %s (%s, %d process%s): %s images, %d steps/epoch, steps %d→%s; "
+            "%s (%.1fM parameters); %s; optimizer %s",
+            task.name,
             cfg.preset or "(no preset)",
             where,
             accelerator.mixed_precision,
@@ -317,10 +302,8 @@ def _train(
             f"{len(images):,}",
             steps_per_epoch,
             progress.step,
-            total_steps,
-            cfg.model.backbone,
-            cfg.model.projector,
-            q,
+            "(time budget)" if budget_s and progress.total_steps is None else total_steps,
+            task.describe(cfg, accelerator.unwrap_model(model)),
             parameter_count(accelerator.unwrap_model(model)) / 1e6,
             "resuming " + resume_from.name if resume_from else (init_note or "from scratch"),
             getattr(optimizer.optimizer, "description", type(optimizer.optimizer).__name__),
@@ -331,7 +314,7 @@ def _train(
         rng_states = gather_object([_rng_to_text(aug_rng.get_state())])
         skips = _all_skips(skip_log)
         extra = {"augment_rng": rng_states, "images": len(images)}
-        progress.wall_s = base_wall + time.perf_counter() - session_start
+        progress.wall_s = base_wall + clock() - session_start
         checkpoint.save(accelerator, run_dir, progress, cfg.train.keep_checkpoints, extra)
         if main:
             skips.write(run_dir / "skipped_files.txt")
@@ -342,27 +325,26 @@ def _train(
             merged.add(part)
         return merged
 
-    def evaluate_knn() -> None:
-        record = monitor.run(accelerator.unwrap_model(model).backbone)
-        progress.knn_step, progress.knn_top1 = progress.step, record["knn_top1"]
-        metrics.write("knn", progress.step, {"epoch": progress.epoch, **record})
-        shown_knn["knn"] = f"{record['knn_top1']:.3f}"
+    def evaluate() -> None:
+        """The task's evaluation (kNN monitor, validation); the best result's model is kept."""
+        unwrapped = accelerator.unwrap_model(model)
+        record = evaluation.run(unwrapped)
+        value = record[evaluation.key]
+        progress.knn_step, progress.knn_top1 = progress.step, value
+        metrics.write(evaluation.kind, progress.step, {"epoch": progress.epoch, **record})
+        shown_knn[evaluation.kind] = f"{value:.3f}"
         bar.set_postfix({**bar_values, **shown_knn}, refresh=False)
+        if progress.best_top1 is None or value > progress.best_top1:
+            progress.best_top1, progress.best_step = value, progress.step
+            progress.best_epoch = progress.epoch
+            if main:
+                task.on_best(unwrapped, run_dir, cfg, {**record, "step": progress.step})
         if main:
-            log.info(
-                "step %d: kNN top-1 %.3f (k=%d), top-5 %.3f; %s train / %s test images; %.1f s",
-                progress.step,
-                record["knn_top1"],
-                record["k"],
-                record["knn_top5"],
-                f"{record['n_train']:,}",
-                f"{record['n_test']:,}",
-                record["eval_s"],
-            )
+            log.info(evaluation.line(progress.step, record))
 
     def log_step(values: dict[str, float]) -> None:
         nonlocal last_log_time, last_log_images
-        now = time.perf_counter()
+        now = clock()
         rate = (session_images - last_log_images) / max(now - last_log_time, 1e-9)
         last_log_time, last_log_images = now, session_images
         mem = peak_memory_gib(device)
@@ -439,21 +421,87 @@ def _train(
         )
         if main and len(skips):
             log.info("epoch %d: %s", progress.epoch, skips.summary())
-        if monitor is not None and monitor.due(progress.epoch):
-            evaluate_knn()
+        if evaluation is not None and evaluation.due(progress.epoch):
+            evaluate()
         save_checkpoint()
         saved_at = progress.step
 
+    def fit_to_budget(views) -> None:
+        """After the warm-up: the total number of steps that ends within the time budget."""
+        nonlocal total_steps, schedule, evaluation, saved_at
+        now = clock()
+        step_s = (now - warmup["start"]) / max(warmup["steps"], 1)
+        save_start = clock()
+        save_checkpoint()  # also what one checkpoint costs
+        saved_at = progress.step
+        timings = budget.Timings(
+            elapsed=clock() - started,
+            step=step_s,
+            evaluation=0.0,
+            checkpoint=clock() - save_start,
+        )
+        if evaluation is not None:
+            eval_s = evaluation.images * forward_s(views) * 1.25
+            if evaluation.optional and eval_s > budget.EVAL_SHARE_FINAL * budget_s:
+                log.info(
+                    "time budget: the %s evaluation (≈ %s each) is off; evaluate afterwards "
+                    "with scripts/evaluate.py", evaluation.kind, budget.format_duration(eval_s),
+                )  # fmt: skip
+                evaluation = None
+            elif eval_s > budget.EVAL_SHARE_EPOCH * budget_s and evaluation.every_epochs:
+                log.info(
+                    "time budget: the %s evaluation (≈ %s each) runs at the end only",
+                    evaluation.kind, budget.format_duration(eval_s),
+                )  # fmt: skip
+                evaluation.every_epochs = 0
+            timings = dataclasses.replace(timings, evaluation=eval_s if evaluation else 0.0)
+        plan = budget.Schedule(
+            done_steps=progress.step,
+            steps_per_epoch=steps_per_epoch,
+            checkpoint_every=cfg.train.checkpoint_every,
+            eval_every_epochs=evaluation.every_epochs if evaluation is not None else 0,
+            final_eval=evaluation is not None,
+        )
+        total_steps = budget.fit_total_steps(budget_s, timings, plan, max_steps=cfg.train.max_steps)
+        if world > 1:  # the main process's measurement, for all
+            total_steps = broadcast_object_list([total_steps])[0]
+        progress.total_steps = total_steps
+        schedule = make_schedule(total_steps)
+        bar.total = total_steps
+        if main:
+            log.info(budget.choice_line(budget_s, total_steps, timings, plan, global_batch))
+
+    def forward_s(views) -> float:
+        """Seconds per image of a forward pass in eval mode (what an evaluation runs)."""
+        unwrapped = accelerator.unwrap_model(model)
+        images = views.views if isinstance(views, LabeledViews) else views
+        x = images.take(slice(0, min(len(images), 64)), 1)[0]
+        was = unwrapped.training
+        unwrapped.eval()
+        try:
+            with torch.no_grad(), accelerator.autocast():
+                t0 = clock()
+                unwrapped(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                return (clock() - t0) / x.shape[0]
+        finally:
+            unwrapped.train(was)
+
     bar = tqdm(
-        total=total_steps,
+        total=None if total_steps == 10**9 else total_steps,
         initial=progress.step,
         disable=not (main and progress_bar),
         unit="step",
         dynamic_ncols=True,
     )
     model.train()
-    session_start = time.perf_counter()
+    session_start = clock()
     session_images = 0
+    # A time budget without a total yet: a measured warm-up (steps after the first), then the
+    # fit. The first step is left out of the measurement (allocations, cuDNN's search).
+    warmup = {"start": None, "steps": 0}
+    warmup["needed"] = budget_s is not None and progress.total_steps is None
     last_log_time, last_log_images = session_start, 0
     bad_in_a_row = 0
     saved_at = progress.step if resume_from is not None else -1
@@ -461,14 +509,16 @@ def _train(
     # The loop: schedule, views, step, bookkeeping (after_step), and the epoch's end.
     try:
         with _StopRequest() as stop:
-            while progress.epoch < cfg.train.epochs and progress.step < total_steps:
+            while (
+                budget_s is not None or progress.epoch < cfg.train.epochs
+            ) and progress.step < total_steps:
                 completed = True
                 for batch in loader.iterate(progress.epoch, start=progress.batch):
                     if progress.step >= total_steps or stop.requested:
                         completed = False
                         break
                     lr = schedule.apply(optimizer, progress.step)
-                    views = augment.plan(batch.images, generator=aug_rng)
+                    views = task.views(augment, batch, aug_rng)
                     try:
                         result = step(
                             model, objective, views, accelerator=accelerator, optimizer=optimizer
@@ -476,6 +526,20 @@ def _train(
                     except torch.cuda.OutOfMemoryError:
                         raise UserError(_oom_message(cfg)) from None
                     after_step(result, lr, batch.images.shape[0] * world)
+                    if warmup["needed"]:
+                        if warmup["start"] is None:
+                            warmup["start"] = clock()
+                        else:
+                            warmup["steps"] += 1
+                        since = clock() - warmup["start"]
+                        done = (warmup["steps"] >= 5 and since >= 0.01 * budget_s) or (
+                            warmup["steps"] >= 1 and since >= 0.05 * budget_s
+                        )
+                        if world > 1:  # the main process's clock decides, for all
+                            done = broadcast_object_list([done])[0]
+                        if done:
+                            warmup["needed"] = False
+                            fit_to_budget(views)
                 if completed:
                     end_epoch()
                 if stop.requested:
@@ -483,10 +547,10 @@ def _train(
             stopped = stop.requested
     finally:
         bar.close()
-    final_knn = monitor is not None and not stopped and progress.knn_step != progress.step
+    final_knn = evaluation is not None and not stopped and progress.knn_step != progress.step
     if final_knn:  # the end of the run (saved below, so a resume does not evaluate again)
-        evaluate_knn()
-    wall = time.perf_counter() - session_start
+        evaluate()
+    wall = clock() - session_start
     if progress.step != saved_at or final_knn:
         save_checkpoint()
     progress.wall_s = base_wall + wall
@@ -522,14 +586,22 @@ def _train(
         "processes": world,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "optimizer": getattr(optimizer.optimizer, "description", ""),
-        "q": q,
+        **task.summary(unwrapped),
         **peak_memory_gib(device),
     }
-    if progress.knn_top1 is not None:
+    if evaluation is not None and progress.knn_top1 is not None:
+        summary[evaluation.key] = progress.knn_top1
+        if evaluation.kind == "val":
+            summary["best_val_top1"] = progress.best_top1
+            summary["best_step"] = progress.best_step
+            summary["best_epoch"] = progress.best_epoch
+    elif progress.knn_top1 is not None:
         summary["knn_top1"] = progress.knn_top1
+    if budget_s is not None:
+        summary["time_budget_s"] = budget_s
+        summary["command_wall_s"] = clock() - started
     if main:
-        spec = spec_of(unwrapped.backbone, d.view_size, to_dict(cfg))
-        save_safetensors(unwrapped.backbone.state_dict(), spec, run_dir / BACKBONE_FILE)
+        task.finish(unwrapped, run_dir, cfg, best_saved=progress.best_step >= 0)
         skips.write(run_dir / "skipped_files.txt")
         run_folder.write_summary(run_dir, summary)
         log.info(
@@ -540,18 +612,20 @@ def _train(
             skips.summary(used=len(images)),
             run_dir,
         )
+        if budget_s is not None:
+            log.info(
+                "time budget %s: used %s (the run, from the start of the command)",
+                budget.format_duration(budget_s),
+                budget.format_duration(summary["command_wall_s"]),
+            )
     metrics.close()
     accelerator.wait_for_everyone()
     return summary
 
 
 def step_for(cfg: Config, micro: int | None) -> Callable:
-    """The step function of ``cfg`` with micro-batches of ``micro`` (None: the whole batch)."""
-    if micro and micro < cfg.train.batch_size:  # the full-batch regulariser in micro-batches
-        return functools.partial(embedding_cache_step, micro_batch_size=micro)
-    if cfg.train.accumulate_steps > 1:
-        return functools.partial(accumulation_step, accumulate_steps=cfg.train.accumulate_steps)
-    return two_view_step
+    """The pre-training step of ``cfg`` with micro-batches of ``micro`` (None: the batch)."""
+    return Pretraining().step_for(cfg, micro)
 
 
 def precision_in_use(accelerator: Accelerator) -> bool:
@@ -567,4 +641,4 @@ def _rng_from_text(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-__all__ = ["BACKBONE_FILE", "make_objective", "resolve_precision", "train"]
+__all__ = ["BACKBONE_FILE", "make_objective", "resolve_precision", "step_for", "train"]

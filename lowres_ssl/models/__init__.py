@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .backbones import (
@@ -46,6 +47,45 @@ class SSLModel(nn.Module):
         return self.backbone(x)
 
 
+class Classifier(nn.Module):
+    """Backbone + a linear head: images (B, 3, H, W) → class logits (B, num_classes).
+
+    With ``freeze_backbone`` the backbone is not trained: its parameters need no gradient, it
+    stays in eval mode (BatchNorm's running statistics do not move) and runs without autograd.
+    The head starts as in the semi-supervised protocols of VICReg and SFRIK: weights
+    N(0, 0.01²), bias 0.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, freeze_backbone: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.out_dim, num_classes)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+        self.num_classes = num_classes
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            backbone.requires_grad_(False)
+            backbone.eval()
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.freeze_backbone:
+            with torch.no_grad():
+                h = self.backbone(x)
+        else:
+            h = self.backbone(x)
+        return self.head(h)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.backbone(x)
+
+
 def build_model(
     backbone: str,
     projector: str | int,
@@ -72,6 +112,7 @@ def parameter_count(module: nn.Module, *, trainable_only: bool = False) -> int:
 __all__ = [
     "BACKBONES",
     "CIFAR_STEM_MAX_SIZE",
+    "Classifier",
     "ResNetBackbone",
     "SSLModel",
     "build_backbone",

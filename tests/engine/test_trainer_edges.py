@@ -78,10 +78,10 @@ def test_resume_with_another_image_set_is_refused(folder, tmp_path, monkeypatch)
     disk = {"cache": "disk", "cache_dir": str(tmp_path / "cache")}
     with pytest.raises(UserError, match="another config"):
         train(tiny(folder, data=disk), cut, resume=True, progress_bar=False)
-    import lowres_ssl.engine.trainer as trainer_module
+    import lowres_ssl.engine.tasks as tasks_module
 
-    real = trainer_module.open_images
-    monkeypatch.setattr(trainer_module, "open_images", lambda *a, **k: real(*a, **{**k, **disk}))
+    real = tasks_module.open_images
+    monkeypatch.setattr(tasks_module, "open_images", lambda *a, **k: real(*a, **{**k, **disk}))
     with pytest.raises(UserError, match="image set has changed since step_00000003") as e:
         train(tiny(folder), cut, resume=True, progress_bar=False)
     assert "65 then, 64 now" in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,461 @@
+"""What the training loop trains: self-supervised pre-training or supervised fine-tuning.
+
+One loop (:mod:`.trainer`) runs both; a task supplies what differs: the images (unlabeled, or
+labeled and perhaps a class-balanced subset), the augmentation, the model, the optimizer's
+parameter groups, the objective, the step, the evaluation at epoch ends (the kNN monitor, or
+validation top-1 / top-5) and the files a finished run writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowres_ssl.augment import build_augment
+from lowres_ssl.config import Config, to_dict
+from lowres_ssl.data import ArrayImages, FolderImages, open_images
+from lowres_ssl.engine.steps import (
+    LabeledViews,
+    accumulation_step,
+    embedding_cache_step,
+    supervised_step,
+    two_view_step,
+)
+from lowres_ssl.errors import UserError
+from lowres_ssl.files import write_text_atomic
+from lowres_ssl.models import Classifier, build_model
+from lowres_ssl.optim import build_optimizer, parameter_groups
+
+log = logging.getLogger("lowres_ssl")
+
+SUBSET_FILE = "train_subset.json"
+
+
+def _open(cfg: Config, device, progress: bool, labeled: bool):
+    d = cfg.data
+    return open_images(
+        d.path,
+        load_size=d.load_size,
+        labeled=labeled,
+        split=d.split,
+        cache=d.cache,
+        cache_dir=d.cache_dir,
+        device=device,
+        num_workers=d.num_workers,
+        min_size=d.min_size,
+        max_pixels=d.max_pixels,
+        progress=progress,
+    )
+
+
+class Evaluation:
+    """What the loop evaluates at epoch ends: ``due(epoch)``, ``run(model)`` → a record with
+    ``key`` in it, ``images`` (how many images one evaluation forwards, for time budgets)."""
+
+    kind = "eval"
+    key = "top1"
+    optional = True  # may be turned off to fit a time budget
+    every_epochs = 1
+    images = 0
+
+    def due(self, epoch: int) -> bool:
+        return self.every_epochs > 0 and epoch % self.every_epochs == 0
+
+    def run(self, model: nn.Module) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def line(self, step: int, record: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-training
+
+
+class KNNEvaluation(Evaluation):
+    """The online kNN monitor on the backbone."""
+
+    kind, key = "knn", "knn_top1"
+
+    def __init__(self, monitor) -> None:
+        self.monitor = monitor
+        self.images = len(monitor.train_set) + len(monitor.test_set)
+
+    @property
+    def every_epochs(self) -> int:  # type: ignore[override]
+        return self.monitor.every_epochs
+
+    @every_epochs.setter
+    def every_epochs(self, value: int) -> None:
+        self.monitor.every_epochs = value
+
+    def run(self, model: nn.Module) -> dict[str, Any]:
+        return self.monitor.run(model.backbone)
+
+    def line(self, step: int, r: dict[str, Any]) -> str:
+        return (
+            f"step {step}: kNN top-1 {r['knn_top1']:.3f} (k={r['k']}), top-5 {r['knn_top5']:.3f}; "
+            f"{r['n_train']:,} train / {r['n_test']:,} test images; {r['eval_s']:.1f} s"
+        )
+
+
+class Pretraining:
+    """Self-supervised pre-training: two views, backbone + projector, the SSL objective."""
+
+    name = "pre-training"
+    labeled = False
+
+    def open_images(self, cfg: Config, device, progress: bool):
+        return _open(cfg, device, progress, labeled=False)
+
+    def augment(self, cfg: Config, **kwargs):
+        return build_augment(cfg.data.recipe, cfg.data.view_size, **kwargs)
+
+    def build_model(
+        self, cfg: Config, images, init, resuming: bool
+    ) -> tuple[nn.Module, str | None]:
+        from lowres_ssl.weights import load_init
+
+        model = build_model(
+            cfg.model.backbone,
+            cfg.model.projector,
+            image_size=cfg.data.view_size,
+            grad_checkpointing=cfg.model.grad_checkpointing,
+        )
+        note = load_init(model, init) if init and not resuming else None
+        return model, note
+
+    def optimizer(self, cfg: Config, model: nn.Module, global_batch: int):
+        o = cfg.optim
+        peak_lr = o.base_lr * global_batch / 256
+        return _optimizer(cfg, model, peak_lr), peak_lr
+
+    def objective(self, cfg: Config) -> nn.Module:
+        from lowres_ssl.engine import trainer  # looked up at call time (tests replace it)
+
+        return trainer.make_objective(cfg)
+
+    def step_for(self, cfg: Config, micro: int | None):
+        if micro and micro < cfg.train.batch_size:  # the full-batch regulariser in parts
+            return functools.partial(embedding_cache_step, micro_batch_size=micro)
+        if cfg.train.accumulate_steps > 1:
+            return functools.partial(accumulation_step, accumulate_steps=cfg.train.accumulate_steps)
+        return two_view_step
+
+    def views(self, augment, batch, generator):
+        return augment.plan(batch.images, generator=generator)
+
+    def evaluation(self, cfg: Config, accelerator, *, channels_last: bool, progress: bool):
+        from lowres_ssl.eval.monitor import KNNMonitor
+
+        monitor = KNNMonitor.from_config(
+            cfg, accelerator, channels_last=channels_last, progress=progress
+        )
+        return None if monitor is None else KNNEvaluation(monitor)
+
+    def describe(self, cfg: Config, model: nn.Module) -> str:
+        return f"{cfg.model.backbone} + projector {cfg.model.projector} (q={model.q})"
+
+    def write_records(self, run_dir: Path) -> None:
+        pass
+
+    def summary(self, model: nn.Module) -> dict[str, Any]:
+        return {"q": model.q}
+
+    def on_best(self, model, run_dir: Path, cfg: Config, record: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, model: nn.Module, run_dir: Path, cfg: Config, best_saved: bool) -> None:
+        from lowres_ssl.weights import BACKBONE_FILE, save_safetensors, spec_of
+
+        spec = spec_of(model.backbone, cfg.data.view_size, to_dict(cfg))
+        save_safetensors(model.backbone.state_dict(), spec, run_dir / BACKBONE_FILE)
+
+
+def _optimizer(cfg: Config, model_or_groups, peak_lr: float):
+    o = cfg.optim
+    return build_optimizer(
+        o.name,
+        model_or_groups,
+        lr=peak_lr,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        eta=o.eta,
+        betas=tuple(o.betas),
+        state_bits=o.state_bits,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def balanced_subset(
+    labels: torch.Tensor,
+    num_classes: int,
+    *,
+    fraction: float | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Sorted row indices of a class-balanced subset: ``per_class`` images of each class (all
+    of a smaller class), or ``fraction`` of each class (at least one). The draw depends only on
+    (seed, class, the class's rows), so the same seed gives the same subset."""
+    rows = []
+    for c in range(num_classes):
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) == 0:
+            continue
+        k = per_class if per_class is not None else max(1, round(fraction * len(idx)))
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        rows.append(idx[torch.randperm(len(idx), generator=gen)[: min(k, len(idx))]])
+    return torch.cat(rows).sort().values
+
+
+class ValidationEvaluation(Evaluation):
+    """Validation top-1 / top-5 of the classifier (eval mode, no autograd, resize + centre
+    crop: the images decoded at the training view size)."""
+
+    kind, key = "val", "val_top1"
+    optional = False
+
+    def __init__(self, labeled, labels, *, every_epochs, accelerator, batch_size, channels_last):
+        self.labeled, self.labels = labeled, labels
+        self.every_epochs = every_epochs
+        self.accelerator = accelerator
+        self.batch_size = batch_size
+        self.channels_last = channels_last
+        self.images = len(labeled)
+
+    def run(self, model: nn.Module) -> dict[str, Any]:
+        from lowres_ssl.eval.features import extract
+
+        acc = self.accelerator
+        start = time.perf_counter()
+        logits, found, _ = extract(
+            model,
+            self.labeled,
+            device=acc.device,
+            batch_size=self.batch_size,
+            autocast=acc.autocast,
+            channels_last=self.channels_last,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+        )
+        if acc.num_processes > 1:  # disjoint shares: their sum is the whole set
+            logits = acc.reduce(logits, reduction="sum")
+            found = acc.reduce(found.long(), reduction="sum") > 0
+        labels = self.labels.to(logits.device)[found]
+        top5 = logits[found].topk(min(5, logits.shape[1]), dim=1).indices
+        n = max(int(found.sum()), 1)
+        return {
+            "val_top1": (top5[:, 0] == labels).sum().item() / n,
+            "val_top5": (top5 == labels[:, None]).any(1).sum().item() / n,
+            "n_val": int(found.sum()),
+            "eval_s": time.perf_counter() - start,
+        }
+
+    def line(self, step: int, r: dict[str, Any]) -> str:
+        return (
+            f"step {step}: validation top-1 {r['val_top1']:.3f}, top-5 {r['val_top5']:.3f} on "
+            f"{r['n_val']:,} images; {r['eval_s']:.1f} s"
+        )
+
+
+class FineTuning:
+    """Supervised fine-tuning: the pre-trained backbone and a new linear head, cross-entropy
+    on one augmented view, backbone and head at their own learning rates."""
+
+    name = "fine-tuning"
+    labeled = True
+
+    def __init__(self) -> None:
+        self.classes: list[str] = []
+        self.subset: dict[str, Any] | None = None
+        self.weights = None  # the pre-trained weights (None: random init)
+
+    def open_images(self, cfg: Config, device, progress: bool):
+        images = _open(cfg, device, progress, labeled=True)
+        if images.labels is None or images.classes is None:
+            raise UserError(
+                f"--train {cfg.data.path} has no labels; fine-tuning needs a labeled folder "
+                "(root/<class name>/<image>) or a dataset name such as cifar10"
+            )
+        self.classes = list(images.classes)
+        if len(self.classes) < 2:
+            raise UserError(
+                f"--train {cfg.data.path} has {len(self.classes)} class; a classifier needs two "
+                "or more class subfolders"
+            )
+        f = cfg.finetune
+        if f.train_fraction is None and f.per_class is None:
+            return images
+        labels = images.labels.cpu()
+        rows = balanced_subset(
+            labels,
+            len(self.classes),
+            fraction=f.train_fraction,
+            per_class=f.per_class,
+            seed=cfg.train.seed,
+        )
+        counts = torch.bincount(labels[rows], minlength=len(self.classes)).tolist()
+        paths = _paths(images)
+        self.subset = {
+            "train_fraction": f.train_fraction,
+            "per_class": f.per_class,
+            "seed": cfg.train.seed,
+            "images": len(rows),
+            "of": len(images),
+            "per_class_counts": dict(zip(self.classes, counts, strict=True)),
+            "files": [paths[i] for i in rows.tolist()] if paths is not None else rows.tolist(),
+        }
+        return _take_rows(images, rows)
+
+    def augment(self, cfg: Config, **kwargs):
+        recipe = cfg.data.recipe if cfg.data.recipe != "auto" else "supervised"
+        return build_augment(recipe, cfg.data.view_size, **kwargs)
+
+    def build_model(
+        self, cfg: Config, images, init, resuming: bool
+    ) -> tuple[nn.Module, str | None]:
+        from lowres_ssl.models import build_backbone
+        from lowres_ssl.weights import load_into, load_weights
+
+        f = cfg.finetune
+        backbone = build_backbone(
+            cfg.model.backbone,
+            image_size=cfg.data.view_size,
+            grad_checkpointing=cfg.model.grad_checkpointing,
+        )
+        note = "random init"
+        if f.checkpoint and not f.random_init:
+            self.weights = load_weights(f.checkpoint, "--checkpoint")
+            if not resuming:  # a resumed run loads its own checkpoint over it
+                load_into(backbone, self.weights, "--checkpoint")
+            note = f"backbone from {self.weights.file}"
+        model = Classifier(backbone, len(self.classes), freeze_backbone=f.freeze_backbone)
+        if f.freeze_backbone:
+            note += ", frozen"
+        return model, note
+
+    def optimizer(self, cfg: Config, model: Classifier, global_batch: int):
+        f, o = cfg.finetune, cfg.optim
+        scale = global_batch / 256
+        peak = f.head_lr * scale  # the schedule's lr is the head's; the backbone's is scaled
+        groups = [dict(g, lr_scale=1.0) for g in parameter_groups(model.head, o.weight_decay)]
+        if not f.freeze_backbone:
+            ratio = f.backbone_lr / f.head_lr if f.head_lr else 0.0
+            groups += [
+                dict(g, lr_scale=ratio) for g in parameter_groups(model.backbone, o.weight_decay)
+            ]
+        for g in groups:
+            g["lr"] = peak * g["lr_scale"]
+        return _optimizer(cfg, groups, peak), peak
+
+    def objective(self, cfg: Config) -> nn.Module:
+        return nn.CrossEntropyLoss(label_smoothing=cfg.finetune.label_smoothing)
+
+    def step_for(self, cfg: Config, micro: int | None):
+        return functools.partial(supervised_step, micro_batch_size=micro)
+
+    def views(self, augment, batch, generator):
+        return LabeledViews(augment.plan(batch.images, generator=generator), batch.labels)
+
+    def evaluation(self, cfg: Config, accelerator, *, channels_last: bool, progress: bool):
+        from lowres_ssl.eval.features import align_classes, open_labeled
+
+        f, d = cfg.finetune, cfg.data
+        spec = f.val
+        if spec is None:
+            from lowres_ssl.data import DATASETS
+
+            if d.path.lower() in DATASETS and not Path(d.path).expanduser().exists():
+                spec = f"{d.path.lower()}:test"
+            else:
+                log.warning("no --val: no validation; classifier.safetensors is the last model")
+                return None
+        with accelerator.main_process_first():
+            labeled = open_labeled(
+                spec,
+                size=d.view_size,
+                default_split="test",
+                cache="none" if d.cache == "none" else "disk",
+                cache_dir=d.cache_dir,
+                device=accelerator.device,
+                num_workers=d.num_workers,
+                progress=progress and accelerator.is_main_process,
+            )
+        labels = align_classes(self.classes, labeled.classes, labeled.labels, spec)
+        return ValidationEvaluation(
+            labeled,
+            labels,
+            every_epochs=f.val_every_epochs,
+            accelerator=accelerator,
+            batch_size=cfg.eval.batch_size,
+            channels_last=channels_last,
+        )
+
+    def describe(self, cfg: Config, model: Classifier) -> str:
+        return f"{cfg.model.backbone} + linear head ({model.num_classes} classes)"
+
+    def write_records(self, run_dir: Path) -> None:
+        if self.subset is not None:
+            write_text_atomic(run_dir / SUBSET_FILE, json.dumps(self.subset, indent=1) + "\n")
+
+    def summary(self, model: Classifier) -> dict[str, Any]:
+        out: dict[str, Any] = {"classes": len(self.classes)}
+        if self.subset is not None:
+            out["train_images"] = self.subset["images"]
+        return out
+
+    def _save(self, model: Classifier, path: Path, cfg: Config, info: dict[str, Any]) -> None:
+        from lowres_ssl.weights import save_classifier, spec_of
+
+        spec = spec_of(model.backbone, cfg.data.view_size, to_dict(cfg))
+        save_classifier(model, spec, self.classes, path, info)
+
+    def on_best(self, model, run_dir: Path, cfg: Config, record: dict[str, Any]) -> None:
+        from lowres_ssl.weights import CLASSIFIER_FILE
+
+        self._save(model, run_dir / CLASSIFIER_FILE, cfg, record)
+
+    def finish(self, model: Classifier, run_dir: Path, cfg: Config, best_saved: bool) -> None:
+        from lowres_ssl.weights import CLASSIFIER_FILE, CLASSIFIER_LAST_FILE
+
+        self._save(model, run_dir / CLASSIFIER_LAST_FILE, cfg, {"last": True})
+        if not best_saved:  # no validation: the last model is the one to use
+            self._save(model, run_dir / CLASSIFIER_FILE, cfg, {"last": True})
+
+
+def _paths(images) -> list[str] | None:
+    if isinstance(images, FolderImages):
+        return list(images.files.paths)
+    return list(images.paths) if images.paths is not None else None
+
+
+def _take_rows(images: ArrayImages | FolderImages, rows: torch.Tensor):
+    from lowres_ssl.eval.features import _subset
+
+    out = _subset(images, rows)
+    if isinstance(out, ArrayImages) and images.fingerprint:  # a subset of that cache
+        out = dataclasses.replace(out, fingerprint=f"{images.fingerprint}:rows{len(rows)}")
+    return out
+
+
+__all__ = [
+    "SUBSET_FILE",
+    "Evaluation",
+    "FineTuning",
+    "KNNEvaluation",
+    "Pretraining",
+    "ValidationEvaluation",
+    "balanced_subset",
+]

@@ -1,0 +1,313 @@
+"""Supervised fine-tuning on the shared engine, predictions, and runs sized to a time budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from lowres_ssl.config import from_dict, merge
+from lowres_ssl.engine import train
+from lowres_ssl.engine.tasks import SUBSET_FILE, FineTuning, balanced_subset
+from lowres_ssl.errors import UserError
+from lowres_ssl.predict import predict
+from lowres_ssl.weights import CLASSIFIER_LAST_FILE, load_classifier
+
+from .test_trainer import interrupt_at, tiny
+
+CLASSES = ("blue", "green", "red")
+
+
+def _labeled(root, per_class, seed, broken=False):
+    """Images whose class is their dominant colour (learnable in a few steps), 18 x 20 px."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 90, (18, 20, 3))
+            pixels[..., 2 - c] += 160  # blue → channel 2, green → 1, red → 0
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i:02d}.png")
+    if broken:
+        (root / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    return root
+
+
+@pytest.fixture(scope="module")
+def labeled(tmp_path_factory):
+    """(train, val): 3 classes of 16 and of 6 images; the train set has one corrupt file."""
+    base = tmp_path_factory.mktemp("labeled")
+    return _labeled(base / "train", 16, 0, broken=True), _labeled(base / "val", 6, 1)
+
+
+@pytest.fixture(scope="module")
+def pretrained(labeled, tmp_path_factory):
+    """A tiny self-supervised run on the training images (weights to fine-tune from)."""
+    out = tmp_path_factory.mktemp("pre") / "run"
+    train(tiny(labeled[0], train={"epochs": 1, "batch_size": 8}), out, progress_bar=False)
+    return out
+
+
+def ft_config(labeled, pretrained=None, **sections):
+    train_dir, val_dir = labeled
+    values = {
+        "data": {"path": str(train_dir), "load_size": 16, "cache": "none", "num_workers": 0},
+        "model": {"backbone": "resnet18"},
+        "optim": {"name": "sgd", "weight_decay": 0.0, "warmup_epochs": 0, "final_lr_ratio": 0},
+        "train": {
+            "epochs": 3,
+            "batch_size": 8,
+            "precision": "fp32",
+            "log_every": 1,
+            "checkpoint_every": 4,
+        },
+        "eval": {"every_epochs": 0},
+        "finetune": {
+            "checkpoint": str(pretrained) if pretrained else None,
+            "random_init": pretrained is None,
+            "val": str(val_dir),
+            "head_lr": 2.0,
+            "backbone_lr": 0.05,
+        },
+    }
+    return from_dict(merge(values, sections))
+
+
+def records(run_dir, kind):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def test_fine_tuning_trains_keeps_the_best_model_and_resumes_exactly(labeled, pretrained, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    summary = train(ft_config(labeled, pretrained), whole, task=FineTuning(), progress_bar=False)
+    vals = records(whole, "val")
+    assert [r["epoch"] for r in vals] == [1, 2, 3]  # every epoch, on the whole val set
+    assert all(r["n_val"] == 18 for r in vals)
+    best = max(vals, key=lambda r: r["val_top1"])  # the first of equals: strictly better wins
+    assert summary["best_val_top1"] == best["val_top1"]
+    assert summary["best_step"] == best["step"]
+    assert summary["val_top1"] == vals[-1]["val_top1"]
+    assert best["val_top1"] > 0.5  # chance is 1/3: the colours are learnt
+    clf = load_classifier(whole)  # the best one, with its class names and validation record
+    assert clf.classes == list(CLASSES) and clf.info["val_top1"] == best["val_top1"]
+    assert clf.info["step"] == best["step"]
+    assert (whole / CLASSIFIER_LAST_FILE).is_file()
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            ft_config(labeled, pretrained),
+            cut,
+            task=FineTuning(),
+            progress_bar=False,
+            on_step=interrupt_at(5),
+        )
+    train(ft_config(labeled, pretrained), cut, task=FineTuning(), resume=True, progress_bar=False)
+    a = {r["step"]: r["loss"] for r in records(whole, "step")}
+    b = {r["step"]: r["loss"] for r in records(cut, "step")}
+    assert sorted(b) == sorted(a)
+    assert all(abs(a[s] - b[s]) <= 1e-6 * abs(a[s]) for s in a)  # the same steps, resumed
+    assert [r["val_top1"] for r in records(cut, "val")] == [r["val_top1"] for r in vals]
+    final_a, final_b = (
+        load_file(whole / CLASSIFIER_LAST_FILE),
+        load_file(cut / CLASSIFIER_LAST_FILE),
+    )
+    assert all(torch.allclose(final_a[k], final_b[k], atol=1e-6) for k in final_a)
+
+
+def test_the_pretrained_backbone_is_loaded_and_random_init_is_not(labeled, pretrained, tmp_path):
+    from lowres_ssl.weights import load_weights
+
+    cfg = ft_config(labeled, pretrained, train={"max_steps": 1})
+    task = FineTuning()
+    task.open_images(cfg, "cpu", False)
+    model, note = task.build_model(cfg, None, None, resuming=False)
+    saved = load_weights(pretrained).backbone
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in saved.items())
+    assert "backbone from" in note
+    rand = FineTuning()
+    rand.open_images(ft_config(labeled), "cpu", False)
+    model, note = rand.build_model(ft_config(labeled), None, None, resuming=False)
+    assert note == "random init"
+    assert not torch.equal(model.backbone.state_dict()["conv1.weight"], saved["conv1.weight"])
+
+
+def test_backbone_and_head_get_their_own_learning_rates(labeled, pretrained):
+    cfg = ft_config(labeled, pretrained, finetune={"backbone_lr": 0.01, "head_lr": 0.4})
+    task = FineTuning()
+    task.open_images(cfg, "cpu", False)
+    model, _ = task.build_model(cfg, None, None, resuming=False)
+    optimizer, peak = task.optimizer(cfg, model, global_batch=64)
+    assert peak == pytest.approx(0.4 * 64 / 256)
+    head = {id(p) for p in model.head.parameters()}
+    for group in optimizer.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1  # a group is all head or all backbone
+        want = 0.4 if in_head.pop() else 0.01
+        assert group["lr"] == pytest.approx(want * 64 / 256)
+    from lowres_ssl.optim import CosineSchedule
+
+    lr = CosineSchedule(peak, 10, 0, 0.0).apply(optimizer, 5)  # the schedule keeps the ratio
+    assert lr == pytest.approx(peak / 2)
+    lrs = sorted({round(g["lr"] / lr, 9) for g in optimizer.param_groups})
+    assert lrs == [pytest.approx(0.01 / 0.4), 1.0]
+
+
+def test_freeze_backbone_leaves_it_bit_identical(labeled, pretrained, tmp_path):
+    from lowres_ssl.weights import load_weights
+
+    run = tmp_path / "frozen"
+    cfg = ft_config(labeled, pretrained, finetune={"freeze_backbone": True}, train={"epochs": 1})
+    train(cfg, run, task=FineTuning(), progress_bar=False)
+    before = load_weights(pretrained).backbone
+    after = load_classifier(run / CLASSIFIER_LAST_FILE)
+    state = after.state
+    assert all(torch.equal(state[f"backbone.{k}"], v) for k, v in before.items())  # BN too
+    assert not torch.equal(state["head.weight"], torch.zeros_like(state["head.weight"]))
+
+
+def test_a_class_balanced_fraction_is_reproducible_and_recorded(labeled, pretrained, tmp_path):
+    labels = torch.tensor([0] * 40 + [1] * 20 + [2] * 10)
+    rows = balanced_subset(labels, 3, fraction=0.1, seed=3)
+    assert torch.bincount(labels[rows]).tolist() == [4, 2, 1]
+    assert torch.equal(rows, balanced_subset(labels, 3, fraction=0.1, seed=3))
+    assert not torch.equal(rows, balanced_subset(labels, 3, fraction=0.1, seed=4))
+    per = balanced_subset(labels, 3, per_class=15, seed=0)
+    assert torch.bincount(labels[per]).tolist() == [15, 15, 10]  # all of a smaller class
+
+    run = tmp_path / "few"
+    cfg = ft_config(labeled, pretrained, finetune={"per_class": 5}, train={"max_steps": 1})
+    train(cfg, run, task=FineTuning(), progress_bar=False)
+    record = json.loads((run / SUBSET_FILE).read_text())
+    assert record["per_class_counts"] == {c: 5 for c in CLASSES}
+    assert record["images"] == 15 and len(record["files"]) == 15
+    assert all(f.split("/")[0] in CLASSES for f in record["files"])
+    again = tmp_path / "again"
+    train(cfg, again, task=FineTuning(), progress_bar=False)
+    assert json.loads((again / SUBSET_FILE).read_text())["files"] == record["files"]
+
+
+def test_predict_writes_a_row_per_good_image_and_lists_the_bad_one(labeled, pretrained, tmp_path):
+    run = tmp_path / "ft"
+    summary = train(ft_config(labeled, pretrained), run, task=FineTuning(), progress_bar=False)
+    out = tmp_path / "pred.csv"
+    # The training folder has a corrupt file: every good image gets a row, the bad one is listed.
+    result = predict(run, labeled[0], out, batch_size=5)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 48 and result["images"] == 48 and result["skipped"] == 1
+    assert "red/broken.png" in (tmp_path / "pred.skipped.txt").read_text()
+    assert {r["class"] for r in rows} <= set(CLASSES)
+    top5 = rows[0]["top3"].split(";")
+    assert len(top5) == 3 and top5[0].split(":")[0] == rows[0]["class"]
+    assert all(0 <= float(r["probability"]) <= 1 for r in rows)
+    # On the validation folder its accuracy is the best model's validation top-1.
+    val = predict(run, labeled[1], tmp_path / "val.csv")
+    assert val["accuracy"] == pytest.approx(summary["best_val_top1"], abs=1e-9)
+    feats = predict(pretrained, labeled[1], tmp_path / "f.npy", embeddings=True)
+    import numpy as np
+
+    array = np.load(tmp_path / "f.npy")
+    assert array.shape == (18, 512) and feats["features"] == 512
+    listed = (tmp_path / "f.paths.txt").read_text().split()
+    assert len(listed) == 18 and listed[0].startswith("blue/")
+
+
+def test_a_backbone_is_not_a_classifier(pretrained, labeled, tmp_path):
+    with pytest.raises(UserError, match="not a classifier") as e:
+        predict(pretrained / "backbone.safetensors", labeled[1], tmp_path / "p.csv")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"no classifier\.safetensors"):
+        predict(pretrained, labeled[1], tmp_path / "p.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Time budget
+
+
+class FakeClock:
+    """Seconds that pass only when a step ends (``tick`` is the on_step hook)."""
+
+    def __init__(self, step_s: float) -> None:
+        self.now, self.step_s = 1000.0, step_s
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, progress, values) -> None:
+        self.now += self.step_s
+
+
+def test_the_budget_sets_the_total_from_the_measured_step_time(labeled, pretrained, tmp_path):
+    from lowres_ssl.engine.budget import MARGIN
+
+    clock = FakeClock(2.0)
+    cfg = ft_config(labeled, pretrained, train={"time_budget": "1m", "epochs": 1})
+    summary = train(
+        cfg, tmp_path / "b", task=FineTuning(), progress_bar=False, on_step=clock.tick, clock=clock
+    )
+    # Warm-up: the first step is not measured; after step 3, 4 s have passed since it (5 % of
+    # the budget): 2 s a step, 6 s elapsed in all. Checkpoints and evaluations take no time on
+    # this clock, so the total is 3 + (60 (1 - 4 %) - 6) / 2 steps.
+    expected = 3 + int((60 * (1 - MARGIN) - 6) / 2.0)
+    assert summary["steps"] == expected  # beyond the one epoch (6 steps) the config names
+    assert summary["time_budget_s"] == 60.0
+    assert summary["command_wall_s"] <= 60
+    slower = FakeClock(4.0)
+    run = tmp_path / "slow"
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            cfg,
+            run,
+            task=FineTuning(),
+            progress_bar=False,
+            on_step=lambda p, v: (slower.tick(p, v), interrupt_at(9)(p, v)),
+            clock=slower,
+        )
+    state = json.loads(
+        sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("trainer_state.json").read_text()
+    )
+    slow_total = 2 + int((60 * (1 - MARGIN) - 8) / 4.0)  # measured after step 2
+    assert state["total_steps"] == slow_total
+    # A resumed run keeps its total, however fast its steps are now.
+    fast = FakeClock(0.5)
+    done = train(
+        cfg, run, task=FineTuning(), resume=True, progress_bar=False, on_step=fast.tick, clock=fast
+    )
+    assert done["steps"] == slow_total
+
+
+def test_parse_budget_and_its_errors():
+    from lowres_ssl.engine.budget import format_duration, parse_budget
+
+    assert parse_budget("15m") == 900 and parse_budget("2h") == 7200
+    assert parse_budget("1h30m") == 5400 and parse_budget("90s") == 90
+    assert parse_budget(300) == 300 and parse_budget("300") == 300
+    for bad in ("soon", "15 parsecs", "-5", 0, "m"):
+        with pytest.raises(UserError, match="time_budget"):
+            parse_budget(bad)
+    assert format_duration(45) == "45 s" and format_duration(900) == "15 min"
+    assert format_duration(281) == "4 min 41 s" and format_duration(7500) == "2 h 5 min"
+
+
+def test_fit_counts_evaluations_and_checkpoints():
+    from lowres_ssl.engine.budget import MARGIN, Schedule, Timings, fit_total_steps, overhead_s
+
+    t = Timings(elapsed=20.0, step=1.0, evaluation=30.0, checkpoint=5.0)
+    s = Schedule(done_steps=10, steps_per_epoch=100, checkpoint_every=10_000, eval_every_epochs=1,
+                 final_eval=True)  # fmt: skip
+    total = fit_total_steps(1000, t, s)
+    available = 1000 * (1 - MARGIN) - 20
+    assert (total - 10) * 1.0 + overhead_s(total, t, s) <= available
+    assert (total + 1 - 10) * 1.0 + overhead_s(total + 1, t, s) > available
+    # 960 - 20 = 940 s available. 699: 689 steps, 6 epoch ends (6 evaluations) and the final
+    # evaluation (7 x 30 s), 6 + 2 saves (40 s) = 939 s. 700 would end epoch 7 (its evaluation
+    # is the final one) with 9 saves: 690 + 210 + 45 = 945 s.
+    assert total == 699
+    no_eval = fit_total_steps(1000, t, Schedule(10, 100, 10_000, 0, False))
+    assert no_eval > total
+    assert fit_total_steps(10, t, s) == 11  # nothing fits: one more step, no less
+    assert fit_total_steps(1000, t, s, max_steps=50) == 50
