@@ -106,6 +106,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.max_steps is not None:
         flags.setdefault("train", {})["max_steps"] = args.max_steps
     if args.time_budget is not None:
+        if args.max_steps is not None or args.epochs is not None:
+            raise UserError(
+                "--time-budget sets the number of steps itself; drop --max-steps / --epochs"
+            )
         flags.setdefault("train", {})["time_budget"] = args.time_budget
     values = merge(values, flags)
     values = merge(values, parse_set(args.set))
@@ -284,6 +288,10 @@ def resolve_finetune_config(args: argparse.Namespace) -> Config:
             f[key] = getattr(args, key)
     if args.train:
         flags["data"]["path"] = args.train
+    if args.time_budget is not None and (args.max_steps is not None or args.epochs is not None):
+        raise UserError(
+            "--time-budget sets the number of steps itself; drop --max-steps / --epochs"
+        )
     for key in ("epochs", "max_steps", "time_budget"):
         if getattr(args, key) is not None:
             t[key] = getattr(args, key)

@@ -95,7 +95,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # steps between checkpoints (also at each epoch's end)
     keep_checkpoints: int = 2  # the last K are kept
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
-    time_budget: str | float | None = None  # 15m, 2h, 90s or seconds: fit the steps to it
+    time_budget: str | float | None = None  # 15m, 2h, 90s or seconds: the total steps fit it
+    # (then epochs and max_steps do not bound the run)
 
 
 @dataclass

@@ -112,6 +112,17 @@ def card_memory_gib(device: torch.device | int | None = None) -> float:
     return gib
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux ``/proc``; 0.0 where it cannot be read): a
+    time budget counts the interpreter's start and the imports too."""
+    try:
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(stat[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def ram_gib() -> float:
     """The machine's total RAM in GiB (8 where it cannot be read)."""
     try:

@@ -40,6 +40,7 @@ def test_dry_run_layers_preset_flags_and_set(capsys, images, tmp_path):
     )  # fmt: skip
     assert cfg["preset"] == "cpu" and cfg["data"]["path"] == str(images)
     assert cfg["train"]["epochs"] == 3 and cfg["train"]["max_steps"] == 7
+    assert cfg["train"]["time_budget"] is None
     assert cfg["train"]["batch_size"] == 4 and cfg["loss"]["kernel_weights"] == [1.0, 20.0]
     assert cfg["model"]["projector"] == "1024-2048"  # from the preset
     assert f"# run folder: {tmp_path / 'r'}" in text
@@ -69,6 +70,8 @@ def test_a_config_file_sits_between_preset_and_flags(capsys, images, tmp_path):
         (["--data", "/no/such/folder"], "data.path /no/such/folder is not a folder"),
         (["--resume"], "--resume needs --out"),
         (["--set", "loss.name=byol"], "choose one of sfrik"),
+        (["--time-budget", "5m", "--max-steps", "9"], "drop --max-steps / --epochs"),
+        (["--time-budget", "tomorrow"], "is not a duration"),
     ],
 )
 def test_mistakes_are_one_line_errors(capsys, images, argv, message):

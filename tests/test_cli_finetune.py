@@ -58,6 +58,7 @@ def test_dry_run_takes_the_cards_settings_and_the_checkpoints_architecture(sets,
         (["--random-init", "--train", "{train}", "--train-fraction", "2"], "train_fraction"),
         (["--checkpoint", "{train}", "--train", "{train}"], "no backbone.safetensors"),
         (["--random-init", "--train", "{train}", "--time-budget", "soon"], "not a duration"),
+        (["--random-init", "--train", "{train}", "--time-budget", "5m", "--epochs", "2"], "drop"),
     ],
 )
 def test_finetune_mistakes_are_one_line_errors(sets, capsys, argv, message):

@@ -73,3 +73,18 @@ def test_without_proc_the_thread_count_is_kept_with_a_hint(monkeypatch):
     note = use_the_cores(1)
     assert note is not None and "OMP_NUM_THREADS=4" in note
     assert torch.get_num_threads() == before
+
+
+def test_process_age_counts_from_the_start_of_the_process():
+    """A time budget counts the interpreter's start and the imports: a process that slept 1 s
+    before asking is at least 1 s old (and younger than the test's timeout)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time; time.sleep(1.0); "
+        "from lowres_ssl.device import process_age_s; print(process_age_s())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    age = float(out.stdout)
+    assert 1.0 <= age < 60

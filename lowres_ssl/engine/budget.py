@@ -11,8 +11,11 @@ Pure arithmetic here, so the choice is tested with made-up timings, not with a c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from lowres_ssl.errors import UserError
@@ -138,8 +141,79 @@ def choice_line(budget_s: float, total: int, t: Timings, s: Schedule, images_per
     )
 
 
+#: Steps between re-fits of a fitted total (the machine may slow down or speed up), and the
+#: change that makes one: more than this share of the total (and more than two steps).
+REFIT_EVERY = 10
+REFIT_CHANGE = 0.02
+#: The step time of a re-fit: the mean of the last this many steps.
+WINDOW = 20
+
+
+class BudgetWatch:
+    """What a budgeted run measures: each iteration's seconds net of checkpoints and
+    evaluations (the loader, the views, the step, the bookkeeping), each checkpoint's and each
+    evaluation's seconds. The first iteration is not counted (allocations, cuDNN's search)."""
+
+    def __init__(self, budget_s: float, started: float, clock: Callable[[], float]) -> None:
+        self.budget_s, self.started, self.clock = budget_s, started, clock
+        self.steps: deque[float] = deque(maxlen=WINDOW)
+        self.measured, self.measured_s = 0, 0.0
+        self.checkpoints: list[float] = []
+        self.evaluation: float | None = None  # the last evaluation's seconds, once one ran
+        self.eval_estimate = 0.0  # before one ran: from a timed forward pass
+        self.overhead = 0.0
+        self._seen_first = False
+        self._mark, self._overhead_mark = clock(), 0.0
+
+    def start_iteration(self) -> None:
+        self._mark, self._overhead_mark = self.clock(), self.overhead
+
+    def end_iteration(self) -> None:
+        dt = self.clock() - self._mark - (self.overhead - self._overhead_mark)
+        if not self._seen_first:
+            self._seen_first = True
+            return
+        self.steps.append(dt)
+        self.measured += 1
+        self.measured_s += dt
+
+    @contextlib.contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        """Time a checkpoint (``kind`` "checkpoint") or an evaluation, apart from the steps."""
+        start = self.clock()
+        try:
+            yield
+        finally:
+            dt = self.clock() - start
+            self.overhead += dt
+            if kind == "checkpoint":
+                self.checkpoints.append(dt)
+            else:
+                self.evaluation = dt
+
+    def warmed_up(self) -> bool:
+        """5 measured steps and 1 % of the budget, or 5 % of the budget (slow steps)."""
+        return (self.measured >= 5 and self.measured_s >= 0.01 * self.budget_s) or (
+            self.measured >= 1 and self.measured_s >= 0.05 * self.budget_s
+        )
+
+    def timings(self, evaluation_estimate: float = 0.0, *, recent: bool = False) -> Timings:
+        """What the fit needs; ``recent``: the step time of the last steps, not of all."""
+        step = (
+            sum(self.steps) / len(self.steps)
+            if recent and self.steps
+            else self.measured_s / max(self.measured, 1)
+        )
+        checkpoint = sum(self.checkpoints) / len(self.checkpoints) if self.checkpoints else 0.0
+        evaluation = self.evaluation if self.evaluation is not None else evaluation_estimate
+        return Timings(self.clock() - self.started, step, evaluation, checkpoint)
+
+
 __all__ = [
     "MARGIN",
+    "REFIT_CHANGE",
+    "REFIT_EVERY",
+    "BudgetWatch",
     "Schedule",
     "Timings",
     "choice_line",

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 import math
@@ -42,6 +43,7 @@ from lowres_ssl.device import (
     MIXED_DTYPES,
     card_memory_gib,
     peak_memory_gib,
+    process_age_s,
     resolve_precision,
     use_the_cores,
 )
@@ -59,6 +61,9 @@ from lowres_ssl.optim import CosineSchedule, warmup_steps_for
 from lowres_ssl.weights import BACKBONE_FILE
 
 log = logging.getLogger("lowres_ssl")
+
+#: The provisional total of a time-budgeted run until its warm-up has measured a step.
+_UNFITTED = 10**9
 
 # ---------------------------------------------------------------------------------------------
 # Objective, Ctrl-C and out-of-memory
@@ -146,6 +151,8 @@ def train(
     after every step (values: loss terms and lr).
     """
     started = clock()
+    if clock is time.perf_counter:  # a time budget counts from the start of the command
+        started -= process_age_s()
     task = task if task is not None else Pretraining()
     run_dir = Path(out).expanduser()
     precision = resolve_precision(cfg.train.precision)
@@ -285,7 +292,7 @@ def _train(
         total_steps = progress.total_steps
         schedule = make_schedule(total_steps)
     elif budget_s is not None:  # provisional: the warm-up below measures, then fits the total
-        total_steps = cfg.train.max_steps or 10**9
+        total_steps = _UNFITTED  # the budget decides the total: not the epochs, not max_steps
         schedule = make_schedule(total_steps)
 
     if main:
@@ -310,6 +317,10 @@ def _train(
         )
 
     def save_checkpoint() -> None:
+        with watch.timed("checkpoint") if watch else contextlib.nullcontext():
+            _save_checkpoint()
+
+    def _save_checkpoint() -> None:
         # Collectives first, on every process.
         rng_states = gather_object([_rng_to_text(aug_rng.get_state())])
         skips = _all_skips(skip_log)
@@ -327,8 +338,12 @@ def _train(
 
     def evaluate() -> None:
         """The task's evaluation (kNN monitor, validation); the best result's model is kept."""
+        nonlocal last_log_time
         unwrapped = accelerator.unwrap_model(model)
-        record = evaluation.run(unwrapped)
+        eval_start = clock()
+        with watch.timed("evaluation") if watch else contextlib.nullcontext():
+            record = evaluation.run(unwrapped)
+        last_log_time += clock() - eval_start  # images/s counts training time only
         value = record[evaluation.key]
         progress.knn_step, progress.knn_top1 = progress.step, value
         metrics.write(evaluation.kind, progress.step, {"epoch": progress.epoch, **record})
@@ -360,7 +375,8 @@ def _train(
         bar.set_postfix({**shown, **shown_knn}, refresh=False)
         if main and not progress_bar:  # a log file or a scheduler: lines, not a bar
             parts = ", ".join(f"{k} {v}" for k, v in {**shown, **shown_knn}.items())
-            log.info("step %d/%d (epoch %d): %s", progress.step, total_steps, progress.epoch, parts)
+            total = "?" if total_steps == _UNFITTED else total_steps  # a budget's, not yet fitted
+            log.info("step %d/%s (epoch %d): %s", progress.step, total, progress.epoch, parts)
 
     bar_values: dict[str, str] = {}
     shown_knn: dict[str, str] = {}
@@ -429,19 +445,13 @@ def _train(
     def fit_to_budget(views) -> None:
         """After the warm-up: the total number of steps that ends within the time budget."""
         nonlocal total_steps, schedule, evaluation, saved_at
-        now = clock()
-        step_s = (now - warmup["start"]) / max(warmup["steps"], 1)
-        save_start = clock()
         save_checkpoint()  # also what one checkpoint costs
         saved_at = progress.step
-        timings = budget.Timings(
-            elapsed=clock() - started,
-            step=step_s,
-            evaluation=0.0,
-            checkpoint=clock() - save_start,
-        )
+        eval_s = 0.0
         if evaluation is not None:
             eval_s = evaluation.images * forward_s(views) * 1.25
+            if world > 1:  # every process decides the same: the main process's measurement
+                eval_s = broadcast_object_list([eval_s])[0]
             if evaluation.optional and eval_s > budget.EVAL_SHARE_FINAL * budget_s:
                 log.info(
                     "time budget: the %s evaluation (≈ %s each) is off; evaluate afterwards "
@@ -454,22 +464,43 @@ def _train(
                     evaluation.kind, budget.format_duration(eval_s),
                 )  # fmt: skip
                 evaluation.every_epochs = 0
-            timings = dataclasses.replace(timings, evaluation=eval_s if evaluation else 0.0)
-        plan = budget.Schedule(
+        watch.eval_estimate = eval_s if evaluation is not None else 0.0
+        timings, plan = watch.timings(watch.eval_estimate), budget_plan()
+        set_total(budget.fit_total_steps(budget_s, timings, plan))
+        if main:
+            log.info(budget.choice_line(budget_s, total_steps, timings, plan, global_batch))
+
+    def budget_plan() -> budget.Schedule:
+        return budget.Schedule(
             done_steps=progress.step,
             steps_per_epoch=steps_per_epoch,
             checkpoint_every=cfg.train.checkpoint_every,
             eval_every_epochs=evaluation.every_epochs if evaluation is not None else 0,
             final_eval=evaluation is not None,
         )
-        total_steps = budget.fit_total_steps(budget_s, timings, plan, max_steps=cfg.train.max_steps)
+
+    def set_total(total: int) -> None:
+        nonlocal total_steps, schedule
         if world > 1:  # the main process's measurement, for all
-            total_steps = broadcast_object_list([total_steps])[0]
-        progress.total_steps = total_steps
-        schedule = make_schedule(total_steps)
-        bar.total = total_steps
-        if main:
-            log.info(budget.choice_line(budget_s, total_steps, timings, plan, global_batch))
+            total = broadcast_object_list([total])[0]
+        total_steps = progress.total_steps = total
+        schedule = make_schedule(total)
+        bar.total = total
+
+    def refit_to_budget() -> None:
+        """Steps that have become slower (or faster) than the warm-up's: the total again."""
+        eval_s = watch.eval_estimate if evaluation is not None else 0.0
+        timings = watch.timings(eval_s, recent=True)
+        total = budget.fit_total_steps(budget_s, timings, budget_plan())
+        if world > 1:  # every process decides the same: the main process's measurement
+            total = broadcast_object_list([total])[0]
+        if abs(total - total_steps) > max(2, budget.REFIT_CHANGE * total_steps):
+            if main:
+                log.info(
+                    "time budget: steps now take %.2f s; %s steps in all instead of %s",
+                    timings.step, f"{total:,}", f"{total_steps:,}",
+                )  # fmt: skip
+            set_total(total)
 
     def forward_s(views) -> float:
         """Seconds per image of a forward pass in eval mode (what an evaluation runs)."""
@@ -489,7 +520,7 @@ def _train(
             unwrapped.train(was)
 
     bar = tqdm(
-        total=None if total_steps == 10**9 else total_steps,
+        total=None if total_steps == _UNFITTED else total_steps,
         initial=progress.step,
         disable=not (main and progress_bar),
         unit="step",
@@ -500,8 +531,25 @@ def _train(
     session_images = 0
     # A time budget without a total yet: a measured warm-up (steps after the first), then the
     # fit. The first step is left out of the measurement (allocations, cuDNN's search).
-    warmup = {"start": None, "steps": 0}
-    warmup["needed"] = budget_s is not None and progress.total_steps is None
+    # A time budget without a total yet: measured steps (a warm-up), then the fit; in this
+    # session, re-fits every few steps. A resumed run keeps the total it chose.
+    watch = budget.BudgetWatch(budget_s, started, clock) if budget_s is not None else None
+    fit_state = {"fitted": progress.total_steps is not None, "refits": False}
+
+    def keep_to_budget(views) -> None:
+        """After each step of a budgeted run: the fit after the warm-up, then the re-fits."""
+        watch.end_iteration()
+        fitted = fit_state["fitted"]
+        done = not fitted and watch.warmed_up()
+        if world > 1 and not fitted:  # the main process's clock decides
+            done = broadcast_object_list([done])[0]
+        if done:
+            fit_to_budget(views)
+            fit_state["fitted"] = fit_state["refits"] = True
+        elif fit_state["refits"] and progress.step % budget.REFIT_EVERY == 0:
+            refit_to_budget()
+        watch.start_iteration()
+
     last_log_time, last_log_images = session_start, 0
     bad_in_a_row = 0
     saved_at = progress.step if resume_from is not None else -1
@@ -526,22 +574,12 @@ def _train(
                     except torch.cuda.OutOfMemoryError:
                         raise UserError(_oom_message(cfg)) from None
                     after_step(result, lr, batch.images.shape[0] * world)
-                    if warmup["needed"]:
-                        if warmup["start"] is None:
-                            warmup["start"] = clock()
-                        else:
-                            warmup["steps"] += 1
-                        since = clock() - warmup["start"]
-                        done = (warmup["steps"] >= 5 and since >= 0.01 * budget_s) or (
-                            warmup["steps"] >= 1 and since >= 0.05 * budget_s
-                        )
-                        if world > 1:  # the main process's clock decides, for all
-                            done = broadcast_object_list([done])[0]
-                        if done:
-                            warmup["needed"] = False
-                            fit_to_budget(views)
+                    if watch is not None:
+                        keep_to_budget(views)
                 if completed:
                     end_epoch()
+                    if watch is not None:
+                        watch.start_iteration()
                 if stop.requested:
                     break
             stopped = stop.requested

@@ -105,3 +105,35 @@ def test_two_processes_train_and_resume_exactly(folder, tmp_path):
     wa = load_file(str(whole / "backbone.safetensors"))
     wb = load_file(str(cut / "backbone.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
+def _rank_budget(rank: int, world: int, port: int, values: dict, out: str):
+    """A time-budgeted run whose two processes see different step times (2 and 3 s)."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        GLOO_SOCKET_IFNAME="lo",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    from lowres_ssl.engine import train
+    from tests.engine.test_finetune import FakeClock
+
+    clock = FakeClock(2.0 + rank)
+    summary = train(from_dict(values), out, progress_bar=False, on_step=clock.tick, clock=clock)
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(summary, f)
+
+
+def test_a_time_budget_with_two_processes_follows_the_main_clock(folder, tmp_path):
+    """Each process measures its own clock; the main process's decides the warm-up's end and
+    the total (and the re-fits), so both run the same steps and none waits for the other."""
+    values = to_dict(
+        tiny(folder, train={"batch_size": 4, "time_budget": "30s", "checkpoint_every": 1000})
+    )
+    out = tmp_path / "budget"
+    mp.start_processes(
+        _rank_budget, args=(2, _free_port(), values, str(out)), nprocs=2, start_method="spawn"
+    )
+    summaries = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    # The main process: 2 s steps, fitted after step 2 (4 s): 2 + (28.8 - 4) / 2 = 14 steps.
+    assert [s["steps"] for s in summaries] == [14, 14]

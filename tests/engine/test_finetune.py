@@ -229,33 +229,44 @@ def test_a_backbone_is_not_a_classifier(pretrained, labeled, tmp_path):
 
 
 class FakeClock:
-    """Seconds that pass only when a step ends (``tick`` is the on_step hook)."""
+    """Seconds that pass only when a step ends (``tick`` is the on_step hook): ``step_s``, or
+    ``later_s`` after step ``slower_after``."""
 
-    def __init__(self, step_s: float) -> None:
+    def __init__(self, step_s: float, later_s: float | None = None, slower_after: int = 0):
         self.now, self.step_s = 1000.0, step_s
+        self.later_s, self.slower_after = later_s, slower_after
 
     def __call__(self) -> float:
         return self.now
 
     def tick(self, progress, values) -> None:
-        self.now += self.step_s
+        late = self.later_s is not None and progress.step > self.slower_after
+        self.now += self.later_s if late else self.step_s
+
+
+def budget_config(labeled, pretrained, budget):
+    return ft_config(
+        labeled,
+        pretrained,
+        train={"time_budget": budget, "epochs": 1, "checkpoint_every": 1000},
+        finetune={"val_every_epochs": 0},
+    )
 
 
 def test_the_budget_sets_the_total_from_the_measured_step_time(labeled, pretrained, tmp_path):
     from lowres_ssl.engine.budget import MARGIN
 
     clock = FakeClock(2.0)
-    cfg = ft_config(labeled, pretrained, train={"time_budget": "1m", "epochs": 1})
+    cfg = budget_config(labeled, pretrained, "30s")
     summary = train(
         cfg, tmp_path / "b", task=FineTuning(), progress_bar=False, on_step=clock.tick, clock=clock
     )
-    # Warm-up: the first step is not measured; after step 3, 4 s have passed since it (5 % of
-    # the budget): 2 s a step, 6 s elapsed in all. Checkpoints and evaluations take no time on
-    # this clock, so the total is 3 + (60 (1 - 4 %) - 6) / 2 steps.
-    expected = 3 + int((60 * (1 - MARGIN) - 6) / 2.0)
-    assert summary["steps"] == expected  # beyond the one epoch (6 steps) the config names
-    assert summary["time_budget_s"] == 60.0
-    assert summary["command_wall_s"] <= 60
+    # Warm-up: the first step is not measured; step 2 took 2 s, over 5 % of the budget: 4 s
+    # had passed in all. Checkpoints and evaluations take no time on this clock, so the total
+    # is 2 + (30 (1 - 4 %) - 4) / 2 steps: 14, beyond the one epoch (6 steps) the config names.
+    assert summary["steps"] == 2 + int((30 * (1 - MARGIN) - 4) / 2.0) == 14
+    assert summary["time_budget_s"] == 30.0
+    assert summary["command_wall_s"] == 28 <= 30
     slower = FakeClock(4.0)
     run = tmp_path / "slow"
     with pytest.raises(KeyboardInterrupt):
@@ -264,20 +275,42 @@ def test_the_budget_sets_the_total_from_the_measured_step_time(labeled, pretrain
             run,
             task=FineTuning(),
             progress_bar=False,
-            on_step=lambda p, v: (slower.tick(p, v), interrupt_at(9)(p, v)),
+            on_step=lambda p, v: (slower.tick(p, v), interrupt_at(5)(p, v)),
             clock=slower,
         )
-    state = json.loads(
-        sorted((run / "checkpoints").glob("step_*"))[-1].joinpath("trainer_state.json").read_text()
-    )
-    slow_total = 2 + int((60 * (1 - MARGIN) - 8) / 4.0)  # measured after step 2
-    assert state["total_steps"] == slow_total
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["total_steps"] == 2 + int((30 * (1 - MARGIN) - 8) / 4.0) == 7
     # A resumed run keeps its total, however fast its steps are now.
     fast = FakeClock(0.5)
     done = train(
         cfg, run, task=FineTuning(), resume=True, progress_bar=False, on_step=fast.tick, clock=fast
     )
-    assert done["steps"] == slow_total
+    assert done["steps"] == 7
+
+
+def test_steps_that_become_slower_shrink_the_total(labeled, pretrained, tmp_path, caplog):
+    import logging
+
+    from lowres_ssl.engine.budget import MARGIN
+
+    clock = FakeClock(2.0, later_s=4.0, slower_after=5)
+    caplog.set_level(logging.INFO, logger="lowres_ssl")
+    summary = train(
+        budget_config(labeled, pretrained, "1m"),
+        tmp_path / "r",
+        task=FineTuning(),
+        progress_bar=False,
+        on_step=clock.tick,
+        clock=clock,
+    )
+    # Fitted after step 3 at 2 s a step (6 s elapsed): 3 + 51.6 / 2 = 28 steps. At step 10
+    # (30 s elapsed) the last 9 measured steps took 3.11 s on average: 10 + 27.6 / 3.11 = 18.
+    first = 3 + int((60 * (1 - MARGIN) - 6) / 2.0)
+    refit = 10 + int((60 * (1 - MARGIN) - 30) / ((4 * 2.0 + 5 * 4.0) / 9))
+    assert (first, refit) == (28, 18)
+    assert summary["steps"] == refit
+    assert any("instead of 28" in r.getMessage() for r in caplog.records)
 
 
 def test_parse_budget_and_its_errors():
