@@ -336,10 +336,9 @@ class FineTuning:
             grad_checkpointing=cfg.model.grad_checkpointing,
         )
         note = "random init"
-        if f.checkpoint and not f.random_init:
+        if f.checkpoint and not f.random_init and not resuming:  # a resumed run has its own
             self.weights = load_weights(f.checkpoint, "--checkpoint")
-            if not resuming:  # a resumed run loads its own checkpoint over it
-                load_into(backbone, self.weights, "--checkpoint")
+            load_into(backbone, self.weights, "--checkpoint")
             note = f"backbone from {self.weights.file}"
         model = Classifier(backbone, len(self.classes), freeze_backbone=f.freeze_backbone)
         if f.freeze_backbone:
@@ -442,9 +441,9 @@ def _paths(images) -> list[str] | None:
 
 
 def _take_rows(images: ArrayImages | FolderImages, rows: torch.Tensor):
-    from lowres_ssl.eval.features import _subset
+    from lowres_ssl.eval.features import take_rows
 
-    out = _subset(images, rows)
+    out = take_rows(images, rows)
     if isinstance(out, ArrayImages) and images.fingerprint:  # a subset of that cache
         out = dataclasses.replace(out, fingerprint=f"{images.fingerprint}:rows{len(rows)}")
     return out

@@ -1,20 +1,24 @@
-"""The training loop: images → views → backbone → projector → objective → 8-bit optimizer.
+"""The training loop: images → views → model → objective → 8-bit optimizer.
 
 :func:`train` runs one process's share of a run (``accelerate launch`` starts several, plain
-``python`` one). Reading order, as in ``docs/design.md`` §1 and §3:
+``python`` one) of a task (:mod:`.tasks`): self-supervised pre-training (backbone, projector,
+two views, the SSL objective) or supervised fine-tuning (backbone, linear head, one view,
+cross-entropy). Reading order, as in ``docs/design.md`` §1 and §3:
 
 1. the run folder (:mod:`.run_folder`): a new one gets ``config.yaml``; ``resume`` continues
    the latest checkpoint; a folder holding another run is never overwritten;
-2. data (:mod:`lowres_ssl.data`): uint8 batches on the device, this process's slice of each
-   global batch, in an order that depends only on (seed, epoch);
+2. data (the task opens it; :mod:`lowres_ssl.data`): uint8 batches on the device, this
+   process's slice of each global batch, in an order that depends only on (seed, epoch);
 3. augmentation (:mod:`lowres_ssl.augment`) with its own random generator, saved in checkpoints;
-4. the model and the optimizer, prepared by Accelerate (device, mixed precision, DDP); the
-   online kNN monitor (:mod:`lowres_ssl.eval.monitor`) when a test set is known;
-5. the loop: per step the learning rate, two views, the step (:mod:`.steps`: the loss in
+4. the task's model and optimizer, prepared by Accelerate (device, mixed precision, DDP); its
+   evaluation (the kNN monitor, :mod:`lowres_ssl.eval.monitor`, or validation);
+5. the loop: per step the learning rate, the views, the step (:mod:`.steps`: the loss in
    fp32, backward, optimizer; a non-finite loss skips it), then the bookkeeping beside the loop
    (``after_step``: metrics every ``log_every`` steps, a checkpoint every ``checkpoint_every``;
-   ``end_epoch``: the epoch's line, the kNN monitor, a checkpoint); Ctrl-C checkpoints too;
-6. the end: ``backbone.safetensors``, ``summary.json``, ``skipped_files.txt``.
+   ``end_epoch``: the epoch's line, the evaluation, a checkpoint; with a time budget
+   ``keep_to_budget``: the total fitted to it, :mod:`.budget`); Ctrl-C checkpoints too;
+6. the end: the task's weights (``backbone.safetensors``, or ``classifier*.safetensors``),
+   ``summary.json``, ``skipped_files.txt``.
 """
 
 from __future__ import annotations

@@ -86,7 +86,8 @@ def evenly_spaced(n: int, limit: int | None) -> Tensor | None:
     return torch.linspace(0, n - 1, limit).round().long().unique()
 
 
-def _subset(images: ArrayImages | FolderImages, rows: Tensor) -> ArrayImages | FolderImages:
+def take_rows(images: ArrayImages | FolderImages, rows: Tensor) -> ArrayImages | FolderImages:
+    """The images (and labels, paths) of ``rows``, as the same kind of set."""
     keep = rows.tolist()
     if isinstance(images, ArrayImages):
         return dataclasses.replace(
@@ -144,7 +145,7 @@ def open_labeled(
         key = fingerprint(images)
     rows = evenly_spaced(len(images), max_images)
     if rows is not None:
-        images = _subset(images, rows)
+        images = take_rows(images, rows)
         key += f":rows{len(rows)}"
     labels = images.labels.cpu()
     return LabeledSet(str(spec), images, labels, list(images.classes), key)
