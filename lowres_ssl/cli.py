@@ -50,23 +50,34 @@ def train_parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EXAMPLES + "\n" + preset_lines(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", help="a preset name (presets/NAME.yaml), auto, or a YAML path")
+    p.add_argument("--data", help="a folder of images, or cifar10 / cifar100 / stl10")
+    p.add_argument("--init", help="start from weights: a run folder, checkpoint, .safetensors/.pth")
+    _run_flags(
+        p,
+        preset="a preset name (presets/NAME.yaml), auto, or a YAML path",
+        out="runs/<preset>-<date>-<time>",
+        epochs="train.epochs",
+    )
+    return p
+
+
+def _run_flags(p: argparse.ArgumentParser, *, preset: str, out: str, epochs: str) -> None:
+    """The flags train.py and finetune.py share (the same names, the same meaning)."""
+    p.add_argument("--preset", help=preset)
     p.add_argument(
         "--autofit",
         action="store_true",
         help="before training, run a few real steps and lower the micro-batch until they fit",
     )
     p.add_argument("--config", help="a full or partial config YAML (e.g. a run's config.yaml)")
-    p.add_argument("--data", help="a folder of images, or cifar10 / cifar100 / stl10")
-    p.add_argument("--out", help="the run folder (default: runs/<preset>-<date>-<time>)")
-    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--out", help=f"the run folder (default: {out})")
+    p.add_argument("--epochs", type=int, help=epochs)
     p.add_argument("--max-steps", type=int, help="train.max_steps: stop after this many steps")
     p.add_argument(
         "--time-budget",
         help="train.time_budget: fit the run to a wall time (15m, 2h, 90s): steps and schedule",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--init", help="start from weights: a run folder, checkpoint, .safetensors/.pth")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument(
         "--set",
@@ -75,7 +86,29 @@ def train_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any config key, dotted (train.batch_size=128); repeatable; values are YAML",
     )
-    return p
+
+
+def _saved_run(args: argparse.Namespace) -> dict | None:
+    """With --resume and neither --preset nor --config: the run folder's config.yaml."""
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out, the run folder to continue")
+    if not args.resume or args.preset or args.config:
+        return None
+    saved = Path(args.out).expanduser() / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"--resume: {args.out} holds no run (no config.yaml)")
+    return load_yaml(saved)
+
+
+def _train_flags(args: argparse.Namespace) -> dict:
+    """``--epochs``, ``--max-steps``, ``--time-budget`` as the train section (a budget sets the
+    number of steps itself: with either of the others it is a one-line error)."""
+    if args.time_budget is not None and (args.max_steps is not None or args.epochs is not None):
+        raise UserError(
+            "--time-budget sets the number of steps itself; drop --max-steps / --epochs"
+        )
+    keys = ("epochs", "max_steps", "time_budget")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -83,34 +116,16 @@ def resolve_config(args: argparse.Namespace) -> Config:
     config, the run folder's own config.yaml is the base) and validate."""
     from lowres_ssl import presets
 
-    values: dict = {}
-    preset_name = None
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out, the run folder to continue")
-    if args.resume and not args.preset and not args.config:
-        saved = Path(args.out).expanduser() / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"--resume: {args.out} holds no run (no config.yaml)")
-        values = load_yaml(saved)
-        preset_name = values.get("preset")
-    elif args.preset or not args.config:
+    values = _saved_run(args) or {}
+    preset_name = values.get("preset")
+    if not values and (args.preset or not args.config):
         preset_name, values, _ = presets.load_preset(args.preset or "auto")
         args.auto_preset = (args.preset or "auto") == "auto"
     if args.config:
         values = merge(values, load_yaml(args.config))
-    flags: dict = {}
+    flags: dict = {"train": _train_flags(args)}
     if args.data:
-        flags.setdefault("data", {})["path"] = args.data
-    if args.epochs is not None:
-        flags.setdefault("train", {})["epochs"] = args.epochs
-    if args.max_steps is not None:
-        flags.setdefault("train", {})["max_steps"] = args.max_steps
-    if args.time_budget is not None:
-        if args.max_steps is not None or args.epochs is not None:
-            raise UserError(
-                "--time-budget sets the number of steps itself; drop --max-steps / --epochs"
-            )
-        flags.setdefault("train", {})["time_budget"] = args.time_budget
+        flags["data"] = {"path": args.data}
     values = merge(values, flags)
     values = merge(values, parse_set(args.set))
     values.setdefault("preset", preset_name)
@@ -232,38 +247,28 @@ def finetune_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--train", help="the labeled training folder, or cifar10 / cifar100 / stl10")
     p.add_argument("--val", help="the labeled validation folder or a split (cifar10:test)")
-    p.add_argument("--preset", help="a preset name (its card settings), auto, or a YAML path")
-    p.add_argument("--autofit", action="store_true", help="fit the micro-batch to the card")
-    p.add_argument("--config", help="a full or partial config YAML")
-    p.add_argument("--out", help="the run folder (default: runs/ft-<date>-<time>)")
-    p.add_argument("--epochs", type=int, help="train.epochs (default 20)")
-    p.add_argument("--max-steps", type=int, help="train.max_steps")
-    p.add_argument("--time-budget", help="train.time_budget (15m, 2h, 90s)")
     p.add_argument("--train-fraction", type=float, help="a class-balanced fraction (0.01, 0.1)")
     p.add_argument("--per-class", type=int, help="or this many labeled images per class")
     p.add_argument("--freeze-backbone", action="store_true", help="train the head only")
     p.add_argument("--backbone-lr", type=float, help="per 256 images (default 0.01)")
     p.add_argument("--head-lr", type=float, help="per 256 images (default 0.2)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any key")
+    _run_flags(
+        p,
+        preset="a preset name (only its card settings are used), auto, or a YAML path",
+        out="runs/ft-<date>-<time>",
+        epochs="train.epochs (default 20)",
+    )
     return p
 
 
-def resolve_finetune_config(args: argparse.Namespace) -> Config:
+def resolve_finetune_config(args: argparse.Namespace):
     """Layer: a preset's card settings < fine-tuning defaults < --config < flags < --set; the
-    backbone and image size come from --checkpoint (a resume reads the run's config.yaml)."""
+    backbone and image size come from --checkpoint (a resume reads the run's config.yaml).
+    Returns the config and the pre-trained weights read (None on resume or random init)."""
     from lowres_ssl import presets
 
-    if args.resume and not args.out:
-        raise UserError("--resume needs --out, the run folder to continue")
-    values: dict = {}
-    if args.resume and not args.preset and not args.config:
-        saved = Path(args.out).expanduser() / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"--resume: {args.out} holds no run (no config.yaml)")
-        values = load_yaml(saved)
-    else:
+    values = _saved_run(args)
+    if values is None:
         name, preset, _ = presets.load_preset(args.preset or "auto")
         values = {
             section: {k: preset[section][k] for k in keys if k in preset.get(section, {})}
@@ -271,57 +276,42 @@ def resolve_finetune_config(args: argparse.Namespace) -> Config:
         }
         values = merge(values, FINETUNE_DEFAULTS)
         values["preset"] = name
-    if args.config:
-        values = merge(values, load_yaml(args.config))
-    flags: dict = {"finetune": {}, "train": {}, "data": {}}
-    f, t = flags["finetune"], flags["train"]
-    if args.checkpoint:
-        f["checkpoint"] = args.checkpoint
-    if args.random_init:
-        f["random_init"] = True
-    if args.val:
-        f["val"] = args.val
-    if args.freeze_backbone:
-        f["freeze_backbone"] = True
-    for key in ("train_fraction", "per_class", "backbone_lr", "head_lr"):
-        if getattr(args, key) is not None:
-            f[key] = getattr(args, key)
+    own = load_yaml(args.config) if args.config else {}
+    values = merge(values, own)
+    names = ("checkpoint", "val", "train_fraction", "per_class", "backbone_lr", "head_lr")
+    f = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    f.update({k: True for k in ("random_init", "freeze_backbone") if getattr(args, k)})
+    flags: dict = {"finetune": f, "train": _train_flags(args)}
     if args.train:
-        flags["data"]["path"] = args.train
-    if args.time_budget is not None and (args.max_steps is not None or args.epochs is not None):
-        raise UserError(
-            "--time-budget sets the number of steps itself; drop --max-steps / --epochs"
-        )
-    for key in ("epochs", "max_steps", "time_budget"):
-        if getattr(args, key) is not None:
-            t[key] = getattr(args, key)
-    values = merge(values, flags)
-    values = merge(values, parse_set(args.set))
-    checkpoint = (values.get("finetune") or {}).get("checkpoint")
+        flags["data"] = {"path": args.train}
+    given = parse_set(args.set)
+    values = merge(merge(values, flags), given)
+    weights = None
     if not args.resume:
+        checkpoint = (values.get("finetune") or {}).get("checkpoint")
         if checkpoint:  # the architecture and the image size are the checkpoint's
             from lowres_ssl.weights import load_weights
 
-            spec = load_weights(checkpoint, "--checkpoint").spec
-            values = merge(values, {"model": {"backbone": spec.backbone}})
+            weights = load_weights(checkpoint, "--checkpoint")
+            values = merge(values, {"model": {"backbone": weights.spec.backbone}})
             if (values.get("data") or {}).get("load_size", "auto") == "auto":
-                values = merge(values, {"data": {"load_size": spec.image_size}})
+                values = merge(values, {"data": {"load_size": weights.spec.image_size}})
         elif not (values.get("finetune") or {}).get("random_init"):
             raise UserError(
                 "finetune.py needs --checkpoint (the pre-trained weights), or --random-init to "
                 "train the architecture from scratch"
             )
-        given = merge(load_yaml(args.config) if args.config else {}, parse_set(args.set))
-        if not args.train and not (given.get("data") or {}).get("path"):
+        if not args.train and not (merge(own, given).get("data") or {}).get("path"):
             raise UserError("finetune.py needs --train, the labeled folder to train on")
-    return validate(from_dict(values))
+    cfg = validate(from_dict(values))
+    return cfg, None if cfg.finetune.random_init else weights
 
 
 def finetune_main(argv: list[str] | None = None) -> int:
     args = finetune_parser().parse_args(argv)
     _setup_logging()
     try:
-        cfg = resolve_finetune_config(args)
+        cfg, weights = resolve_finetune_config(args)
         out = args.out or f"runs/ft-{datetime.now():%Y%m%d-%H%M%S}"
         from lowres_ssl import fit
 
@@ -344,7 +334,7 @@ def finetune_main(argv: list[str] | None = None) -> int:
             summary = train(
                 cfg,
                 out,
-                task=FineTuning(),
+                task=FineTuning(weights),
                 resume=args.resume,
                 progress_bar=sys.stderr.isatty(),
                 autofit=args.autofit,

@@ -232,6 +232,13 @@ def load_weights(path: str | Path, flag: str = "--checkpoint") -> Weights:
     """The backbone weights behind ``path`` (see :func:`find_weights`), with their spec."""
     file, run_dir = find_weights(path, flag)
     state, meta = read_state(file, flag)
+    return _weights_of(file, run_dir, state, meta, flag)
+
+
+def _weights_of(
+    file: Path, run_dir: Path | None, state: dict[str, Tensor], meta: dict, flag: str
+) -> Weights:
+    """The :class:`Weights` of a file's tensors and metadata (architecture from the tensors)."""
     backbone, projector = _split_state(state)
     try:
         name, cifar_stem = infer_architecture(backbone)
@@ -443,7 +450,7 @@ def load_classifier(path: str | Path, flag: str = "--checkpoint") -> ClassifierF
             f"{flag} {file} is not a classifier from finetune.py (no head or class names); "
             "for a backbone's features use --embeddings"
         )
-    weights = load_weights(file, flag)
+    weights = _weights_of(file, None, state, meta, flag)
     try:
         classes = json.loads(meta["classes"])
         info = json.loads(meta.get("info", "{}"))

@@ -102,11 +102,9 @@ def overhead_s(total: int, t: Timings, s: Schedule) -> float:
     return evals * t.evaluation + saves * t.checkpoint
 
 
-def fit_total_steps(
-    budget_s: float, t: Timings, s: Schedule, *, max_steps: int | None = None
-) -> int:
+def fit_total_steps(budget_s: float, t: Timings, s: Schedule) -> int:
     """The largest total number of steps that ends within ``budget_s`` (at least one more
-    step than done; at most ``max_steps``)."""
+    step than done)."""
     available = budget_s * (1 - MARGIN) - t.elapsed
     lo = s.done_steps + 1
 
@@ -116,10 +114,6 @@ def fit_total_steps(
     if not fits(lo):
         return lo
     hi = lo + max(1, int(available / max(t.step, 1e-9)))
-    if max_steps is not None:
-        hi = min(hi, max_steps)
-    if hi <= lo:
-        return max(lo, hi)
     while lo < hi:  # the cost grows with the total: the last total that fits
         mid = (lo + hi + 1) // 2
         if fits(mid):
@@ -197,15 +191,16 @@ class BudgetWatch:
             self.measured >= 1 and self.measured_s >= 0.05 * self.budget_s
         )
 
-    def timings(self, evaluation_estimate: float = 0.0, *, recent: bool = False) -> Timings:
-        """What the fit needs; ``recent``: the step time of the last steps, not of all."""
+    def timings(self, *, recent: bool = False) -> Timings:
+        """What the fit needs (the last evaluation's seconds, else ``eval_estimate``);
+        ``recent``: the step time of the last steps, not of all."""
         step = (
             sum(self.steps) / len(self.steps)
             if recent and self.steps
             else self.measured_s / max(self.measured, 1)
         )
         checkpoint = sum(self.checkpoints) / len(self.checkpoints) if self.checkpoints else 0.0
-        evaluation = self.evaluation if self.evaluation is not None else evaluation_estimate
+        evaluation = self.evaluation if self.evaluation is not None else self.eval_estimate
         return Timings(self.clock() - self.started, step, evaluation, checkpoint)
 
 

@@ -236,23 +236,18 @@ class ValidationEvaluation(Evaluation):
         self.images = len(labeled)
 
     def run(self, model: nn.Module) -> dict[str, Any]:
-        from lowres_ssl.eval.features import extract
+        from lowres_ssl.eval.features import extract_all
 
         acc = self.accelerator
         start = time.perf_counter()
-        logits, found, _ = extract(
+        logits, found = extract_all(
             model,
             self.labeled,
             device=acc.device,
+            accelerator=acc,
             batch_size=self.batch_size,
-            autocast=acc.autocast,
             channels_last=self.channels_last,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
         )
-        if acc.num_processes > 1:  # disjoint shares: their sum is the whole set
-            logits = acc.reduce(logits, reduction="sum")
-            found = acc.reduce(found.long(), reduction="sum") > 0
         labels = self.labels.to(logits.device)[found]
         top5 = logits[found].topk(min(5, logits.shape[1]), dim=1).indices
         n = max(int(found.sum()), 1)
@@ -277,10 +272,12 @@ class FineTuning:
     name = "fine-tuning"
     labeled = True
 
-    def __init__(self) -> None:
+    def __init__(self, weights=None) -> None:
+        """``weights``: the pre-trained weights when the caller has read them already
+        (:func:`lowres_ssl.weights.load_weights` of ``finetune.checkpoint``)."""
         self.classes: list[str] = []
         self.subset: dict[str, Any] | None = None
-        self.weights = None  # the pre-trained weights (None: random init)
+        self.weights = weights
 
     def open_images(self, cfg: Config, device, progress: bool):
         images = _open(cfg, device, progress, labeled=True)
@@ -337,7 +334,8 @@ class FineTuning:
         )
         note = "random init"
         if f.checkpoint and not f.random_init and not resuming:  # a resumed run has its own
-            self.weights = load_weights(f.checkpoint, "--checkpoint")
+            if self.weights is None:
+                self.weights = load_weights(f.checkpoint, "--checkpoint")
             load_into(backbone, self.weights, "--checkpoint")
             note = f"backbone from {self.weights.file}"
         model = Classifier(backbone, len(self.classes), freeze_backbone=f.freeze_backbone)

@@ -448,7 +448,7 @@ def _train(
 
     def fit_to_budget(views) -> None:
         """After the warm-up: the total number of steps that ends within the time budget."""
-        nonlocal total_steps, schedule, evaluation, saved_at
+        nonlocal evaluation, saved_at
         save_checkpoint()  # also what one checkpoint costs
         saved_at = progress.step
         eval_s = 0.0
@@ -469,7 +469,7 @@ def _train(
                 )  # fmt: skip
                 evaluation.every_epochs = 0
         watch.eval_estimate = eval_s if evaluation is not None else 0.0
-        timings, plan = watch.timings(watch.eval_estimate), budget_plan()
+        timings, plan = watch.timings(), budget_plan()
         set_total(budget.fit_total_steps(budget_s, timings, plan))
         if main:
             log.info(budget.choice_line(budget_s, total_steps, timings, plan, global_batch))
@@ -493,8 +493,7 @@ def _train(
 
     def refit_to_budget() -> None:
         """Steps that have become slower (or faster) than the warm-up's: the total again."""
-        eval_s = watch.eval_estimate if evaluation is not None else 0.0
-        timings = watch.timings(eval_s, recent=True)
+        timings = watch.timings(recent=True)
         total = budget.fit_total_steps(budget_s, timings, budget_plan())
         if world > 1:  # every process decides the same: the main process's measurement
             total = broadcast_object_list([total])[0]
@@ -665,11 +664,6 @@ def _train(
     return summary
 
 
-def step_for(cfg: Config, micro: int | None) -> Callable:
-    """The pre-training step of ``cfg`` with micro-batches of ``micro`` (None: the batch)."""
-    return Pretraining().step_for(cfg, micro)
-
-
 def precision_in_use(accelerator: Accelerator) -> bool:
     """Whether the network runs under 16-bit autocast."""
     return accelerator.mixed_precision in ("bf16", "fp16")
@@ -683,4 +677,4 @@ def _rng_from_text(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-__all__ = ["BACKBONE_FILE", "make_objective", "resolve_precision", "step_for", "train"]
+__all__ = ["BACKBONE_FILE", "make_objective", "resolve_precision", "train"]

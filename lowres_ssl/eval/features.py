@@ -240,6 +240,37 @@ def extract(
     return features, found, skips
 
 
+def extract_all(
+    module: nn.Module,
+    labeled: LabeledSet,
+    *,
+    device: torch.device,
+    accelerator=None,
+    batch_size: int = 256,
+    channels_last: bool = False,
+    num_workers: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(outputs (N, D), found (N,)) of the whole set on every process: each process runs its
+    share (:func:`extract`) under the accelerator's autocast, and the disjoint shares are summed
+    (one process, or none: the share is the whole)."""
+    world = 1 if accelerator is None else accelerator.num_processes
+    out, found, _ = extract(
+        module,
+        labeled,
+        device=device,
+        batch_size=batch_size,
+        autocast=accelerator.autocast if accelerator is not None else contextlib.nullcontext,
+        channels_last=channels_last,
+        rank=0 if accelerator is None else accelerator.process_index,
+        world_size=world,
+        num_workers=num_workers,
+    )
+    if world > 1:
+        out = accelerator.reduce(out, reduction="sum")
+        found = accelerator.reduce(found.int(), reduction="sum") > 0
+    return out, found
+
+
 def _probe_width(backbone: nn.Module, labeled: LabeledSet, device: torch.device) -> int:
     side = labeled.images.load_size
     with torch.no_grad():
@@ -355,9 +386,11 @@ __all__ = [
     "cached_features",
     "evenly_spaced",
     "extract",
+    "extract_all",
     "feature_key",
     "features_dir",
     "open_labeled",
     "split_spec",
+    "take_rows",
     "to_input",
 ]

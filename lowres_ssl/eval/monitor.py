@@ -10,7 +10,6 @@ of the test rows, and the counts are summed: the accuracy is the one-process val
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -21,7 +20,13 @@ from torch import nn
 
 from lowres_ssl.config import Config
 from lowres_ssl.data import DATASETS
-from lowres_ssl.eval.features import LabeledSet, align_classes, extract, open_labeled, split_spec
+from lowres_ssl.eval.features import (
+    LabeledSet,
+    align_classes,
+    extract_all,
+    open_labeled,
+    split_spec,
+)
 from lowres_ssl.eval.knn import knn_scores, topk_correct
 
 log = logging.getLogger("lowres_ssl")
@@ -124,20 +129,15 @@ class KNNMonitor:
         return self.accelerator.reduce(t, reduction="sum")
 
     def _features(self, backbone: nn.Module, labeled: LabeledSet):
-        acc = self.accelerator
-        features, found, _ = extract(
+        return extract_all(
             backbone,
             labeled,
             device=self.device,
+            accelerator=self.accelerator,
             batch_size=self.batch_size,
-            autocast=acc.autocast if acc is not None else contextlib.nullcontext,
             channels_last=self.channels_last,
-            rank=0 if acc is None else acc.process_index,
-            world_size=1 if acc is None else acc.num_processes,
             num_workers=0,
         )
-        found = self._sum(found.int()) > 0
-        return self._sum(features), found
 
     def run(self, backbone: nn.Module) -> dict[str, Any]:
         """Evaluate now; returns the metrics record (``knn_top1``, ``knn_top5``, ``k``,

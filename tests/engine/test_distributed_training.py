@@ -26,13 +26,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, values: dict, out: str, crash: int, resume: bool):
+def _as_launched(rank: int, world: int, port: int) -> None:
+    """The environment torchrun / accelerate launch give process ``rank``; one thread."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         GLOO_SOCKET_IFNAME="lo",
     )  # fmt: skip
     torch.set_num_threads(1)
+
+
+def _rank(rank: int, world: int, port: int, values: dict, out: str, crash: int, resume: bool):
+    _as_launched(rank, world, port)
     from lowres_ssl.engine import train
 
     hook = crash_at(crash) if crash else None
@@ -109,12 +114,7 @@ def test_two_processes_train_and_resume_exactly(folder, tmp_path):
 
 def _rank_budget(rank: int, world: int, port: int, values: dict, out: str):
     """A time-budgeted run whose two processes see different step times (2 and 3 s)."""
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        GLOO_SOCKET_IFNAME="lo",
-    )  # fmt: skip
-    torch.set_num_threads(1)
+    _as_launched(rank, world, port)
     from lowres_ssl.engine import train
     from tests.engine.test_finetune import FakeClock
 

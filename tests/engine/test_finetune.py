@@ -343,4 +343,3 @@ def test_fit_counts_evaluations_and_checkpoints():
     no_eval = fit_total_steps(1000, t, Schedule(10, 100, 10_000, 0, False))
     assert no_eval > total
     assert fit_total_steps(10, t, s) == 11  # nothing fits: one more step, no less
-    assert fit_total_steps(1000, t, s, max_steps=50) == 50
