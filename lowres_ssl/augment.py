@@ -250,6 +250,10 @@ class PlannedViews:
         params = [p.part(part) for p in self.params[:count]]
         return self.augment._compute(self.images[part], params, count)
 
+    def sample_input(self, n: int) -> torch.Tensor:
+        """The first view of the first ``n`` images (at most), as the model takes them."""
+        return self.take(slice(0, min(len(self), n)), 1)[0]
+
 
 # Columns of the one (B, _N_RAND) uniform draw per view. The count is fixed whatever the recipe
 # enables, so the RNG stream, and with it a resume, does not depend on the recipe's contents.

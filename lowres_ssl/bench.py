@@ -1,23 +1,135 @@
-"""What the benchmark scripts share (``scripts/bench_*``): the machine their reports name, and
-the rig that runs one real training step of a :class:`lowres_ssl.memory.Setting`.
+"""What the benchmark scripts share (``scripts/bench_*``): the machine their reports name, the
+fresh process each measured case runs in, the peak-memory reader, the markdown report writer,
+and the rig that runs one real training step of a :class:`lowres_ssl.memory.Setting`.
 
 Figures are only comparable on the same machine, and CPU timings only on a quiet one, so every
-report names the processor, the GPU, the versions and the load before the run.
+report names the processor, the GPU, the versions and the load before the run. A peak is only a
+case's own in a process of its own (the allocator keeps what earlier cases freed, and the RSS
+high-water mark never falls), so the scripts run each case in a fresh one:
+:func:`run_fresh_process` in the parent, :func:`send_result_to_parent` in the child.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import json
 import os
 import platform
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from lowres_ssl.device import available_cores
+
+KIB = 1024
+GIB = 2**30
+
+
+def pick_device(choice: str) -> str:
+    """``cpu`` or ``cuda`` for a script's ``--device`` choice (``auto``: CUDA where present)."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+# --------------------------------------------------------------------------------------------
+# Fresh processes: one per measured case
+
+
+@dataclass(frozen=True)
+class ChildRun:
+    """What one child process of a benchmark gave back (see :func:`run_fresh_process`)."""
+
+    result: dict[str, Any] | None  # the last JSON object it printed; None where it printed none
+    returncode: int | None  # None: killed at the timeout
+    stderr_tail: str  # its last line on stderr ("" where it wrote none)
+    wall_s: float
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+    @property
+    def killed(self) -> bool:
+        """Ended by SIGKILL, which on Linux is most often the kernel's out-of-memory killer."""
+        return self.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+
+    @property
+    def failure(self) -> str:
+        """Empty when the child exited 0 with a result; otherwise one line saying why not."""
+        if self.timed_out:
+            return f"timed out after {self.wall_s:.0f} s"
+        if self.returncode == 0 and self.result is not None:
+            return ""
+        return self.stderr_tail or f"exit {self.returncode} without a result"
+
+
+def run_fresh_process(
+    script: str | os.PathLike[str],
+    args: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> ChildRun:
+    """Run ``python script *args`` in a new process (this interpreter, the environment plus
+    ``env``) and collect what it sent with :func:`send_result_to_parent`. A child still
+    running after ``timeout_s`` is killed."""
+    command = [sys.executable, os.fspath(script), *args]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env={**os.environ, **(env or {})},
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired as expired:
+        return ChildRun(None, None, _last_line(expired.stderr), time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return ChildRun(_last_json_object(done.stdout), done.returncode, _last_line(done.stderr), wall)
+
+
+def send_result_to_parent(result: Mapping[str, Any]) -> None:
+    """The child's side of :func:`run_fresh_process`: ``result`` as one JSON line on stdout."""
+    print(json.dumps(result), flush=True)
+
+
+def _text(output: str | bytes | None) -> str:
+    # TimeoutExpired carries bytes even when the process was run with text=True
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
+
+
+def _last_line(output: str | bytes | None) -> str:
+    lines = _text(output).strip().splitlines()
+    return lines[-1].strip() if lines else ""
+
+
+def _last_json_object(output: str) -> dict[str, Any] | None:
+    # the child's libraries may print too (warnings, progress): the result is its last object
+    for line in reversed(output.splitlines()):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Peak memory
 
 
 def meminfo() -> dict[str, int]:
@@ -29,22 +141,203 @@ def meminfo() -> dict[str, int]:
         return {}
 
 
-def proc_status_bytes(key: str) -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (its peak since the last :func:`reset_peak_rss`)
-    of this process, from ``/proc/self/status`` (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"no {key} in /proc/self/status")
+def proc_status_kib() -> dict[str, int]:
+    """The ``Vm…`` figures of this process (VmRSS, VmHWM, VmData…) in KiB, from
+    ``/proc/self/status`` (empty where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            return {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith("Vm")}
+    except OSError:
+        return {}
 
 
-def reset_peak_rss() -> None:
-    """Reset ``VmHWM`` to the current RSS. (``ru_maxrss`` is no use in a benchmark's child
-    process: Linux carries it over ``fork`` + ``exec``, so the child reports its parent's
-    peak if that was higher.)"""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+@dataclass(frozen=True)
+class MemoryPeak:
+    """The memory of this process over a stretch of a benchmark, in bytes."""
+
+    baseline: int  # in use when the count started: the RSS (CPU) or allocated (CUDA)
+    peak: int  # the highest since: the RSS high-water mark, or the allocator's peak
+    reserved: int | None  # CUDA: the allocator's peak reservation (None on the CPU)
+    method: str  # how it was read: "VmHWM", "ru_maxrss" or "cuda"
+
+    @property
+    def growth(self) -> int:
+        """What the stretch added over the baseline."""
+        return self.peak - self.baseline
+
+
+class PeakMemoryReader:
+    """The peak memory of this process from :meth:`start` on: the CPU's resident set, or the
+    CUDA caching allocator's figures for ``device``.
+
+    CPU: writing 5 to ``/proc/self/clear_refs`` resets the high-water mark VmHWM to the current
+    RSS. Where that is impossible the fallback is ``ru_maxrss``, which never resets and which a
+    child inherits from its parent (exec keeps it): the baseline is then the high-water mark so
+    far, and the growth reads low (zero while the peak stays below the old mark).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.baseline = 0
+        self.method = ""
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def start(self) -> int:
+        """Start counting here; returns the baseline, the bytes in use now."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method, self.baseline = "cuda", torch.cuda.memory_allocated(self.device)
+        elif _reset_rss_high_water_mark():
+            self.method, self.baseline = "VmHWM", proc_status_kib()["VmRSS"] * KIB
+        else:
+            self.method, self.baseline = "ru_maxrss", _max_rss_bytes()
+        return self.baseline
+
+    def read(self) -> MemoryPeak:
+        """The peak since :meth:`start`."""
+        if not self.method:
+            raise RuntimeError("PeakMemoryReader.read() before start()")
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            reserved = torch.cuda.max_memory_reserved(self.device)
+            return MemoryPeak(self.baseline, peak, reserved, self.method)
+        if self.method == "VmHWM":
+            return MemoryPeak(self.baseline, proc_status_kib()["VmHWM"] * KIB, None, self.method)
+        return MemoryPeak(self.baseline, _max_rss_bytes(), None, self.method)
+
+
+def _reset_rss_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return "VmHWM" in proc_status_kib()
+
+
+def _max_rss_bytes() -> int:
+    import resource  # POSIX only
+
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    scale = 1 if sys.platform == "darwin" else KIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """glibc: allocations of at least ``nbytes`` get their own mmap, returned to the OS when
+    freed, so that the RSS follows the live tensors. (The default threshold is dynamic: it
+    rises to the size of freed blocks, up to 32 MiB, after which freed tensors stay in the heap
+    and peaks of identical runs varied by ±30 %.) False where ``mallopt`` is unavailable."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) == 1  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# Reports: the machine, the load, markdown tables, the file
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def busy(load: float | None) -> bool:
+    """Whether a 1-minute load average means other work competes for this process's cores."""
+    return load is not None and load > 0.5 * available_cores()
+
+
+def load_lines(before: float | None) -> list[str]:
+    """The 1-minute load average before the run (during it, it counts the run itself): other
+    work on the machine skews the timings."""
+    if before is None:
+        return []
+    cores = available_cores()
+    lines = [f"- Load average (1 min) before the run: {before:.2f} on {cores} cores"]
+    if busy(before):
+        lines.append(
+            f"- **Warning**: the machine was busy before the run started (load {before:.2f} on "
+            f"{cores} cores): CPU timings are unreliable (threads wait for each other's cores)."
+        )
+    return lines
+
+
+def machine_lines(device: str) -> list[str]:
+    """Markdown bullet lines naming the CPU, the GPU (for ``device == "cuda"``) and versions."""
+    ram = meminfo().get("MemTotal", 0) / 2**20
+    lines = [
+        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({available_cores()} usable, torch "
+        f"threads: {torch.get_num_threads()}), {ram:.1f} GiB RAM",
+    ]
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        lines.append(
+            f"- GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
+            f"{props.major}.{props.minor}; CUDA {torch.version.cuda}; float32 matmul precision "
+            f"{torch.get_float32_matmul_precision()!r} (TF32 "
+            f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})"
+        )
+    lines.append(
+        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}"
+    )
+    return lines
+
+
+def markdown_row(cells: Iterable[object]) -> str:
+    """One row of a markdown table (a ``|`` inside a cell is escaped)."""
+    return "| " + " | ".join(str(cell).replace("|", r"\|") for cell in cells) + " |"
+
+
+def markdown_table(
+    header: Sequence[str], rows: Iterable[Sequence[object]], align: str = ""
+) -> list[str]:
+    """The lines of a markdown table. ``align``: one letter per column, ``l`` (left, the
+    default) or ``r`` (right: numbers). A shorter row (an error in place of the figures) is
+    padded with empty cells; a longer one is an error."""
+    align = align or "l" * len(header)
+    if len(align) != len(header) or set(align) - {"l", "r"}:
+        raise ValueError(f"align {align!r}: one of l or r for each of {len(header)} columns")
+    lines = [markdown_row(header), "|" + "".join("---:|" if a == "r" else "---|" for a in align)]
+    for row in rows:
+        if len(row) > len(header):
+            raise ValueError(f"a row of {len(row)} cells in a table of {len(header)}: {row}")
+        lines.append(markdown_row([*row, *[""] * (len(header) - len(row))]))
+    return lines
+
+
+def write_report(report: str | Sequence[str], output: Path) -> Path:
+    """Print a markdown report (text, or its lines) and write it to ``output`` (its folder
+    made, one newline at the end); the path written goes to stderr."""
+    text = report if isinstance(report, str) else "\n".join(report)
+    text = text.rstrip("\n") + "\n"
+    print(text, end="", flush=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    print(f"wrote {output}", file=sys.stderr, flush=True)
+    return output
+
+
+# --------------------------------------------------------------------------------------------
+# One real training step
 
 
 @dataclass
@@ -61,6 +354,9 @@ class StepRig:
     images: torch.Tensor
     generator: torch.Generator
     step: Callable
+
+    def __post_init__(self) -> None:
+        self.memory = PeakMemoryReader(self.accelerator.device)
 
     @property
     def cuda(self) -> bool:
@@ -84,23 +380,16 @@ class StepRig:
         return time.perf_counter() - start
 
     def reset_peak(self) -> float:
-        """Start counting the peak; returns the memory in use now (GiB; 0 on CUDA, whose peak
-        statistics count from zero)."""
-        self.sync()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            return 0.0
-        reset_peak_rss()
-        return proc_status_bytes("VmRSS") / 2**30
+        """Start counting the peak; returns the memory in use now (GiB): the RSS on the CPU,
+        what is allocated on CUDA (whose peak below counts from zero, all of it)."""
+        return self.memory.start() / GIB
 
     def peak(self) -> dict[str, float]:
         """The peak since :meth:`reset_peak`: CUDA allocated and reserved, or the CPU's RSS."""
-        if self.cuda:
-            return {
-                "allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-                "reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
-            }
-        return {"rss_gib": proc_status_bytes("VmHWM") / 2**30}
+        peak = self.memory.read()
+        if peak.reserved is not None:
+            return {"allocated_gib": peak.peak / GIB, "reserved_gib": peak.reserved / GIB}
+        return {"rss_gib": peak.peak / GIB}
 
 
 def step_rig(setting, *, load_side: int | None = None, seed: int = 0) -> StepRig:
@@ -147,57 +436,3 @@ def step_rig(setting, *, load_side: int | None = None, seed: int = 0) -> StepRig
     if s.micro < s.batch_size:
         step = functools.partial(embedding_cache_step, micro_batch_size=s.micro)
     return StepRig(s, accelerator, model, optimizer, objective, augment, images.to(device), g, step)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
-def load_lines(before: float | None) -> list[str]:
-    """The 1-minute load average before the run (during it, it counts the run itself): other
-    work on the machine skews the timings."""
-    if before is None:
-        return []
-    cores = available_cores()
-    lines = [f"- Load average (1 min) before the run: {before:.2f} on {cores} cores"]
-    if before > 0.5 * cores:
-        lines.append(
-            f"- **Warning**: the machine was busy before the run started (load {before:.2f} on "
-            f"{cores} cores): CPU timings are unreliable (threads wait for each other's cores)."
-        )
-    return lines
-
-
-def machine_lines(device: str) -> list[str]:
-    """Markdown bullet lines naming the CPU, the GPU (for ``device == "cuda"``) and versions."""
-    ram = meminfo().get("MemTotal", 0) / 2**20
-    lines = [
-        f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({available_cores()} usable, torch "
-        f"threads: {torch.get_num_threads()}), {ram:.1f} GiB RAM",
-    ]
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        lines.append(
-            f"- GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
-            f"{props.major}.{props.minor}; CUDA {torch.version.cuda}; float32 matmul precision "
-            f"{torch.get_float32_matmul_precision()!r} (TF32 "
-            f"{'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'})"
-        )
-    lines.append(
-        f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}"
-    )
-    return lines

@@ -7,8 +7,10 @@ with 130 after the trainer has written a checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from lowres_ssl.config import (
     validate,
 )
 from lowres_ssl.errors import UserError
+from lowres_ssl.run_layout import CLASSIFIER_FILE, CONFIG_FILE, CURVES_FILE, eval_file
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -94,9 +97,9 @@ def _saved_run(args: argparse.Namespace) -> dict | None:
         raise UserError("--resume needs --out, the run folder to continue")
     if not args.resume or args.preset or args.config:
         return None
-    saved = Path(args.out).expanduser() / "config.yaml"
+    saved = Path(args.out).expanduser() / CONFIG_FILE
     if not saved.is_file():
-        raise UserError(f"--resume: {args.out} holds no run (no config.yaml)")
+        raise UserError(f"--resume: {args.out} holds no run (no {CONFIG_FILE})")
     return load_yaml(saved)
 
 
@@ -145,50 +148,62 @@ def _setup_logging() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def exits_on_user_errors(main: Callable[[list[str] | None], int]):
+    """A front end's exit: an error in the user's input prints one line (``error: …``) and
+    exits with 2; Ctrl-C exits with 130 (the trainer has written a checkpoint)."""
+
+    @functools.wraps(main)
+    def wrapped(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+
+    return wrapped
+
+
+@exits_on_user_errors
 def train_main(argv: list[str] | None = None) -> int:
     args = train_parser().parse_args(argv)
     _setup_logging()
-    try:
-        cfg = resolve_config(args)
-        out = args.out or default_out(cfg)
-        from lowres_ssl import fit
+    cfg = resolve_config(args)
+    out = args.out or default_out(cfg)
+    from lowres_ssl import fit
 
-        target = fit.target_device(cfg, chosen_by_auto=getattr(args, "auto_preset", False))
-        if args.dry_run:
-            resolved, est, lines = fit.plan(cfg, target)
-            if target.chosen_by_auto:
-                lines.insert(0, fit.auto_line(cfg, target, est))
-            if target.warning:
-                lines.insert(0, target.warning)
-            print(dump_yaml(resolved), end="")
-            print(f"# run folder: {out}" + (" (resume)" if args.resume else ""))
-            for line in lines:
-                print(f"# {line}")
-            return 0
-        log = logging.getLogger("lowres_ssl")
-        if target.warning:
-            log.warning(target.warning)
+    target = fit.target_device(cfg, chosen_by_auto=getattr(args, "auto_preset", False))
+    if args.dry_run:
+        resolved, est, lines = fit.plan(cfg, target)
         if target.chosen_by_auto:
-            log.info(fit.auto_line(cfg, target))
-        from tqdm.contrib.logging import logging_redirect_tqdm
+            lines.insert(0, fit.auto_line(cfg, target, est))
+        if target.warning:
+            lines.insert(0, target.warning)
+        print(dump_yaml(resolved), end="")
+        print(f"# run folder: {out}" + (" (resume)" if args.resume else ""))
+        for line in lines:
+            print(f"# {line}")
+        return 0
+    log = logging.getLogger("lowres_ssl")
+    if target.warning:
+        log.warning(target.warning)
+    if target.chosen_by_auto:
+        log.info(fit.auto_line(cfg, target))
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-        from lowres_ssl.engine import train
+    from lowres_ssl.tasks import train
 
-        with logging_redirect_tqdm():
-            # A terminal gets a progress bar; a log file or a scheduler gets log lines.
-            train(
-                cfg,
-                out,
-                resume=args.resume,
-                init=args.init,
-                progress_bar=sys.stderr.isatty(),
-                autofit=args.autofit,
-            )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    with logging_redirect_tqdm():
+        # A terminal gets a progress bar; a log file or a scheduler gets log lines.
+        train(
+            cfg,
+            out,
+            resume=args.resume,
+            init=args.init,
+            progress_bar=sys.stderr.isatty(),
+            autofit=args.autofit,
+        )
     return 0
 
 
@@ -307,49 +322,43 @@ def resolve_finetune_config(args: argparse.Namespace):
     return cfg, None if cfg.finetune.random_init else weights
 
 
+@exits_on_user_errors
 def finetune_main(argv: list[str] | None = None) -> int:
     args = finetune_parser().parse_args(argv)
     _setup_logging()
-    try:
-        cfg, weights = resolve_finetune_config(args)
-        out = args.out or f"runs/ft-{datetime.now():%Y%m%d-%H%M%S}"
-        from lowres_ssl import fit
+    cfg, weights = resolve_finetune_config(args)
+    out = args.out or f"runs/ft-{datetime.now():%Y%m%d-%H%M%S}"
+    from lowres_ssl import fit
 
-        target = fit.target_device(cfg, chosen_by_auto=not args.preset and not args.resume)
-        if args.dry_run:
-            resolved, _, _ = fit.plan(cfg, target)
-            print(dump_yaml(resolved), end="")
-            print(f"# run folder: {out}" + (" (resume)" if args.resume else ""))
-            if target.warning:
-                print(f"# {target.warning}")
-            return 0
+    target = fit.target_device(cfg, chosen_by_auto=not args.preset and not args.resume)
+    if args.dry_run:
+        resolved, _, _ = fit.plan(cfg, target)
+        print(dump_yaml(resolved), end="")
+        print(f"# run folder: {out}" + (" (resume)" if args.resume else ""))
         if target.warning:
-            logging.getLogger("lowres_ssl").warning(target.warning)
-        from tqdm.contrib.logging import logging_redirect_tqdm
+            print(f"# {target.warning}")
+        return 0
+    if target.warning:
+        logging.getLogger("lowres_ssl").warning(target.warning)
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-        from lowres_ssl.engine import train
-        from lowres_ssl.engine.tasks import FineTuning
+    from lowres_ssl.tasks import FineTuning, train
 
-        with logging_redirect_tqdm():
-            summary = train(
-                cfg,
-                out,
-                task=FineTuning(weights),
-                resume=args.resume,
-                progress_bar=sys.stderr.isatty(),
-                autofit=args.autofit,
-            )
-        if "best_val_top1" in summary:
-            print(
-                f"validation top-1 {summary['best_val_top1']:.4f} (best, epoch "
-                f"{summary['best_epoch']}), last {summary['val_top1']:.4f}; "
-                f"classifier: {Path(out) / 'classifier.safetensors'}"
-            )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    with logging_redirect_tqdm():
+        summary = train(
+            cfg,
+            out,
+            task=FineTuning(weights),
+            resume=args.resume,
+            progress_bar=sys.stderr.isatty(),
+            autofit=args.autofit,
+        )
+    if "best_val_top1" in summary:
+        print(
+            f"validation top-1 {summary['best_val_top1']:.4f} (best, epoch "
+            f"{summary['best_epoch']}), last {summary['val_top1']:.4f}; "
+            f"classifier: {Path(out) / CLASSIFIER_FILE}"
+        )
     return 0
 
 
@@ -377,32 +386,27 @@ def predict_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_on_user_errors
 def predict_main(argv: list[str] | None = None) -> int:
     from lowres_ssl.predict import predict, summary_line
 
     args = predict_parser().parse_args(argv)
     _setup_logging()
-    try:
-        _positive_flags(args, ("batch_size",))
-        if bool(args.out) == bool(args.embeddings):
-            raise UserError("pass --out predictions.csv, or --embeddings features.npy")
-        if args.embeddings and not args.embeddings.endswith(".npy"):
-            raise UserError(f"--embeddings {args.embeddings}: the features file is a .npy")
-        summary = predict(
-            args.checkpoint,
-            args.images,
-            args.out or args.embeddings,
-            embeddings=bool(args.embeddings),
-            batch_size=args.batch_size,
-            device=args.device,
-            num_workers=args.num_workers,
-            progress=sys.stderr.isatty(),
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    _positive_flags(args, ("batch_size",))
+    if bool(args.out) == bool(args.embeddings):
+        raise UserError("pass --out predictions.csv, or --embeddings features.npy")
+    if args.embeddings and not args.embeddings.endswith(".npy"):
+        raise UserError(f"--embeddings {args.embeddings}: the features file is a .npy")
+    summary = predict(
+        args.checkpoint,
+        args.images,
+        args.out or args.embeddings,
+        embeddings=bool(args.embeddings),
+        batch_size=args.batch_size,
+        device=args.device,
+        num_workers=args.num_workers,
+        progress=sys.stderr.isatty(),
+    )
     print(summary_line(summary))
     return 0
 
@@ -458,6 +462,7 @@ def _positive_flags(args: argparse.Namespace, names: tuple[str, ...]) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
 
+@exits_on_user_errors
 def evaluate_main(argv: list[str] | None = None) -> int:
     import json
 
@@ -466,38 +471,32 @@ def evaluate_main(argv: list[str] | None = None) -> int:
 
     args = evaluate_parser().parse_args(argv)
     _setup_logging()
-    try:
-        _positive_flags(args, ("size", "k", "temperature", "batch_size"))
-        from tqdm.contrib.logging import logging_redirect_tqdm
+    _positive_flags(args, ("size", "k", "temperature", "batch_size"))
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-        with logging_redirect_tqdm():
-            record = evaluate(
-                args.protocol,
-                checkpoint=args.checkpoint,
-                random_init=args.random_init,
-                backbone=args.backbone,
-                train=args.train,
-                test=args.test,
-                size=args.size,
-                k=args.k,
-                temperature=args.temperature,
-                batch_size=args.batch_size,
-                device=args.device,
-                precision=args.precision,
-                cache_dir=args.cache_dir,
-                feature_cache=not args.no_feature_cache,
-                num_workers=args.num_workers,
-                progress=sys.stderr.isatty(),
-            )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    with logging_redirect_tqdm():
+        record = evaluate(
+            args.protocol,
+            checkpoint=args.checkpoint,
+            random_init=args.random_init,
+            backbone=args.backbone,
+            train=args.train,
+            test=args.test,
+            size=args.size,
+            k=args.k,
+            temperature=args.temperature,
+            batch_size=args.batch_size,
+            device=args.device,
+            precision=args.precision,
+            cache_dir=args.cache_dir,
+            feature_cache=not args.no_feature_cache,
+            num_workers=args.num_workers,
+            progress=sys.stderr.isatty(),
+        )
     run_dir = record.pop("run_dir")
     text = json.dumps(record)
     if run_dir and Path(args.checkpoint).expanduser().resolve() == Path(run_dir).resolve():
-        name = f"eval_{args.protocol}{'_random' if args.random_init else ''}.json"
+        name = eval_file(args.protocol, args.random_init)
         write_text_atomic(Path(run_dir) / name, json.dumps(record, indent=1) + "\n")
     print(summary_line(args.protocol, record))
     print(text)
@@ -529,16 +528,13 @@ def export_parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_on_user_errors
 def export_main(argv: list[str] | None = None) -> int:
     from lowres_ssl.weights import export, load_weights
 
     args = export_parser().parse_args(argv)
-    try:
-        weights = load_weights(args.checkpoint)
-        out = export(weights, args.out, args.format)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    weights = load_weights(args.checkpoint)
+    out = export(weights, args.out, args.format)
     spec = weights.spec
     sidecar = out.with_suffix(".json")
     extra = f" (and {sidecar.name})" if sidecar.is_file() and out.suffix != ".safetensors" else ""
@@ -565,21 +561,20 @@ def plot_parser() -> argparse.ArgumentParser:
         epilog="example: python scripts/plot.py runs/a runs/b --out curves.png",
     )
     p.add_argument("runs", nargs="+", help="run folders (several: overlaid)")
-    p.add_argument("--out", help="the PNG to write (default: curves.png in the first run folder)")
+    p.add_argument(
+        "--out", help=f"the PNG to write (default: {CURVES_FILE} in the first run folder)"
+    )
     p.add_argument("--dpi", type=int, default=120)
     return p
 
 
+@exits_on_user_errors
 def plot_main(argv: list[str] | None = None) -> int:
     from lowres_ssl.plots import plot_runs
 
     args = plot_parser().parse_args(argv)
-    out = args.out or str(Path(args.runs[0]) / "curves.png")
-    try:
-        written = plot_runs(args.runs, out, dpi=args.dpi)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = args.out or str(Path(args.runs[0]) / CURVES_FILE)
+    written = plot_runs(args.runs, out, dpi=args.dpi)
     print(f"wrote {written}")
     return 0
 

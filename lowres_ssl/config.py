@@ -141,9 +141,6 @@ class Config:
     preset: str | None = None  # the preset it started from (for the record)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-
-
 # ---------------------------------------------------------------------------------------------
 # dict <-> dataclasses, with one-line errors
 
@@ -378,7 +375,7 @@ def validate(cfg: Config) -> Config:
         )
     _positive("train.max_bad_steps", t.max_bad_steps)
     if t.time_budget is not None:
-        from lowres_ssl.engine.budget import parse_budget
+        from lowres_ssl.durations import parse_budget
 
         parse_budget(t.time_budget)
     _validate_eval(cfg)

@@ -26,6 +26,7 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from lowres_ssl.errors import UserError
+from lowres_ssl.run_layout import METRICS_FILE
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -63,7 +64,7 @@ def read_metrics(run_dir: str | Path) -> Records:
     run = Path(run_dir)
     if not run.is_dir():
         raise UserError(f"run folder {run} does not exist: pass the --out folder of a training run")
-    path = run / "metrics.jsonl"
+    path = run / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{run} holds no metrics.jsonl: pass the --out folder of a training run")
     groups: Records = {}

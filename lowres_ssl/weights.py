@@ -36,13 +36,16 @@ from torch import Tensor
 
 from lowres_ssl.errors import UserError
 from lowres_ssl.models import BACKBONES, CIFAR_STEM_MAX_SIZE, ResNetBackbone, SSLModel
+from lowres_ssl.run_layout import (
+    BACKBONE_FILE,
+    CHECKPOINT_MODEL_FILE,
+    CLASSIFIER_FILE,
+    CONFIG_FILE,
+    latest_intact,
+)
 
-BACKBONE_FILE = "backbone.safetensors"
 BACKBONE_FORMAT = "lowres_ssl.backbone.v1"
-CLASSIFIER_FILE = "classifier.safetensors"  # a fine-tuning run's best model by validation
-CLASSIFIER_LAST_FILE = "classifier_last.safetensors"  # ... and its final one
 CLASSIFIER_FORMAT = "lowres_ssl.classifier.v1"
-CHECKPOINT_MODEL_FILE = "model.safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 EXPORT_FORMATS = ("safetensors", "torchvision")
 
@@ -98,23 +101,17 @@ def state_sha256(state: dict[str, Tensor]) -> str:
 # Finding and reading
 
 
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    from lowres_ssl.engine import checkpoint  # the engine imports this module
-
-    return checkpoint.latest_intact(run_dir)[0]
-
-
 def find_weights(path: str | Path, flag: str = "--checkpoint") -> tuple[Path, Path | None]:
     """(weights file, its run folder or None) behind a run folder, checkpoint folder or file."""
     p = Path(path).expanduser()
     if p.is_dir():
         for name in (BACKBONE_FILE, CLASSIFIER_FILE):  # pre-training's, fine-tuning's
             if (p / name).is_file():
-                return p / name, p if (p / "config.yaml").is_file() else None
+                return p / name, p if (p / CONFIG_FILE).is_file() else None
         if (p / CHECKPOINT_MODEL_FILE).is_file():  # a checkpoint folder: run/checkpoints/step_N
             run = p.parent.parent
-            return p / CHECKPOINT_MODEL_FILE, run if (run / "config.yaml").is_file() else None
-        last = _latest_checkpoint(p)
+            return p / CHECKPOINT_MODEL_FILE, run if (run / CONFIG_FILE).is_file() else None
+        last = latest_intact(p)[0]
         if last is not None and (last / CHECKPOINT_MODEL_FILE).is_file():
             return last / CHECKPOINT_MODEL_FILE, p
         raise UserError(
@@ -213,10 +210,10 @@ def infer_architecture(state: dict[str, Tensor]) -> tuple[str, bool]:
 
 
 def _run_config(run_dir: Path | None) -> dict[str, Any] | None:
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+    if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
         return None
     try:
-        values = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        values = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     except yaml.YAMLError:
         return None
     return values if isinstance(values, dict) else None
@@ -485,11 +482,8 @@ def export(weights: Weights, out: str | Path, fmt: str | None = None) -> Path:
 
 
 __all__ = [
-    "BACKBONE_FILE",
     "BACKBONE_FORMAT",
-    "CLASSIFIER_FILE",
     "CLASSIFIER_FORMAT",
-    "CLASSIFIER_LAST_FILE",
     "EXPORT_FORMATS",
     "BackboneSpec",
     "ClassifierFile",

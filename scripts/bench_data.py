@@ -69,12 +69,48 @@ class Row:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class Conditions:
+    """Where and how long each case is measured."""
+
+    device: torch.device
+    dtype: torch.dtype  # of the views: the training precision
+    channels_last: bool
+    batch_size: int
+    seconds: float  # per measurement
+    max_batches: int
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> Conditions:
+        device = torch.device(bench.pick_device(args.device))
+        cuda = device.type == "cuda"
+        seconds = args.seconds or (3.0 if cuda else 6.0)
+        max_batches = args.max_batches
+        if args.quick:
+            seconds, max_batches = 0.5, 3
+        dtype = torch.float32
+        if cuda:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return Conditions(device, dtype, cuda, args.batch_size, seconds, max_batches)
+
+    def augmentation(self, recipe: str, size: int) -> nn.Module:
+        views = augment.build_augment(
+            recipe, size, out_dtype=self.dtype, channels_last=self.channels_last
+        )
+        return views.to(self.device)
+
+    def rate(self, step: Callable[[], int], max_batches: int | None = None) -> tuple[float, int]:
+        return rate(step, self.device, self.seconds, max_batches or self.max_batches)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def rate(step: Callable[[], int], device: torch.device, seconds: float, max_batches: int):
+def rate(
+    step: Callable[[], int], device: torch.device, seconds: float, max_batches: int
+) -> tuple[float, int]:
     """Images per second of ``step`` (which returns the images it handled), after one warm-up
     call, over calls until ``seconds`` have passed (at least 2, at most ``max_batches``)."""
     step()
@@ -94,7 +130,9 @@ def endless(loader: data.ImageLoader) -> Iterator[data.Batch]:
         epoch += 1
 
 
-def measure_loader(name, loader, views, device, seconds, max_batches) -> Row:
+def measure_loader(
+    name: str, loader: data.ImageLoader, views: nn.Module, conditions: Conditions
+) -> Row:
     """The loader alone, then the loader feeding the augmentation, each on a fresh iterator
     (so the workers' prefetch queue does not carry over)."""
     batches = endless(loader)
@@ -102,15 +140,15 @@ def measure_loader(name, loader, views, device, seconds, max_batches) -> Row:
     def only_loader() -> int:
         return len(next(batches).images)
 
-    ips, n = rate(only_loader, device, seconds, max_batches)
+    ips, n = conditions.rate(only_loader)
     batches = endless(loader)
 
     def with_views() -> int:
-        b = next(batches)
-        views(b.images)
-        return len(b.images)
+        images = next(batches).images
+        views(images)
+        return len(images)
 
-    ips_views, n2 = rate(with_views, device, seconds, max_batches)
+    ips_views, n2 = conditions.rate(with_views)
     return Row(name, ips, ips_views, n + n2)
 
 
@@ -158,7 +196,7 @@ def find_data(arg: str | None) -> Path:
     return train
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--data", help="image folder (default: the shared CIFAR-10 train folder)")
@@ -170,106 +208,124 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a few batches each: a smoke test")
     p.add_argument("--output", type=Path, help="markdown report (default under docs/benchmarks)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
-    args = p.parse_args()
+    return p.parse_args()
 
-    device_name = args.device
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_name)
-    seconds = args.seconds or (6.0 if device.type == "cpu" else 3.0)
-    max_batches = args.max_batches
-    if args.quick:
-        seconds, max_batches = 0.5, 3
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    else:
-        dtype = torch.float32
-    channels_last = device.type == "cuda"
+
+def first_files(images: data.FolderImages, count: int) -> data.FolderImages:
+    """The same folder's first ``count`` files only."""
+    files = images.files
+    subset = data.FileList(
+        files.root, files.paths[:count], files.sizes[:count], files.mtimes_ns[:count], []
+    )
+    return data.FolderImages(subset, images.load_size)
+
+
+def measure_loaders(
+    conditions: Conditions,
+    images: data.FolderImages,
+    views: nn.Module,
+    cache_dir: Path,
+    quick: bool,
+) -> tuple[list[Row], data.ArrayImages]:
+    """Decoding every epoch (1 and 2 workers), building the disk cache, then reading it (and,
+    on CUDA, the cache on the device); the rows, and the disk cache."""
+    rows: list[Row] = []
+
+    def measure(name: str, source, **kwargs) -> None:
+        loader = data.make_loader(source, conditions.batch_size, device=conditions.device, **kwargs)
+        rows.append(measure_loader(name, loader, views, conditions))
+        print(rows[-1], flush=True)
+
+    measure("decode every epoch, 1 worker", images, num_workers=1)
+    measure("decode every epoch, 2 workers", images, num_workers=2)
+    start = time.perf_counter()
+    subset = first_files(images, 2000) if quick else images
+    cached = data.build_disk_cache(subset, cache_dir, num_workers=2, progress=False)
+    build_s = time.perf_counter() - start
+    rows.append(Row("build the disk cache (once, 2 workers)", len(subset) / build_s, None, 1))
+    measure("disk cache", cached)
+    if conditions.device.type == "cuda":
+        measure("gpu cache", cached.to(conditions.device))
+    return rows, cached
+
+
+def measure_augmentation(
+    conditions: Conditions, batch: torch.Tensor, views: nn.Module, recipe: str, load_size: int
+) -> list[Row]:
+    """The augmentation alone on a batch already on the device, at the load size and at the
+    larger views of STL-10 (96 px) and, on CUDA, ImageNet (224 px): the same images, resized."""
+
+    def only_views() -> int:
+        views(batch)
+        return len(batch)
+
+    ips, n = conditions.rate(only_views)
+    rows = [Row("augmentation alone", None, ips, n)]
+    print(rows[-1], flush=True)
+    for size in (96, 224) if conditions.device.type == "cuda" else (96,):
+        if size == load_size:
+            continue
+        big = nn.functional.interpolate(batch.float(), size=(size, size), mode="bilinear")
+        big = big.round_().clamp_(0, 255).to(torch.uint8)
+        big_views = conditions.augmentation(recipe, size)
+
+        def views_at_size(big=big, big_views=big_views) -> int:
+            big_views(big)
+            return len(big)
+
+        ips, n = conditions.rate(views_at_size)
+        rows.append(Row(f"augmentation alone, {size} px views", None, ips, n, "no step"))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def reference_rate(conditions: Conditions, batch: torch.Tensor, views: nn.Module) -> float:
+    """Images per second of the reference training step on the two views of ``batch``."""
+    step = ReferenceStep(conditions.device, conditions.dtype, conditions.channels_last)
+    v1, v2 = views(batch)[:2]
+
+    def train_step() -> int:
+        step(v1, v2)
+        return len(batch)
+
+    step_ips, _ = conditions.rate(train_step, max(3, conditions.max_batches // 4))
+    print(f"reference step: {step_ips:.0f} images/s", flush=True)
+    return step_ips
+
+
+def main() -> None:
+    args = parse_args()
+    conditions = Conditions.from_args(args)
     load_before = bench.load_average()
     started = time.perf_counter()
-
     folder = find_data(args.data)
-    s, bs = args.load_size, args.batch_size
-    views = augment.build_augment(args.recipe, s, out_dtype=dtype, channels_last=channels_last)
-    views = views.to(device)
-    rows: list[Row] = []
+    views = conditions.augmentation(args.recipe, args.load_size)
     cache_dir = Path(tempfile.mkdtemp(prefix="bench-data-cache-"))
     try:
-        images = data.open_images(folder, load_size=s, cache="none")
+        images = data.open_images(folder, load_size=args.load_size, cache="none")
         n_files = len(images)
         print(f"{n_files:,} files in {folder}", flush=True)
-
-        def measure(name: str, source, **kwargs) -> None:
-            loader = data.make_loader(source, bs, device=device, **kwargs)
-            rows.append(measure_loader(name, loader, views, device, seconds, max_batches))
-            print(rows[-1], flush=True)
-
-        measure("decode every epoch, 1 worker", images, num_workers=1)
-        measure("decode every epoch, 2 workers", images, num_workers=2)
-
-        t = time.perf_counter()
-        subset = images
-        if args.quick:  # the first 2,000 files only
-            files = images.files
-            subset = data.FolderImages(
-                data.FileList(
-                    files.root, files.paths[:2000], files.sizes[:2000], files.mtimes_ns[:2000], []
-                ),
-                s,
-            )
-        cached = data.build_disk_cache(subset, cache_dir, num_workers=2, progress=False)
-        build_s = time.perf_counter() - t
-        rows.append(Row("build the disk cache (once, 2 workers)", len(subset) / build_s, None, 1))
-        measure("disk cache", cached)
-        if device.type == "cuda":
-            measure("gpu cache", cached.to(device))
-
-        batch = next(iter(data.make_loader(cached, bs, device=device))).images
-
-        def only_views() -> int:
-            views(batch)
-            return bs
-
-        ips, n = rate(only_views, device, seconds, max_batches)
-        rows.append(Row("augmentation alone", None, ips, n))
-        print(rows[-1], flush=True)
-        # Larger views (STL-10's 96 px, ImageNet's 224 px): the same images, resized.
-        for size in (96, 224) if device.type == "cuda" else (96,):
-            if size == s:
-                continue
-            big = nn.functional.interpolate(batch.float(), size=(size, size), mode="bilinear")
-            big = big.round_().clamp_(0, 255).to(torch.uint8)
-            big_views = augment.build_augment(
-                args.recipe, size, out_dtype=dtype, channels_last=channels_last
-            ).to(device)
-
-            def views_at_size(big=big, big_views=big_views) -> int:
-                big_views(big)
-                return bs
-
-            ips, n = rate(views_at_size, device, seconds, max_batches)
-            rows.append(Row(f"augmentation alone, {size} px views", None, ips, n, "no step"))
-            print(rows[-1], flush=True)
-
-        step = ReferenceStep(device, dtype, channels_last)
-        v1, v2 = views(batch)[:2]
-
-        def train_step() -> int:
-            step(v1, v2)
-            return bs
-
-        step_ips, n = rate(train_step, device, seconds, max(3, max_batches // 4))
-        print(f"reference step: {step_ips:.0f} images/s", flush=True)
+        rows, cached = measure_loaders(conditions, images, views, cache_dir, args.quick)
+        batch = next(
+            iter(data.make_loader(cached, conditions.batch_size, device=conditions.device))
+        ).images
+        rows += measure_augmentation(conditions, batch, views, args.recipe, args.load_size)
+        step_ips = reference_rate(conditions, batch, views)
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
-
     wall = time.perf_counter() - started
-    report = render(args, device, dtype, folder, n_files, rows, step_ips, load_before, wall)
-    print(report)
-    output = args.output or DEFAULT_OUTPUT[device.type]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(report, encoding="utf-8")
-    print(f"wrote {output}")
+    report = render(
+        args,
+        conditions.device,
+        conditions.dtype,
+        folder,
+        n_files,
+        rows,
+        step_ips,
+        load_before,
+        wall,
+    )
+    bench.write_report(report, args.output or DEFAULT_OUTPUT[conditions.device.type])
     if args.json:
         args.json.write_text(
             json.dumps({"rows": [asdict(r) for r in rows], "step_ips": step_ips}, indent=1)
@@ -280,9 +336,21 @@ def fmt_ips(x: float | None) -> str:
     return "–" if x is None else f"{x:,.0f}"
 
 
+def table_rows(rows: list[Row], step_ips: float) -> list[list[str]]:
+    """The table's cells: each case's rates and its input time as a share of the step's."""
+    cells = []
+    for r in rows:
+        share = "–"
+        if r.pipeline_ips is not None and not r.note:
+            share = f"{100 * step_ips / r.pipeline_ips:.2g} %"
+        cells.append([r.case, fmt_ips(r.loader_ips), fmt_ips(r.pipeline_ips), share])
+    return cells
+
+
 def render(args, device, dtype, folder, n_files, rows, step_ips, load_before, wall) -> str:
     bs = args.batch_size
     step_ms = 1000 * bs / step_ips
+    header = ["case", "loader alone (img/s)", "loader + augmentation (img/s)", "input / step"]
     lines = [
         f"# Input pipeline throughput ({device.type.upper()})",
         "",
@@ -300,15 +368,7 @@ def render(args, device, dtype, folder, n_files, rows, step_ips, load_before, wa
         f"Reference: one ResNet-18 (CIFAR stem) + 2048-2048 projector training step on the "
         f"two views takes **{step_ms:.0f} ms** per batch ({step_ips:,.0f} images/s).",
         "",
-        "| case | loader alone (img/s) | loader + augmentation (img/s) | input / step |",
-        "|---|---:|---:|---:|",
-    ]
-    for r in rows:
-        frac = "–"
-        if r.pipeline_ips is not None and not r.note:
-            frac = f"{100 * step_ips / r.pipeline_ips:.2g} %"
-        lines.append(f"| {r.case} | {fmt_ips(r.loader_ips)} | {fmt_ips(r.pipeline_ips)} | {frac} |")
-    lines += [
+        *bench.markdown_table(header, table_rows(rows, step_ips), "lrrr"),
         "",
         '"input / step" = time of the input pipeline per batch / time of the reference '
         f"training step per batch ({args.load_size} px). The build row is the decoding "

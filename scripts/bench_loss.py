@@ -4,12 +4,13 @@
 This is a benchmark, not a test. It prints a markdown report and writes it to ``--output``.
 
 Cases
-    A case is (loss, n, q). Losses (default arguments): ``SFRIKLoss(mmd_path="dense")``,
-    ``SFRIKLoss(mmd_path="blocked")`` (default blocks of about 4M Gram entries, so a single
-    block while n <= 2048), ``VICRegLoss()``, ``BarlowTwinsLoss()``. Inputs: z1, z2 =
-    ``torch.randn(n, q)`` float32 leaf tensors with ``requires_grad`` (the projector outputs of
-    the two views). The measured work is ``loss = fn(z1, z2); loss.backward()``, with
-    ``z1.grad = z2.grad = None`` before each call.
+    A case is (loss, n, q). Losses: the objectives of ``lowres_ssl.losses.OBJECTIVES``, built
+    as a config builds them (``objective_from_settings``, default arguments), SFRIK once per
+    MMD path: ``sfrik_dense``, ``sfrik_blocked`` (default blocks of about 4M Gram entries, so
+    a single block while n <= 2048). By default (``--losses``) SFRIK dense and blocked, VICReg
+    and Barlow Twins. Inputs: z1, z2 = ``torch.randn(n, q)`` float32 leaf tensors with
+    ``requires_grad`` (the projector outputs of the two views). The measured work is
+    ``loss = fn(z1, z2); loss.backward()``, with ``z1.grad = z2.grad = None`` before each call.
 
 Time
     Median of timed calls after one full-size warm-up call. CPU: timed calls stop after about
@@ -22,7 +23,7 @@ Time
 Memory
     The extra memory of a call over its inputs: everything the loss allocates in forward and
     backward, including the two input gradients z1.grad and z2.grad (2·n·q floats, shown in
-    the table of all cases).
+    the table of all cases). Read by ``lowres_ssl.bench.PeakMemoryReader``.
 
     CPU: every case runs in a fresh process (this script with ``--case``), so the peak is that
     case's own. One tiny call (n ≤ 64, q ≤ 128) first absorbs the one-time initialisation;
@@ -58,7 +59,7 @@ Grid
     groups are what the time budget drops first): the q sweep at n = 512 for all losses; the n
     sweep at q = 8192 for SFRIK (dense and blocked); the n sweep at q = 1024 for SFRIK (there the
     n² Gram matrix outweighs the n·q terms, so dense vs blocked shows best); the n sweep at
-    q = 8192 for VICReg and Barlow Twins. ``--full-grid`` adds the rest on CPU.
+    q = 8192 for the other losses. ``--full-grid`` adds the rest on CPU.
 
 Usage
     python scripts/bench_loss.py                     # device auto: CUDA if present, else CPU
@@ -73,16 +74,14 @@ Usage
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import itertools
 import json
 import math
-import os
+import re
 import resource
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -95,6 +94,9 @@ import torch
 from torch import Tensor, nn
 
 from lowres_ssl import bench
+from lowres_ssl.device import available_cores
+from lowres_ssl.losses import OBJECTIVES, objective_from_settings
+from lowres_ssl.memory import loss_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = {
@@ -102,15 +104,15 @@ DEFAULT_OUTPUT = {
     "cuda": REPO / "docs/benchmarks/loss_cuda.md",
 }
 
-#: name → (label, path); the order of the tables.
-LOSSES: dict[str, tuple[str, str]] = {
-    "sfrik_dense": ("SFRIK", "dense"),
-    "sfrik_blocked": ("SFRIK", "blocked"),
-    "vicreg": ("VICReg", "–"),
-    "barlow_twins": ("Barlow Twins", "–"),
-}
-SFRIK = ("sfrik_dense", "sfrik_blocked")
-BASELINES = ("vicreg", "barlow_twins")
+#: The MMD paths of SFRIK compared (``auto`` chooses one of them; ``moments`` needs a kernel of
+#: degree ≤ 2, and SFRIK's default has 3).
+SFRIK_PATHS = ("dense", "blocked")
+#: The paper's comparison, what the tables in docs/benchmarks hold (``--losses`` for others).
+DEFAULT_LOSSES = ("sfrik_dense", "sfrik_blocked", "vicreg", "barlow_twins")
+
+MEMORY_HELP = (
+    "memory budget (default: CPU 16 GiB, at most 80%% of the available RAM; CUDA: the free memory)"
+)
 
 MIB = 2**20
 GIB = 2**30
@@ -121,6 +123,51 @@ CPU_SINGLE_S = 3.0  # …and a warm-up longer than this is the single timed call
 CUDA_REPEAT_S = 2.0
 MAX_REPEATS = 10
 CPU_MEMORY_GIB = 16.0
+
+
+# --------------------------------------------------------------------------------------------
+# Losses, from the package's registry
+
+
+def loss_names() -> list[str]:
+    """Every objective of ``lowres_ssl.losses.OBJECTIVES`` in its order, SFRIK once per path
+    of :data:`SFRIK_PATHS` (``sfrik_dense``…): the order of the tables."""
+    names: list[str] = []
+    for objective in OBJECTIVES:
+        names += [f"sfrik_{path}" for path in SFRIK_PATHS] if objective == "sfrik" else [objective]
+    return names
+
+
+def is_sfrik(loss: str) -> bool:
+    return loss.startswith("sfrik_")
+
+
+def objective_and_path(loss: str) -> tuple[str, str | None]:
+    """``sfrik_dense`` → (``sfrik``, ``dense``); the other objectives have no MMD path."""
+    return ("sfrik", loss.removeprefix("sfrik_")) if is_sfrik(loss) else (loss, None)
+
+
+def make_loss(loss: str, block_size: int | None) -> nn.Module:
+    """``loss`` as a config with default arguments builds it; ``block_size`` for the blocked
+    path (None: the library's)."""
+    objective, path = objective_and_path(loss)
+    if path is None:
+        return objective_from_settings(objective)
+    options = {"block_size": block_size} if path == "blocked" and block_size else {}
+    return objective_from_settings(objective, mmd_path=path, options=options)
+
+
+def loss_columns(loss: str) -> tuple[str, str]:
+    """The (loss, path) cells of the tables: the class's name without ``Loss``, words apart
+    (``BarlowTwinsLoss`` → ``Barlow Twins``; ``VICReg``, ``SimCLR`` stay), and the MMD path."""
+    objective, path = objective_and_path(loss)
+    name = OBJECTIVES[objective].__name__.removesuffix("Loss")
+    return re.sub(r"(?<=[a-z])(?=[A-Z][a-z])", " ", name), path or "–"
+
+
+def label(loss: str) -> str:
+    name, path = loss_columns(loss)
+    return f"{name} ({path})" if is_sfrik(loss) else name
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,8 +188,8 @@ class Case:
     def parse(text: str) -> Case:
         fields = dict(part.split("=", 1) for part in text.split(","))
         case = Case(fields["loss"], int(fields["n"]), int(fields["q"]))
-        if case.loss not in LOSSES:
-            raise ValueError(f"unknown loss {case.loss!r}; choose one of {', '.join(LOSSES)}")
+        if case.loss not in loss_names():
+            raise ValueError(f"unknown loss {case.loss!r}; choose one of {', '.join(loss_names())}")
         return case
 
 
@@ -167,54 +214,20 @@ QUICK = Grid(q_values=(512, 1024), n_values=(128, 256), n_fixed=256, q_fixed=102
 
 def plan_cases(grid: Grid, device: str, full_grid: bool, losses: Iterable[str]) -> list[Case]:
     """The cases to try, highest priority first (see the module doc)."""
-    losses = [name for name in LOSSES if name in set(losses)]
+    losses = [name for name in loss_names() if name in set(losses)]
+    sfrik = [loss for loss in losses if is_sfrik(loss)]
+    others = [loss for loss in losses if not is_sfrik(loss)]
     groups: list[list[Case]] = [
         [Case(loss, grid.n_fixed, q) for q in grid.q_values for loss in losses],
-        [Case(loss, n, grid.q_fixed) for n in grid.n_values for loss in losses if loss in SFRIK],
+        [Case(loss, n, grid.q_fixed) for n in grid.n_values for loss in sfrik],
     ]
     if grid.q_small is not None:
-        groups.append(
-            [Case(loss, n, grid.q_small) for n in grid.n_values for loss in losses if loss in SFRIK]
-        )
-    groups.append(
-        [Case(loss, n, grid.q_fixed) for n in grid.n_values for loss in losses if loss in BASELINES]
-    )
+        groups.append([Case(loss, n, grid.q_small) for n in grid.n_values for loss in sfrik])
+    groups.append([Case(loss, n, grid.q_fixed) for n in grid.n_values for loss in others])
     if device == "cuda" or full_grid:
         rest = [Case(loss, n, q) for loss in losses for n in grid.n_values for q in grid.q_values]
         groups.append(sorted(rest, key=lambda c: (model_cost(c, None).gemm_flops, c)))
-    seen: set[Case] = set()
-    ordered = []
-    for case in (case for group in groups for case in group):
-        if case not in seen:
-            seen.add(case)
-            ordered.append(case)
-    return ordered
-
-
-# --------------------------------------------------------------------------------------------
-# Losses
-
-
-def losses_module() -> Any:
-    try:
-        import lowres_ssl.losses as module
-    except ImportError:  # run from a checkout without installing the package
-        sys.path.insert(0, str(REPO))
-        import lowres_ssl.losses as module
-    return module
-
-
-def make_loss(name: str, block_size: int | None) -> nn.Module:
-    module = losses_module()
-    if name == "sfrik_dense":
-        return module.SFRIKLoss(mmd_path="dense")
-    if name == "sfrik_blocked":
-        return module.SFRIKLoss(mmd_path="blocked", block_size=block_size)
-    if name == "vicreg":
-        return module.VICRegLoss()
-    if name == "barlow_twins":
-        return module.BarlowTwinsLoss()
-    raise ValueError(f"unknown loss {name!r}")
+    return list(dict.fromkeys(case for group in groups for case in group))
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,22 +246,22 @@ def model_cost(case: Case, block_size: int | None) -> Cost:
 
     Memory: :func:`lowres_ssl.memory.loss_bytes`, the rule the training memory estimator uses.
     Flops: SFRIK computes the Gram matrix of each view, 2n²q flops forward and 2n²q backward
-    (and 2n²q more to recompute it on the blocked path). VICReg: two q×q covariances, 8nq²
-    flops; Barlow Twins: one q×q cross-correlation, 6nq² flops.
+    (and 2n²q more to recompute it on the blocked path); alignment + uniformity the same Gram
+    matrices; SimCLR the 2n×2n similarities, 8n²q forward and twice that backward. VICReg: two
+    q×q covariances, 8nq² flops; Barlow Twins: one q×q cross-correlation, 6nq² flops.
     """
-    from lowres_ssl.memory import loss_bytes
-
     n, q = case.n, case.q
-    if case.loss in SFRIK:
-        path = case.loss.removeprefix("sfrik_")
-        memory = loss_bytes("sfrik", n, q, mmd_path=path, block_size=block_size)
-        flops = (8 if path == "dense" else 12) * n * n * q
-        return Cost(flops, 30 * n * q + 80 * n * n, memory)
+    objective, path = objective_and_path(case.loss)
+    # the uniformity loss always keeps its n×n Gram matrices: the dense path's memory
+    memory = loss_bytes(objective, n, q, mmd_path=path or "dense", block_size=block_size)
+    gram_passes = {"sfrik_dense": 8, "sfrik_blocked": 12, "uniformity": 8, "simclr": 24}
+    if case.loss in gram_passes:
+        return Cost(gram_passes[case.loss] * n * n * q, 30 * n * q + 80 * n * n, memory)
     if case.loss == "vicreg":
-        return Cost(8 * n * q * q, 30 * n * q + 35 * q * q, loss_bytes("vicreg", n, q))
+        return Cost(8 * n * q * q, 30 * n * q + 35 * q * q, memory)
     if case.loss == "barlow_twins":
-        return Cost(6 * n * q * q, 30 * n * q + 25 * q * q, loss_bytes("barlow_twins", n, q))
-    raise ValueError(case.loss)
+        return Cost(6 * n * q * q, 30 * n * q + 25 * q * q, memory)
+    raise ValueError(f"no cost rule for the loss {case.loss!r}")
 
 
 @dataclass
@@ -290,6 +303,10 @@ class Estimate:
     call_s: float
     wall_s: float
     memory: float  # bytes
+
+    @property
+    def note(self) -> str:
+        return f"est. {fmt_seconds(self.wall_s)}, {fmt_bytes(self.memory)}"
 
 
 class Estimator:
@@ -373,13 +390,32 @@ class Result:
             **self.extra,
         }
 
+    @staticmethod
+    def from_json(case: Case, data: dict[str, Any]) -> Result:
+        """The result a ``--case`` child printed (its timings and readings kept as extras)."""
+        return Result(
+            case,
+            data["status"],
+            time_s=data["time_s"],
+            memory=data["memory_bytes"],
+            repeats=data["repeats"],
+            detail=data.get("detail", ""),
+            extra={k: v for k, v in data.items() if k.endswith(("_s", "_mib", "_method"))},
+        )
+
 
 def oom_like(error: BaseException) -> bool:
     text = str(error).lower()
-    return isinstance(error, MemoryError) or any(
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or any(
         word in text
         for word in ("out of memory", "can't allocate", "cannot allocate", "alloc_failed")
     )
+
+
+def failed(case: Case, error: BaseException) -> Result:
+    """The case as an OOM or an error, with the exception's first line as its note."""
+    status = "OOM" if oom_like(error) else "error"
+    return Result(case, status, detail=f"{type(error).__name__}: {error}".splitlines()[0][:200])
 
 
 def one_call(fn: nn.Module, z1: Tensor, z2: Tensor) -> None:
@@ -389,96 +425,74 @@ def one_call(fn: nn.Module, z1: Tensor, z2: Tensor) -> None:
     loss.backward()
 
 
+def tiny_call(fn: nn.Module, case: Case, device: torch.device | str = "cpu") -> None:
+    """One call at n ≤ 64, q ≤ 128: the one-time costs (thread pool, BLAS buffers and CUDA
+    workspaces, lazy imports) stay out of the case's time and memory."""
+    shape = (min(case.n, 64), min(case.q, 128))
+    one_call(fn, *(torch.randn(shape, device=device, requires_grad=True) for _ in range(2)))
+
+
 # --------------------------------------------------------------------------------------------
 # CPU: one case per process
 
 
-def _proc_status() -> dict[str, int]:
-    """VmRSS, VmHWM, VmData… in KiB (empty without /proc)."""
-    try:
-        with open("/proc/self/status") as f:
-            return {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith("Vm")}
-    except OSError:
-        return {}
+def limit_data_segment(extra_bytes: float) -> None:
+    """RLIMIT_DATA at ``extra_bytes`` over the data segment now: a case over the budget fails
+    cleanly (an OOM) instead of swapping."""
+    status = bench.proc_status_kib()
+    if "VmData" in status:
+        limit = status["VmData"] * 1024 + int(extra_bytes)
+        hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
-def _reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _mmap_threshold(nbytes: int) -> bool:
-    """glibc: allocations of at least ``nbytes`` get their own mmap, returned to the OS on free.
-
-    glibc's default threshold is dynamic (it rises to the size of freed blocks, up to 32 MiB),
-    after which freed tensors stay in the heap and the peak RSS of identical runs varied by
-    ±30%; at 64 KiB the RSS follows the live tensors. False where mallopt is unavailable.
-    """
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, nbytes) == 1  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-def _maxrss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+def cpu_timed_calls(
+    fn: nn.Module, z1: Tensor, z2: Tensor, warm_s: float, precise: bool
+) -> tuple[list[float], float]:
+    """The timed calls after the warm-up of ``warm_s``: (their times, the warm-up's time, 0
+    where the warm-up itself is the single timed call)."""
+    if warm_s > CPU_SINGLE_S:
+        return [warm_s], 0.0
+    if precise:  # back to about glibc's default steady state for the timing
+        bench.set_mmap_threshold(32 * MIB)
+    times: list[float] = []
+    while len(times) < MAX_REPEATS and sum(times) < CPU_REPEAT_S:
+        start = time.perf_counter()
+        one_call(fn, z1, z2)
+        times.append(time.perf_counter() - start)
+    return times, warm_s
 
 
 def measure_cpu_case(case: Case, block_size: int | None, memory_limit: float | None) -> Result:
     """Runs in the child process (``--case``)."""
     started = time.perf_counter()
-    precise = _mmap_threshold(64 * 1024)  # for the memory phase: RSS = live tensors
+    precise = bench.set_mmap_threshold(64 * 1024)  # for the memory phase: RSS = live tensors
     torch.manual_seed(0)
     fn = make_loss(case.loss, block_size)
-    tiny = [torch.randn(min(case.n, 64), min(case.q, 128), requires_grad=True) for _ in range(2)]
-    one_call(fn, *tiny)  # one-time initialisation: thread pool, BLAS buffers, lazy imports
-    del tiny
+    tiny_call(fn, case)
     start = time.perf_counter()
     z1 = torch.randn(case.n, case.q, requires_grad=True)
     z2 = torch.randn(case.n, case.q, requires_grad=True)
     inputs_s = time.perf_counter() - start
     gc.collect()
-    status = _proc_status()
-    if memory_limit is not None and "VmData" in status:  # fail cleanly instead of swapping
-        limit = status["VmData"] * 1024 + int(memory_limit)
-        resource.setrlimit(
-            resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1])
-        )
-    exact = _reset_high_water_mark() and "VmHWM" in _proc_status()
-    # without /proc: the high-water mark so far, which may sit above the current RSS (module doc)
-    base_kib = _proc_status()["VmRSS"] if exact else _maxrss_kib()
+    if memory_limit is not None:
+        limit_data_segment(memory_limit)
+    memory = bench.PeakMemoryReader("cpu")
+    memory.start()
     setup_s = time.perf_counter() - started
-    times: list[float] = []
-    warm = 0.0
     try:
         start = time.perf_counter()
         one_call(fn, z1, z2)  # the warm-up, which gives the memory
-        warm = time.perf_counter() - start
-        peak_kib = _proc_status()["VmHWM"] if exact else _maxrss_kib()
-        if warm > CPU_SINGLE_S:  # the warm-up is the single timed call
-            times.append(warm)
-            warm = 0.0
-        else:
-            if precise:  # back to about glibc's default steady state for the timing
-                _mmap_threshold(32 * MIB)
-            while len(times) < MAX_REPEATS and sum(times) < CPU_REPEAT_S:
-                start = time.perf_counter()
-                one_call(fn, z1, z2)
-                times.append(time.perf_counter() - start)
+        warm_s = time.perf_counter() - start
+        peak = memory.read()
+        times, warm = cpu_timed_calls(fn, z1, z2, warm_s, precise)
     except Exception as error:
-        kind = "OOM" if oom_like(error) else "error"
-        return Result(
-            case, kind, detail=f"{type(error).__name__}: {str(error).splitlines()[0]}"[:200]
-        )
+        return failed(case, error)
     return Result(
         case,
         "ok",
         time_s=statistics.median(times),
-        memory=(peak_kib - base_kib) * 1024.0,
+        memory=float(peak.growth),
         repeats=len(times),
         extra={
             "times_s": times,
@@ -486,10 +500,9 @@ def measure_cpu_case(case: Case, block_size: int | None, memory_limit: float | N
             "calls_s": warm + sum(times),
             "inputs_s": inputs_s,
             "setup_s": setup_s,
-            "baseline_rss_mib": base_kib / 1024,
-            "peak_rss_mib": peak_kib / 1024,
-            "memory_method": ("VmHWM" if exact else "ru_maxrss")
-            + (", mmap threshold 64 KiB" if precise else ""),
+            "baseline_rss_mib": peak.baseline / MIB,
+            "peak_rss_mib": peak.peak / MIB,
+            "memory_method": peak.method + (", mmap threshold 64 KiB" if precise else ""),
         },
     )
 
@@ -497,37 +510,25 @@ def measure_cpu_case(case: Case, block_size: int | None, memory_limit: float | N
 def run_cpu_case(
     case: Case, args: argparse.Namespace, memory_budget: float, timeout_s: float
 ) -> Result:
-    """Runs ``case`` in a fresh process of this script and reads its JSON line."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--case", case.key, "--device", "cpu"]
-    command += ["--memory-limit-mib", str(int(memory_budget / MIB))]
+    """Runs ``case`` in a fresh process of this script (``--case``)."""
+    child_args = ["--case", case.key, "--device", "cpu"]
+    child_args += ["--memory-limit-mib", str(int(memory_budget / MIB))]
     if args.block_size:
-        command += ["--block-size", str(args.block_size)]
+        child_args += ["--block-size", str(args.block_size)]
     if args.threads:
-        command += ["--threads", str(args.threads)]
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+        child_args += ["--threads", str(args.threads)]
+    child = bench.run_fresh_process(Path(__file__).resolve(), child_args, timeout_s=timeout_s)
+    if child.timed_out:
         return Result(case, "timeout", reason="killed at the end of the time budget on CPU")
-    wall = time.perf_counter() - start
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        if proc.returncode in (-9, 137):
+    if child.result is None:
+        if child.killed:
             return Result(case, "OOM", detail="killed (SIGKILL: out of memory?)")
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return Result(case, "error", detail=f"exit {proc.returncode}: {tail}"[:200])
-    data = json.loads(lines[-1])
-    result = Result(
-        case,
-        data["status"],
-        time_s=data["time_s"],
-        memory=data["memory_bytes"],
-        repeats=data["repeats"],
-        detail=data.get("detail", ""),
-        extra={k: v for k, v in data.items() if k.endswith(("_s", "_mib", "_method"))},
-    )
+        tail = child.stderr_tail or "no output"
+        return Result(case, "error", detail=f"exit {child.returncode}: {tail}"[:200])
+    result = Result.from_json(case, child.result)
     if result.status == "ok":  # process start, imports, the tiny call
-        result.startup_s = max(0.0, wall - data["calls_s"] - data["inputs_s"])
+        calls_s = child.result["calls_s"] + child.result["inputs_s"]
+        result.startup_s = max(0.0, child.wall_s - calls_s)
     return result
 
 
@@ -539,9 +540,8 @@ def measure_cuda_case(case: Case, fn: nn.Module, device: torch.device) -> Result
     gen = torch.Generator(device=device).manual_seed(0)
     z1 = torch.randn(case.n, case.q, device=device, generator=gen).requires_grad_()
     z2 = torch.randn(case.n, case.q, device=device, generator=gen).requires_grad_()
-    torch.cuda.synchronize(device)
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
+    memory = bench.PeakMemoryReader(device)
+    memory.start()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def timed() -> float:
@@ -555,13 +555,13 @@ def measure_cuda_case(case: Case, fn: nn.Module, device: torch.device) -> Result
     times: list[float] = []
     while len(times) < MAX_REPEATS and (len(times) < 3 or sum(times) < CUDA_REPEAT_S):
         times.append(timed())
-    peak = torch.cuda.max_memory_allocated(device) - base
+    peak = memory.read()
     z1.grad = z2.grad = None
     return Result(
         case,
         "ok",
         time_s=statistics.median(times),
-        memory=float(peak),
+        memory=float(peak.growth),
         repeats=len(times),
         extra={"times_s": times, "warmup_s": warm},
     )
@@ -570,18 +570,10 @@ def measure_cuda_case(case: Case, fn: nn.Module, device: torch.device) -> Result
 def run_cuda_case(case: Case, args: argparse.Namespace, device: torch.device) -> Result:
     fn = make_loss(case.loss, args.block_size)
     try:
-        # one-time allocations (cuBLAS/cuBLASLt workspaces) stay out of the case's memory
-        tiny = (min(case.n, 64), min(case.q, 128))
-        one_call(fn, *(torch.randn(tiny, device=device, requires_grad=True) for _ in range(2)))
+        tiny_call(fn, case, device)  # cuBLAS/cuBLASLt workspaces stay out of the case's memory
         return measure_cuda_case(case, fn, device)
-    except torch.cuda.OutOfMemoryError as error:
-        return Result(case, "OOM", detail=str(error).splitlines()[0][:200])
-    except RuntimeError as error:
-        if oom_like(error):
-            return Result(case, "OOM", detail=str(error).splitlines()[0][:200])
-        return Result(
-            case, "error", detail=f"{type(error).__name__}: {error}".splitlines()[0][:200]
-        )
+    except RuntimeError as error:  # torch.cuda.OutOfMemoryError among them
+        return failed(case, error)
     finally:
         gc.collect()
         torch.cuda.empty_cache()
@@ -603,6 +595,37 @@ def memory_budget(args: argparse.Namespace, device: str, cuda: torch.device | No
     return min(CPU_MEMORY_GIB * GIB, 0.8 * available)
 
 
+def over_budget(
+    case: Case, estimate: Estimate, budget: float, left_s: float, device: str, max_minutes: float
+) -> Result | None:
+    """The case skipped, where its estimate exceeds the memory budget or the time left."""
+    where = device.upper()
+    if estimate.memory > budget:
+        reason = f"memory budget on {where}: estimated peak above the {fmt_bytes(budget)} budget"
+        return Result(case, "skip", reason=reason, detail=estimate.note)
+    if estimate.wall_s > left_s:
+        reason = (
+            f"time budget on {where}: estimated time above what was left of --max-minutes "
+            f"{max_minutes:g}"
+        )
+        detail = f"{estimate.note}, {fmt_seconds(left_s)} left"
+        return Result(case, "skip", reason=reason, detail=detail)
+    return None
+
+
+def run_case(
+    case: Case, args: argparse.Namespace, cuda: torch.device | None, budget: float, left_s: float
+) -> Result:
+    """Measure the case: in this process on CUDA, in a fresh one on the CPU."""
+    start = time.perf_counter()
+    if cuda is not None:
+        result = run_cuda_case(case, args, cuda)
+    else:
+        result = run_cpu_case(case, args, budget, timeout_s=max(5.0, left_s + 20))
+    result.extra["wall_s"] = time.perf_counter() - start
+    return result
+
+
 def run_all(
     cases: list[Case], args: argparse.Namespace, device: str, deadline: float
 ) -> tuple[list[Result], Rates, float]:
@@ -619,35 +642,14 @@ def run_all(
             torch.cuda.empty_cache()
             budget = memory_budget(args, device, cuda) - 2 * case.n * case.q * FLOAT
         left = deadline - time.perf_counter() - planned_s
-        note = f"est. {fmt_seconds(estimate.wall_s)}, {fmt_bytes(estimate.memory)}"
-        if estimate.memory > budget:
-            result = Result(
-                case,
-                "skip",
-                reason=f"memory budget on {device.upper()}: estimated "
-                f"peak above the {fmt_bytes(budget)} budget",
-                detail=note,
-            )
-        elif estimate.wall_s > left:
-            result = Result(
-                case,
-                "skip",
-                reason=f"time budget on {device.upper()}: estimated "
-                f"time above what was left of --max-minutes {args.max_minutes:g}",
-                detail=f"{note}, {fmt_seconds(max(left, 0))} left",
-            )
-        elif args.dry_run:
-            result = Result(case, "planned", detail=note)
+        result = over_budget(case, estimate, budget, max(left, 0.0), device, args.max_minutes)
+        if result is None and args.dry_run:
+            result = Result(case, "planned", detail=estimate.note)
             planned_s += estimate.wall_s
-        else:
-            start = time.perf_counter()
-            if device == "cuda":
-                result = run_cuda_case(case, args, cuda)
-            else:
-                result = run_cpu_case(case, args, budget, timeout_s=max(5.0, left + 20))
-            result.extra["wall_s"] = time.perf_counter() - start
+        elif result is None:
+            result = run_case(case, args, cuda, budget, left)
             if result.status == "timeout":
-                result.detail = note
+                result.detail = estimate.note
             estimator.update(result)
         result.estimate = estimate
         results.append(result)
@@ -688,12 +690,11 @@ def fmt_seconds(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
-def machine_lines(device: str, rates: Rates) -> list[str]:
-    return [
-        *bench.machine_lines(device),
+def calibration_line(device: str, rates: Rates) -> str:
+    return (
         f"- Calibration on {device.upper()}: matmul {rates.gemm / 1e9:,.0f} GFLOP/s, elementwise "
-        f"{rates.elementwise / 1e9:.2f} G elements/s",
-    ]
+        f"{rates.elementwise / 1e9:.2f} G elements/s"
+    )
 
 
 class Footnotes:
@@ -733,16 +734,6 @@ def status_reason(result: Result) -> str:
     return ""
 
 
-def table(header: list[str], rows: list[list[str]], align: str = "") -> list[str]:
-    align = align or "l" * len(header)
-    rule = ["---:" if a == "r" else "---" for a in align]
-    return [
-        "| " + " | ".join(header) + " |",
-        "| " + " | ".join(rule) + " |",
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
 def pivot(
     res: dict[Case, Result],
     losses: list[str],
@@ -756,9 +747,9 @@ def pivot(
     for loss in losses:
         cells = [cell(res.get(cases(loss, v)), metric, notes) for v in axis]
         if sum(map(bool, cells)) >= min(2, len(axis)):  # a sweep, not a point of another one
-            rows.append([*LOSSES[loss], *cells])
+            rows.append([*loss_columns(loss), *cells])
     header = ["loss", "path", *(f"{axis_name} = {v}" for v in axis)]
-    return table(header, rows, "ll" + "r" * len(axis))
+    return bench.markdown_table(header, rows, "ll" + "r" * len(axis))
 
 
 def at_n(n: int) -> Callable[[str, int], Case]:
@@ -776,9 +767,9 @@ def ok(res: dict[Case, Result], loss: str, n: int, q: int) -> Result | None:
     return r if r is not None and r.status == "ok" else None
 
 
-def label(loss: str) -> str:
-    name, path = LOSSES[loss]
-    return f"{name} ({path})" if loss in SFRIK else name
+def present_losses(res: dict[Case, Result]) -> list[str]:
+    """The losses with at least one case, in the order of the tables."""
+    return [loss for loss in loss_names() if any(c.loss == loss for c in res)]
 
 
 def growth_rows(
@@ -818,15 +809,16 @@ def growth_table(title: str, axis: str, steps: list[str], rows: list[list[str]])
     if not rows:
         return []
     header = ["loss", *(f"{axis} {s}" for s in steps)]
-    return [title, "", *table(header, rows, "l" + "r" * len(steps)), ""]
+    return [title, "", *bench.markdown_table(header, rows, "l" + "r" * len(steps)), ""]
 
 
-def ratios(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
-    out = ["## Ratios (computed from the numbers above, same run)", ""]
+def baseline_ratio_lines(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
+    """Each other loss against each SFRIK path, at the largest q of the q sweep both ran."""
+    out = []
     n0, q_max = grid.n_fixed, max(grid.q_values)
-    present = [loss for loss in LOSSES if any(c.loss == loss for c in res)]
-    for base in (b for b in BASELINES if b in present):
-        for sfrik in (s for s in SFRIK if s in present):
+    present = present_losses(res)
+    for base in (loss for loss in present if not is_sfrik(loss)):
+        for sfrik in (loss for loss in present if is_sfrik(loss)):
             both = [q for q in grid.q_values if ok(res, base, n0, q) and ok(res, sfrik, n0, q)]
             if not both:
                 continue
@@ -847,46 +839,50 @@ def ratios(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
                 why = ", ".join(f"{label(r.case.loss)}: {cell(r, 'time', notes)}" for r in missing)
                 line += f"; q = {q_max} was not measured ({why or 'not in the grid'})"
             out.append(line)
-    out.append("")
+    return out
+
+
+def n_sweep_growth_lines(res: dict[Case, Result], n_values: list[int], q: int) -> list[str]:
+    """Memory growth along an n sweep, and blocked against dense at its largest common n."""
+    present = present_losses(res)
+    both_paths = "sfrik_dense" in present and "sfrik_blocked" in present
+    steps = [f"{a}→{b}" for a, b in itertools.pairwise(n_values)]
+    losses = [*present, "dense−blocked"] if both_paths else present
+    title = (
+        f"Memory growth each time n doubles (q = {q}); the dense − blocked "
+        "difference isolates the n×n Gram matrices the dense path keeps:"
+    )
+    out = growth_table(title, "n", steps, growth_rows(res, losses, at_q(q), n_values, "memory"))
+    both = [n for n in n_values if ok(res, "sfrik_dense", n, q) and ok(res, "sfrik_blocked", n, q)]
+    if both:
+        n = max(both)
+        d, b = ok(res, "sfrik_dense", n, q), ok(res, "sfrik_blocked", n, q)
+        out += [
+            f"- Blocked / dense at the largest n measured for both, n = {n}, q = {q}: "
+            f"memory **{b.memory / d.memory:.2f}×** ({fmt_mib(b.memory)} vs "
+            f"{fmt_mib(d.memory)} MiB), time {b.time_s / d.time_s:.2f}× "
+            f"({fmt_ms(b.time_s)} vs {fmt_ms(d.time_s)} ms)",
+            "",
+        ]
+    return out
+
+
+def ratios(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
+    out = ["## Ratios (computed from the numbers above, same run)", ""]
+    out += [*baseline_ratio_lines(grid, res, notes), ""]
     steps = [f"{a}→{b}" for a, b in itertools.pairwise(grid.q_values)]
     for metric in ("memory", "time"):
-        rows = growth_rows(res, present, at_n(n0), list(grid.q_values), metric)
+        rows = growth_rows(
+            res, present_losses(res), at_n(grid.n_fixed), list(grid.q_values), metric
+        )
         title = (
-            f"{metric.capitalize()} growth each time q doubles (n = {n0}); "
+            f"{metric.capitalize()} growth each time q doubles (n = {grid.n_fixed}); "
             "×2 is linear growth, ×4 quadratic:"
         )
         out += growth_table(title, "q", steps, rows)
     for q_sweep in (grid.q_fixed, grid.q_small):
-        if q_sweep is None:
-            continue
-        steps = [f"{a}→{b}" for a, b in itertools.pairwise(grid.n_values)]
-        rows = growth_rows(
-            res,
-            [*present, "dense−blocked"] if set(SFRIK) <= set(present) else present,
-            at_q(q_sweep),
-            list(grid.n_values),
-            "memory",
-        )
-        title = (
-            f"Memory growth each time n doubles (q = {q_sweep}); the dense − blocked "
-            "difference isolates the n×n Gram matrices the dense path keeps:"
-        )
-        out += growth_table(title, "n", steps, rows)
-        both = [
-            n
-            for n in grid.n_values
-            if ok(res, "sfrik_dense", n, q_sweep) and ok(res, "sfrik_blocked", n, q_sweep)
-        ]
-        if both:
-            n = max(both)
-            d, b = ok(res, "sfrik_dense", n, q_sweep), ok(res, "sfrik_blocked", n, q_sweep)
-            out += [
-                f"- Blocked / dense at the largest n measured for both, n = {n}, q = {q_sweep}: "
-                f"memory **{b.memory / d.memory:.2f}×** ({fmt_mib(b.memory)} vs "
-                f"{fmt_mib(d.memory)} MiB), time {b.time_s / d.time_s:.2f}× "
-                f"({fmt_ms(b.time_s)} vs {fmt_ms(d.time_s)} ms)",
-                "",
-            ]
+        if q_sweep is not None:
+            out += n_sweep_growth_lines(res, list(grid.n_values), q_sweep)
     return out
 
 
@@ -916,96 +912,114 @@ def method_text(device: str, block_size: int | None) -> str:
     )
 
 
-def report(
-    grid: Grid,
-    results: list[Result],
-    device: str,
-    rates: Rates,
-    budget: float,
-    args: argparse.Namespace,
-    command: str,
-    elapsed: float,
-    load_before: float | None,
-) -> str:
-    res = {r.case: r for r in results}
-    notes = Footnotes()
-    present = [loss for loss in LOSSES if any(c.loss == loss for c in res)]
+@dataclass(frozen=True)
+class RunFacts:
+    """What the report's head says about the run besides its results."""
+
+    device: str
+    rates: Rates
+    memory_budget: float  # bytes
+    command: str
+    elapsed_s: float
+    load_before: float | None
+
+
+def head_lines(facts: RunFacts, args: argparse.Namespace) -> list[str]:
+    """The title, the date, the command, the machine, the budgets and the method."""
     title = "Loss benchmark: forward + backward time and peak memory"
-    lines = [
-        f"# {title} ({device.upper()})",
+    return [
+        f"# {title} ({facts.device.upper()})",
         "",
         f"- Date: {datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- Command: `{command}`",
-        *machine_lines(device, rates),
-        f"- Budgets: {args.max_minutes:g} minutes, memory {fmt_bytes(budget)}; "
-        f"run took {elapsed / 60:.1f} minutes",
-        *bench.load_lines(load_before),
+        f"- Command: `{facts.command}`",
+        *bench.machine_lines(facts.device),
+        calibration_line(facts.device, facts.rates),
+        f"- Budgets: {args.max_minutes:g} minutes, memory {fmt_bytes(facts.memory_budget)}; "
+        f"run took {facts.elapsed_s / 60:.1f} minutes",
+        *bench.load_lines(facts.load_before),
         "",
-        method_text(device, args.block_size),
+        method_text(facts.device, args.block_size),
         "",
     ]
-    sections: list[tuple[str, Callable[[str, int], Case], list[int], str]] = [
-        (f"q sweep at n = {grid.n_fixed}", at_n(grid.n_fixed), list(grid.q_values), "q"),
+
+
+Sweep = tuple[str, Callable[[str, int], Case], list[int], str]  # heading, key, axis, its name
+
+
+def sweeps(grid: Grid) -> list[Sweep]:
+    """The q sweep, then the n sweeps, of the grid."""
+    out: list[Sweep] = [
+        (f"q sweep at n = {grid.n_fixed}", at_n(grid.n_fixed), list(grid.q_values), "q")
     ]
     for q_sweep in (grid.q_fixed, grid.q_small):
         if q_sweep is not None:
-            sections.append((f"n sweep at q = {q_sweep}", at_q(q_sweep), list(grid.n_values), "n"))
-    for heading, key, axis, axis_name in sections:
+            out.append((f"n sweep at q = {q_sweep}", at_q(q_sweep), list(grid.n_values), "n"))
+    return out
+
+
+def sweep_lines(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
+    """A time table and a memory table per sweep that has cases."""
+    present, lines = present_losses(res), []
+    for heading, key, axis, axis_name in sweeps(grid):
         if not any(key(loss, v) in res for loss in present for v in axis):
             continue
         lines += [f"## {heading}", ""]
         for metric, unit in (("time", "Time (ms)"), ("memory", "Memory (MiB)")):
             lines += [f"{unit}:", "", *pivot(res, present, key, axis, axis_name, metric, notes), ""]
-    slices = {key(loss, v) for _, key, axis, _ in sections for loss in present for v in axis}
-    if any(case not in slices for case in res):
-        lines += ["## Full grid: time (ms) / memory (MiB)", ""]
-        for loss in present:
-            rows = [
-                [str(n), *(both_cell(res.get(Case(loss, n, q)), notes) for q in grid.q_values)]
-                for n in grid.n_values
-            ]
-            lines += [f"{label(loss)}:", ""]
-            lines += [
-                *table(
-                    ["n", *(f"q = {q}" for q in grid.q_values)],
-                    rows,
-                    "r" * (1 + len(grid.q_values)),
-                ),
-                "",
-            ]
-    lines += ratios(grid, res, notes)
-    lines += ["## All cases", ""]
+    return lines
+
+
+def full_grid_lines(grid: Grid, res: dict[Case, Result], notes: Footnotes) -> list[str]:
+    """Per loss, time / memory over the whole grid: only where cases fall outside the sweeps."""
+    present = present_losses(res)
+    in_sweeps = {key(loss, v) for _, key, axis, _ in sweeps(grid) for loss in present for v in axis}
+    if all(case in in_sweeps for case in res):
+        return []
+    lines = ["## Full grid: time (ms) / memory (MiB)", ""]
+    header = ["n", *(f"q = {q}" for q in grid.q_values)]
+    for loss in present:
+        rows = [
+            [str(n), *(both_cell(res.get(Case(loss, n, q)), notes) for q in grid.q_values)]
+            for n in grid.n_values
+        ]
+        lines += [f"{label(loss)}:", "", *bench.markdown_table(header, rows, "r" * len(header))]
+        lines.append("")
+    return lines
+
+
+def all_cases_lines(results: list[Result], notes: Footnotes) -> list[str]:
+    """Every case tried, with its status, timed calls and the input gradients' share."""
+    order = loss_names()
     rows = []
-    for r in sorted(results, key=lambda r: (list(LOSSES).index(r.case.loss), r.case.n, r.case.q)):
+    for r in sorted(results, key=lambda r: (order.index(r.case.loss), r.case.n, r.case.q)):
         grads = 2 * r.case.n * r.case.q * FLOAT
-        status = r.status + notes.mark(r.reason or status_reason(r))
         rows.append(
             [
-                *LOSSES[r.case.loss],
+                *loss_columns(r.case.loss),
                 str(r.case.n),
                 str(r.case.q),
                 fmt_ms(r.time_s),
                 fmt_mib(r.memory),
                 fmt_mib(grads),
                 str(r.repeats or ""),
-                status,
+                r.status + notes.mark(r.reason or status_reason(r)),
                 r.detail,
             ]
         )
-    header = [
-        "loss",
-        "path",
-        "n",
-        "q",
-        "time (ms)",
-        "memory (MiB)",
-        "of which grads (MiB)",
-        "timed calls",
-        "status",
-        "note",
-    ]
-    lines += [*table(header, rows, "llrrrrrrll"), ""]
-    if device == "cpu" and not args.full_grid:
+    header = ["loss", "path", "n", "q", "time (ms)", "memory (MiB)", "of which grads (MiB)"]
+    header += ["timed calls", "status", "note"]
+    return ["## All cases", "", *bench.markdown_table(header, rows, "llrrrrrrll"), ""]
+
+
+def report(grid: Grid, results: list[Result], facts: RunFacts, args: argparse.Namespace) -> str:
+    res = {r.case: r for r in results}
+    notes = Footnotes()  # marks are lettered in the order the tables below first cite them
+    lines = head_lines(facts, args)
+    lines += sweep_lines(grid, res, notes)
+    lines += full_grid_lines(grid, res, notes)
+    lines += ratios(grid, res, notes)
+    lines += all_cases_lines(results, notes)
+    if facts.device == "cpu" and not args.full_grid:
         lines += [
             "The other (loss, n, q) combinations of the full grid were not run on CPU: time "
             "budget on CPU (run with --device cuda, or --full-grid).",
@@ -1026,55 +1040,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument(
-        "--max-minutes",
-        type=float,
-        default=9.0,
-        help="time budget of the whole run; cases that would overrun are skipped",
+        "--max-minutes", type=float, default=9.0, help="time budget of the whole run"
     )
+    parser.add_argument("--max-memory-gib", type=float, help=MEMORY_HELP)
     parser.add_argument(
-        "--max-memory-gib",
-        type=float,
-        default=None,
-        help="memory budget (default: CPU 16 GiB, at most 80%% of the available "
-        "RAM; CUDA: the free device memory)",
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="markdown file (default: docs/benchmarks/loss.md on CPU, "
-        "docs/benchmarks/loss_cuda.md on CUDA)",
+        "--output", type=Path, help="markdown file (default: docs/benchmarks/loss[_cuda].md)"
     )
     parser.add_argument("--quick", action="store_true", help="a tiny grid, for smoke tests")
     parser.add_argument(
-        "--full-grid",
-        action="store_true",
-        help="on CPU too, all (loss, n, q) combinations (the budget still applies)",
+        "--full-grid", action="store_true", help="the whole grid on CPU too (within budget)"
     )
     parser.add_argument(
-        "--losses", default=",".join(LOSSES), help=f"comma-separated subset of {', '.join(LOSSES)}"
+        "--losses", default=",".join(DEFAULT_LOSSES), help=f"subset of {', '.join(loss_names())}"
     )
+    parser.add_argument("--block-size", type=int, help="rows per block of the SFRIK blocked path")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     parser.add_argument(
-        "--block-size",
-        type=int,
-        default=None,
-        help="rows per block of the SFRIK blocked path (default: the library's)",
+        "--dry-run", action="store_true", help="print the plan with the estimates, run nothing"
     )
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads (default: torch's own, usually the number of cores)",
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the plan with the estimates; run nothing, write nothing",
-    )
-    parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
-    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
-    parser.add_argument("--memory-limit-mib", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--memory-limit-mib", type=float, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def run_child(args: argparse.Namespace) -> int:
+    """``--case``: one CPU case in this (fresh) process, its result as one JSON line."""
+    limit = args.memory_limit_mib * MIB if args.memory_limit_mib else None
+    result = measure_cpu_case(Case.parse(args.case), args.block_size, limit)
+    bench.send_result_to_parent(result.to_json())
+    return 0
+
+
+def print_plan(cases: list[Case], results: list[Result], max_minutes: float) -> None:
+    """``--dry-run``: how many cases would run, in how long."""
+    planned = [r for r in results if r.status == "planned"]
+    total = sum(r.estimate.wall_s for r in planned if r.estimate)
+    print(
+        f"{len(cases)} cases: {len(planned)} planned, estimated {total / 60:.1f} minutes in "
+        f"all (budget {max_minutes:g} minutes); the others skipped as shown",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1082,51 +1088,36 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.case is not None:  # child: one CPU case, one JSON line
-        limit = args.memory_limit_mib * MIB if args.memory_limit_mib else None
-        result = measure_cpu_case(Case.parse(args.case), args.block_size, limit)
-        print(json.dumps(result.to_json()), flush=True)
-        return 0
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.case is not None:
+        return run_child(args)
+    device = bench.pick_device(args.device)
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device available", file=sys.stderr)
         return 2
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
-    unknown = set(losses) - set(LOSSES)
+    unknown = set(losses) - set(loss_names())
     if unknown:
-        print(f"unknown losses {sorted(unknown)}; choose from {', '.join(LOSSES)}", file=sys.stderr)
+        choices = ", ".join(loss_names())
+        print(f"unknown losses {sorted(unknown)}; choose from {choices}", file=sys.stderr)
         return 2
     grid = QUICK if args.quick else FULL
     cases = plan_cases(grid, device, args.full_grid, losses)
     deadline = started + args.max_minutes * 60 - 5  # keep a few seconds for the report
     command = shlex.join(["python", *sys.argv])
     load_before = bench.load_average()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if device == "cpu" and load_before is not None and load_before > 0.5 * (cores or 1):
+    if device == "cpu" and bench.busy(load_before):
         print(
-            f"warning: load average {load_before:.2f} on {cores} cores: CPU timings will be "
-            "unreliable (try --threads 1, or a quiet machine)",
+            f"warning: load average {load_before:.2f} on {available_cores()} cores: CPU timings "
+            "will be unreliable (try --threads 1, or a quiet machine)",
             file=sys.stderr,
         )
     results, rates, budget = run_all(cases, args, device, deadline)
     if args.dry_run:
-        planned = [r for r in results if r.status == "planned"]
-        total = sum(r.estimate.wall_s for r in planned if r.estimate)
-        print(
-            f"{len(cases)} cases: {len(planned)} planned, estimated {total / 60:.1f} minutes in "
-            f"all (budget {args.max_minutes:g} minutes); the others skipped as shown",
-            file=sys.stderr,
-        )
+        print_plan(cases, results, args.max_minutes)
         return 0
     elapsed = time.perf_counter() - started
-    text = report(grid, results, device, rates, budget, args, command, elapsed, load_before)
-    print(text)
-    output = args.output or DEFAULT_OUTPUT[device]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text + "\n")
-    print(f"wrote {output}", file=sys.stderr)
+    facts = RunFacts(device, rates, budget, command, elapsed, load_before)
+    bench.write_report(report(grid, results, facts, args), args.output or DEFAULT_OUTPUT[device])
     if args.json:
         args.json.write_text(json.dumps([r.to_json() for r in results], indent=1))
     return 0

@@ -22,13 +22,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# after the path, so that the script runs from a checkout without installing the package
+import torch  # noqa: E402
+
+from lowres_ssl import bench  # noqa: E402
+from lowres_ssl.memory import HEADROOM, Setting, estimate  # noqa: E402
 
 OUTPUTS = {
     "cpu": REPO / "docs/benchmarks/presets.md",
@@ -50,14 +54,9 @@ CPU_CASES = [
 def measure(setting, steps: int) -> dict:
     """Run ``steps`` real training steps of ``setting`` (a :class:`lowres_ssl.memory.Setting`)
     in this process; its peak memory, time per step and the estimate."""
-    import torch
-
-    from lowres_ssl.bench import step_rig
-    from lowres_ssl.memory import estimate
-
     s = setting
     est = estimate(s)
-    rig = step_rig(s)
+    rig = bench.step_rig(s)
     cache = None
     if rig.cuda and s.cached_images:  # the decoded set on the card, as data.cache auto keeps it
         side = s.load_size
@@ -83,14 +82,13 @@ def measure(setting, steps: int) -> dict:
     return out
 
 
-def run_isolated(setting, steps: int, env: dict | None = None) -> dict:
-    """:func:`measure` in a fresh process."""
+def run_isolated(setting: Setting, steps: int, env: dict[str, str] | None = None) -> dict:
+    """:func:`measure` in a fresh process of this script (``--one``), with ``env`` set."""
     payload = json.dumps(dataclasses.asdict(setting))
-    cmd = [sys.executable, __file__, "--one", payload, "--steps", str(steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1][:160]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    child = bench.run_fresh_process(__file__, ["--one", payload, "--steps", str(steps)], env=env)
+    if child.failure:
+        return {"error": child.failure[:160]}
+    return child.result
 
 
 def preset_settings(name: str, size: str):
@@ -105,8 +103,6 @@ def preset_settings(name: str, size: str):
     px = 32 if size == "small" else cfg.data.photo_size
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, load_size=px))
     card = float(meta.get("vram_gib") or 0)
-    import torch
-
     from lowres_ssl.device import ram_gib
 
     target = fit.Target(torch.device("cuda" if card else "cpu"), card or ram_gib(), "", not card)
@@ -117,33 +113,27 @@ def preset_settings(name: str, size: str):
 def estimate_table() -> list[str]:
     from lowres_ssl import presets
 
-    lines = [
-        "| preset | card | backbone | views | batch / micro-batch | q | estimated peak GiB | "
-        "of the card |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["preset", "card", "backbone", "views", "batch / micro-batch", "q"]
+    header += ["estimated peak GiB", "of the card"]
+    rows = []
     for name in presets.available():
         for size in ("small", "photo"):
             _, est, card = preset_settings(name, size)
             s = est.setting
             micro = s.micro if s.micro < s.batch_size else "one pass"
             share = f"{est.total_gib / card:.0%}" if card else "–"
-            lines.append(
-                f"| {name} | {f'{card:g} GB' if card else 'CPU'} | {s.backbone} | "
-                f"{s.view_size} px | {s.batch_size} / {micro} | {s.q:,} | {est.total_gib:.2f} | "
-                f"{share} |"
-            )
-    return lines
+            rows.append(
+                [name, f"{card:g} GB" if card else "CPU", s.backbone, f"{s.view_size} px",
+                 f"{s.batch_size} / {micro}", f"{s.q:,}", f"{est.total_gib:.2f}", share]
+            )  # fmt: skip
+    return bench.markdown_table(header, rows)
 
 
 def cpu_cases(steps: int) -> list[str]:
-    from lowres_ssl.memory import Setting
-
-    lines = [
-        "| views | projector | batch / micro-batch | checkpointing | estimated GiB | "
-        "measured GiB | measured / estimated |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """The estimate against the measured RSS growth of each of :data:`CPU_CASES`."""
+    header = ["views", "projector", "batch / micro-batch", "checkpointing", "estimated GiB"]
+    header += ["measured GiB", "measured / estimated"]
+    rows = []
     for size, projector, batch, micro, checkpointing in CPU_CASES:
         s = Setting(
             projector=projector, view_size=size, load_size=size, batch_size=batch,
@@ -153,28 +143,24 @@ def cpu_cases(steps: int) -> list[str]:
         r = run_isolated(s, steps, env={"OMP_NUM_THREADS": "1"})
         ck = "on" if checkpointing else "off"
         if "error" in r:
-            lines.append(
-                f"| {size} px | {projector} | {batch} / {micro or '–'} | {ck} | {r['error']} |"
-            )
+            rows.append([f"{size} px", projector, f"{batch} / {micro or '–'}", ck, r["error"]])
             continue
-        lines.append(
-            f"| {size} px | {projector} | {batch} / {micro or 'one pass'} | {ck} | "
-            f"{r['estimated_gib']:.3f} | {r['measured_gib']:.3f} | "
-            f"{r['measured_gib'] / r['estimated_gib']:.2f} |"
-        )
-        print(lines[-1], flush=True)
-    return lines
+        ratio = r["measured_gib"] / r["estimated_gib"]
+        rows.append(
+            [f"{size} px", projector, f"{batch} / {micro or 'one pass'}", ck,
+             f"{r['estimated_gib']:.3f}", f"{r['measured_gib']:.3f}", f"{ratio:.2f}"]
+        )  # fmt: skip
+        print(bench.markdown_row(rows[-1]), flush=True)
+    return bench.markdown_table(header, rows)
 
 
-def cuda_cases(steps: int) -> list[str]:
+def emulated_card_table(steps: int) -> list[str]:
+    """Every GPU preset on an emulated card of its size, at 32 px and at its photo size."""
     from lowres_ssl import presets
-    from lowres_ssl.memory import HEADROOM
 
-    lines = [
-        "| preset | views | batch / micro-batch | estimated GiB | allocated GiB | reserved GiB |"
-        " reserved ≤ 90 % of the card | img/s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["preset", "views", "batch / micro-batch", "estimated GiB", "allocated GiB"]
+    header += ["reserved GiB", "reserved ≤ 90 % of the card", "img/s"]
+    rows = []
     for name, card in presets.card_sizes().items():
         if not card:
             continue
@@ -182,44 +168,57 @@ def cuda_cases(steps: int) -> list[str]:
             _, est, _ = preset_settings(name, size)
             s = est.setting
             r = run_isolated(s, steps, env={"LOWRES_SSL_GPU_GIB": str(card)})
-            head = (
-                f"| {name} | {s.view_size} px | {s.batch_size} / {s.micro} | {est.total_gib:.2f} |"
-            )
+            head = [
+                name,
+                f"{s.view_size} px",
+                f"{s.batch_size} / {s.micro}",
+                f"{est.total_gib:.2f}",
+            ]
             if "error" in r:
-                lines.append(f"{head} {r['error']} | | | |")
+                rows.append([*head, r["error"]])
             else:
-                ok = r["reserved_gib"] <= HEADROOM * card
-                lines.append(
-                    f"{head} {r['allocated_gib']:.2f} | {r['reserved_gib']:.2f} | "
-                    f"{'yes' if ok else '**no**'} | {r['images_per_s']:.0f} |"
-                )
-            print(lines[-1], flush=True)
-    # Side by side on the 8 GB preset at 32 px.
-    _, est, _ = preset_settings("8gb", "small")
-    base = est.setting
+                fits = "yes" if r["reserved_gib"] <= HEADROOM * card else "**no**"
+                rows.append(
+                    [*head, f"{r['allocated_gib']:.2f}", f"{r['reserved_gib']:.2f}", fits,
+                     f"{r['images_per_s']:.0f}"]
+                )  # fmt: skip
+            print(bench.markdown_row(rows[-1]), flush=True)
+    return bench.markdown_table(header, rows)
+
+
+def variants_table(steps: int) -> list[str]:
+    """The 8gb preset at 32 px side by side with one thing changed each, uncapped."""
+    base = preset_settings("8gb", "small")[1].setting
     variants = {
         "as the preset": base,
         "one pass (no cache)": dataclasses.replace(base, micro_batch_size=None),
         "checkpointing on": dataclasses.replace(base, checkpointing=True),
         "32-bit optimizer state": dataclasses.replace(base, state_bits=32),
     }
-    lines += ["", "8gb preset at 32 px (uncapped: what each variant needs):", "",
-              "| variant | estimated GiB | allocated GiB | reserved GiB | img/s |",
-              "|---|---|---|---|---|"]  # fmt: skip
-    from lowres_ssl.memory import estimate
-
+    header = ["variant", "estimated GiB", "allocated GiB", "reserved GiB", "img/s"]
+    rows = []
     for label, s in variants.items():
         r = run_isolated(s, steps)
         e = estimate(s).total_gib
         if "error" in r:
-            lines.append(f"| {label} | {e:.2f} | {r['error']} | | |")
+            rows.append([label, f"{e:.2f}", r["error"]])
         else:
-            lines.append(
-                f"| {label} | {e:.2f} | {r['allocated_gib']:.2f} | {r['reserved_gib']:.2f} | "
-                f"{r['images_per_s']:.0f} |"
-            )
-        print(lines[-1], flush=True)
-    return lines
+            rows.append(
+                [label, f"{e:.2f}", f"{r['allocated_gib']:.2f}", f"{r['reserved_gib']:.2f}",
+                 f"{r['images_per_s']:.0f}"]
+            )  # fmt: skip
+        print(bench.markdown_row(rows[-1]), flush=True)
+    return bench.markdown_table(header, rows)
+
+
+def cuda_cases(steps: int) -> list[str]:
+    return [
+        *emulated_card_table(steps),
+        "",
+        "8gb preset at 32 px (uncapped: what each variant needs):",
+        "",
+        *variants_table(steps),
+    ]
 
 
 def main() -> int:
@@ -231,14 +230,8 @@ def main() -> int:
     args = p.parse_args()
     steps = args.steps or (2 if args.device == "cpu" else 6)
     if args.one:
-        from lowres_ssl.memory import Setting
-
-        print(json.dumps(measure(Setting(**json.loads(args.one)), steps)))
+        bench.send_result_to_parent(measure(Setting(**json.loads(args.one)), steps))
         return 0
-    import torch
-
-    from lowres_ssl import bench
-
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda needs a CUDA GPU; run --device cpu here", file=sys.stderr)
         return 2
@@ -275,11 +268,7 @@ def main() -> int:
         ]
     else:
         lines += ["## Measured on emulated cards", "", *cuda_cases(steps)]
-    out = args.output or OUTPUTS[args.device]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {out}")
+    bench.write_report(lines, args.output or OUTPUTS[args.device])
     return 0
 
 

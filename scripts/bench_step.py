@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# after the path, so that the script runs from a checkout without installing the package
+import torch  # noqa: E402
+
+from lowres_ssl import bench  # noqa: E402
+from lowres_ssl.memory import Setting  # noqa: E402
 
 OUTPUTS = {
     "cpu": REPO / "docs/benchmarks/step.md",
@@ -87,11 +92,6 @@ def grid(device: str) -> list[Row]:
 
 def measure(row: Row, device: str, projector: str, warmup: int, steps: int) -> Row:
     """One row, in this process (call it in a fresh one, so the peak is the row's own)."""
-    import torch
-
-    from lowres_ssl.bench import step_rig
-    from lowres_ssl.memory import Setting
-
     cuda = device == "cuda"
     setting = Setting(
         projector=projector, view_size=row.size, load_size=row.size, batch_size=row.batch,
@@ -99,7 +99,7 @@ def measure(row: Row, device: str, projector: str, warmup: int, steps: int) -> R
         state_bits=8 if cuda else 32, cuda=cuda,
     )  # fmt: skip
     side = row.size if row.size <= 64 else row.size * 5 // 4  # photos are cropped, then resized
-    rig = step_rig(setting, load_side=side)
+    rig = bench.step_rig(setting, load_side=side)
     held = row.views == "held"
     before = rig.reset_peak()
     try:
@@ -126,14 +126,15 @@ def measure(row: Row, device: str, projector: str, warmup: int, steps: int) -> R
 
 
 def run_isolated(row: Row, args: argparse.Namespace) -> Row:
-    cmd = [sys.executable, __file__, "--one", json.dumps(asdict(row)), "--device", args.device]
-    cmd += ["--projector", args.projector, "--warmup", str(args.warmup)]
-    cmd += ["--steps", str(args.steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        row.error = (done.stderr.strip().splitlines() or ["failed"])[-1][:120]
+    """:func:`measure` of ``row`` in a fresh process of this script (``--one``)."""
+    child_args = ["--one", json.dumps(asdict(row)), "--device", args.device]
+    child_args += ["--projector", args.projector, "--warmup", str(args.warmup)]
+    child_args += ["--steps", str(args.steps)]
+    child = bench.run_fresh_process(__file__, child_args)
+    if child.failure:
+        row.error = child.failure[:120]
         return row
-    return Row(**json.loads(done.stdout.strip().splitlines()[-1]))
+    return Row(**child.result)
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -142,10 +143,10 @@ def _fmt(x: float, spec: str) -> str:
 
 def table(rows: list[Row], device: str) -> list[str]:
     cpu = device == "cpu"
-    head = "| size | step | batch | step s | img/s | aug s | peak GiB |"
-    head += " growth GiB |" if cpu else " reserved GiB |"
-    head += " time/img vs plain m | time/img vs one pass | peak vs one pass |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    header = ["size", "step", "batch", "step s", "img/s", "aug s", "peak GiB"]
+    header += ["growth GiB" if cpu else "reserved GiB", "time/img vs plain m"]
+    header += ["time/img vs one pass", "peak vs one pass"]
+    cells = []
     for r in rows:
         one = next((o for o in rows if o.size == r.size and o.mode == "one"), None)
         plain = next(
@@ -153,21 +154,19 @@ def table(rows: list[Row], device: str) -> list[str]:
             None,
         )
         if r.error:
-            lines.append(f"| {r.size} | {r.label} | {r.batch} | {r.error} |" + " |" * 7)
+            cells.append([r.size, r.label, r.batch, r.error])
             continue
         vs_plain = r.per_image / plain.per_image if r.mode == "cache" and plain else float("nan")
         vs_one = r.per_image / one.per_image if one and r.mode != "one" else float("nan")
         mem = r.peak_gib / one.peak_gib if one and r.mode != "one" else float("nan")
-        lines.append(
-            f"| {r.size} | {r.label} | {r.batch} | {r.step_s:.3f} | {r.batch / r.step_s:.1f} | "
-            f"{_fmt(r.aug_s, '.3f')} | {r.peak_gib:.2f} | "
-            f"{_fmt(r.growth_gib if cpu else r.reserved_gib, '.2f')} | {_fmt(vs_plain, '.2f')} | "
-            f"{_fmt(vs_one, '.2f')} | {_fmt(mem, '.2f')} |"
-        )
-    return lines
+        extra = r.growth_gib if cpu else r.reserved_gib
+        figures = [f"{r.step_s:.3f}", f"{r.batch / r.step_s:.1f}", _fmt(r.aug_s, ".3f")]
+        figures += [f"{r.peak_gib:.2f}", *(_fmt(x, ".2f") for x in (extra, vs_plain, vs_one, mem))]
+        cells.append([r.size, r.label, r.batch, *figures])
+    return bench.markdown_table(header, cells)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument(
@@ -185,40 +184,28 @@ def main() -> int:
     args.projector = args.projector or ("2048-2048-8192" if cuda else "1024-2048")
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     args.steps = args.steps or (10 if cuda else 2)
-    if args.one:
-        row = measure(
-            Row(**json.loads(args.one)), args.device, args.projector, args.warmup, args.steps
-        )
-        print(json.dumps(asdict(row)))
-        return 0
+    return args
 
-    import torch
 
-    from lowres_ssl import bench
-
-    if cuda and not torch.cuda.is_available():
-        print("error: --device cuda needs a CUDA GPU; run --device cpu here", file=sys.stderr)
-        return 2
-    load = bench.load_average()
-    rows = grid(args.device)
-    if args.sizes:
-        keep = {int(s) for s in args.sizes.split(",")}
-        rows = [r for r in rows if r.size in keep]
+def run_rows(rows: list[Row], args: argparse.Namespace) -> list[Row]:
+    """Every row in its own process, each reported as it ends."""
     print(f"{len(rows)} rows, each in its own process", flush=True)
-    for i, row in enumerate(rows):
-        rows[i] = run_isolated(row, args)
-        r = rows[i]
-        print(
-            f"  {r.size:3d} px  {r.label:<22} B={r.batch:<5} "
-            + (
-                r.error
-                or f"{r.step_s:.3f} s/step, {r.batch / r.step_s:.1f} img/s, "
-                f"peak {r.peak_gib:.2f} GiB"
-            ),
-            flush=True,
+    done = []
+    for row in rows:
+        r = run_isolated(row, args)
+        figures = (
+            f"{r.step_s:.3f} s/step, {r.batch / r.step_s:.1f} img/s, peak {r.peak_gib:.2f} GiB"
         )
+        print(f"  {r.size:3d} px  {r.label:<22} B={r.batch:<5} {r.error or figures}", flush=True)
+        done.append(r)
+    return done
+
+
+def report_lines(rows: list[Row], args: argparse.Namespace, load: float | None) -> list[str]:
+    """The report: the machine, the setting, the table and how to read it."""
+    cuda = args.device == "cuda"
     precision = "bf16/fp16 autocast" if cuda else "fp32"
-    lines = [
+    return [
         f"# The training step: embedding cache, one pass, plain small batch ({args.device})",
         "",
         "Written by `python scripts/bench_step.py --device " + args.device + "`.",
@@ -241,11 +228,27 @@ def main() -> int:
         "compute it twice per step, held views once but keep both views of the whole batch.",
         "",
     ]
-    out = args.output or OUTPUTS[args.device]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {out}")
+
+
+def main() -> int:
+    args = parse_args()
+    if args.one:
+        row = measure(
+            Row(**json.loads(args.one)), args.device, args.projector, args.warmup, args.steps
+        )
+        bench.send_result_to_parent(asdict(row))
+        return 0
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda needs a CUDA GPU; run --device cpu here", file=sys.stderr)
+        return 2
+    load = bench.load_average()
+    rows = grid(args.device)
+    if args.sizes:
+        keep = {int(s) for s in args.sizes.split(",")}
+        rows = [r for r in rows if r.size in keep]
+    rows = run_rows(rows, args)
+    bench.write_report(report_lines(rows, args, load), args.output or OUTPUTS[args.device])
     return 0
 
 

@@ -24,6 +24,12 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# after the path, so that the script runs from a checkout without installing the package
+from lowres_ssl import bench  # noqa: E402
+from lowres_ssl.run_layout import CONFIG_FILE, SUMMARY_FILE, eval_file  # noqa: E402
+
 DEFAULT_SETTINGS = [
     "lam0.512:loss.lam=0.512",
     "lam2.05:loss.lam=2.05",
@@ -63,12 +69,12 @@ def sweep(args: argparse.Namespace) -> None:
         name, sets = parse_setting(text)
         for seed in args.seeds:
             run_dir = out / f"{name}-seed{seed}"
-            if (run_dir / "eval_knn.json").exists():
+            if (run_dir / eval_file("knn")).exists():
                 continue
             cmd = [sys.executable, str(REPO / "scripts/train.py"), "--preset", "cpu"]
             cmd += ["--data", args.data, "--out", str(run_dir), "--max-steps", str(args.steps)]
             cmd += [*sets, f"--set=train.seed={seed}", "--set=train.log_every=10"]
-            if (run_dir / "config.yaml").exists():
+            if (run_dir / CONFIG_FILE).exists():
                 cmd.append("--resume")
             run(cmd, out / f"{name}-seed{seed}.train.log")
             evaluate(args, ["--checkpoint", str(run_dir)], out / f"{name}-seed{seed}.knn.log")
@@ -79,30 +85,24 @@ def report(out: Path) -> list[str]:
     import yaml
 
     rows = []
-    for run_dir in sorted(p for p in out.iterdir() if (p / "eval_knn.json").is_file()):
-        knn = json.loads((run_dir / "eval_knn.json").read_text())
-        summary = json.loads((run_dir / "summary.json").read_text())
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for run_dir in sorted(p for p in out.iterdir() if (p / eval_file("knn")).is_file()):
+        knn = json.loads((run_dir / eval_file("knn")).read_text())
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
         t, lo = cfg["train"], cfg["loss"]
         micro = t.get("micro_batch_size") or "–"
         rows.append(
-            f"| {run_dir.name} | {lo.get('lam')} | {t['batch_size']} / {micro} | {t['seed']} | "
-            f"{summary['steps']} | {summary['wall_time_s']:.0f} | {knn['knn_top1']:.3f} | "
-            f"{knn['knn20_top1']:.3f} |"
-        )
+            [run_dir.name, lo.get("lam"), f"{t['batch_size']} / {micro}", t["seed"],
+             summary["steps"], f"{summary['wall_time_s']:.0f}", f"{knn['knn_top1']:.3f}",
+             f"{knn['knn20_top1']:.3f}"]
+        )  # fmt: skip
     random_json = out / "random_init.json"
-    random = json.loads(random_json.read_text()) if random_json.exists() else None
-    lines = [
-        "| run | λ | batch / micro-batch | seed | steps | wall s | kNN top-1 (k=200) | (k=20) |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
-    ]
-    if random:
-        lines.append(
-            f"| random init | – | – | 0 | 0 | – | {random['knn_top1']:.3f} | "
-            f"{random['knn20_top1']:.3f} |"
-        )
-    return lines
+    if random_json.exists():
+        random = json.loads(random_json.read_text())
+        knn = [f"{random['knn_top1']:.3f}", f"{random['knn20_top1']:.3f}"]
+        rows.append(["random init", "–", "–", 0, 0, "–", *knn])
+    header = ["run", "λ", "batch / micro-batch", "seed", "steps", "wall s", "kNN top-1 (k=200)"]
+    return bench.markdown_table([*header, "(k=20)"], rows)
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ import torch
 
 from lowres_ssl.cli import evaluate_main, export_main, plot_main
 from lowres_ssl.config import from_dict
-from lowres_ssl.engine import train
+from lowres_ssl.tasks import train
 from tests.eval.test_features import labeled_folder
 
 ROOT = Path(__file__).resolve().parents[1]

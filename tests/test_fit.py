@@ -133,7 +133,7 @@ def test_autofit_halves_the_micro_batch_until_it_fits_and_leaves_no_trace():
     from accelerate.state import AcceleratorState
 
     from lowres_ssl.augment import build_augment
-    from lowres_ssl.engine.autofit import autofit
+    from lowres_ssl.engine.autofit import PROBE_SEED, autofit
     from lowres_ssl.engine.steps import embedding_cache_step
     from lowres_ssl.losses import SFRIKLoss
     from lowres_ssl.models import build_model
@@ -160,9 +160,11 @@ def test_autofit_halves_the_micro_batch_until_it_fits_and_leaves_no_trace():
 
     augment = build_augment("cifar", 16)
     rng = torch.get_rng_state()
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    images = torch.randint(0, 256, (12, 3, 16, 16), generator=g).to(torch.uint8)
     micro = autofit(
-        make_step, model, SFRIKLoss(lam=1.0), augment, accelerator=accelerator,
-        optimizer=optimizer, batch_size=12, load_size=16, micro_batch_size=12,
+        make_step, model, SFRIKLoss(lam=1.0), lambda: augment.plan(images, generator=g),
+        accelerator=accelerator, optimizer=optimizer, batch_size=12, micro_batch_size=12,
     )  # fmt: skip
     assert micro == 4 and tried == [12, 8, 4]
     after = model.state_dict()

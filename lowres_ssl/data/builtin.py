@@ -23,8 +23,6 @@ SPLITS = {
 }
 """Dataset names and their splits (STL-10's 100,000 unlabeled images are for pre-training)."""
 
-NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96}
-
 
 def _load_torchvision(name: str, split: str, root: Path, download: bool):
     """(uint8 images (N, 3, H, W), int64 labels (N,) with -1 for unlabeled, class names)."""

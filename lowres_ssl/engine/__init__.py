@@ -1,7 +1,7 @@
-"""The training engine: the loop, checkpoints and metrics."""
+"""The training engine: the loop and the parts beside it (checkpointing, evaluating, the time
+budget, reporting, stopping), for any task that implements :class:`~.task.Task`."""
 
-from lowres_ssl.engine.checkpoint import Progress
-from lowres_ssl.engine.trainer import BACKBONE_FILE, resolve_precision, train
-from lowres_ssl.weights import load_init
+from lowres_ssl.engine.state import Progress
+from lowres_ssl.engine.trainer import train
 
-__all__ = ["BACKBONE_FILE", "Progress", "load_init", "resolve_precision", "train"]
+__all__ = ["Progress", "train"]

@@ -4,9 +4,9 @@ out-of-memory until they fit (the regulariser's batch never changes).
 The estimator (:mod:`lowres_ssl.memory`) sizes the micro-batch from a model of the memory;
 autofit checks it on the card itself, the first optimizer step (which allocates the optimizer
 state) included. The probe leaves no trace: the weights, BatchNorm statistics, the optimizer
-state and the fp16 loss scale are restored afterwards, and its random numbers come from its own
-generator, so a run with ``--autofit`` trains exactly as one started with the micro-batch it
-chose.
+state and the fp16 loss scale are restored afterwards, and its random numbers (the task's probe
+batch and its views) come from its own generator (:data:`PROBE_SEED`), so a run with
+``--autofit`` trains exactly as one started with the micro-batch it chose.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ log = logging.getLogger("lowres_ssl")
 
 #: Real steps per trial: the first allocates the optimizer state, the second runs with it.
 PROBE_STEPS = 2
+#: The seed of the probe's own generator (the probe batch and its views).
+PROBE_SEED = 2**31 - 1
 
 
 def smaller_micro_batch(micro: int) -> int:
@@ -35,17 +37,17 @@ def autofit(
     make_step: Callable[[int], Callable],
     model: torch.nn.Module,
     objective: torch.nn.Module,
-    augment: torch.nn.Module,
+    probe_views: Callable[[], object],
     *,
     accelerator,
     optimizer,
     batch_size: int,
-    load_size: int,
     micro_batch_size: int,
     steps: int = PROBE_STEPS,
 ) -> int:
     """The largest micro-batch, from ``micro_batch_size`` down by halves, with which ``steps``
-    real steps on a random batch of ``batch_size`` images of ``load_size`` px run without
+    real steps on the task's probe batch (``probe_views()``: a step's input from a random
+    batch of ``batch_size`` images, as the task makes it from a loaded batch) run without
     running out of memory. ``make_step(micro)`` returns the step function for ``micro``.
     Raises :class:`UserError` when not even a micro-batch of 1 fits."""
     device = accelerator.device
@@ -54,15 +56,12 @@ def autofit(
     state = copy.deepcopy(optimizer.state_dict())
     scaler = getattr(accelerator, "scaler", None)
     scale = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
-    g = torch.Generator().manual_seed(2**31 - 1)
-    images = torch.randint(0, 256, (batch_size, 3, load_size, load_size), generator=g)
-    images = images.to(torch.uint8).to(device)
     micro = micro_batch_size
     while True:
         try:
             step = make_step(micro)
             for _ in range(steps):
-                views = augment.plan(images, generator=g)
+                views = probe_views()
                 step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -99,4 +98,4 @@ def autofit(
     return micro
 
 
-__all__ = ["PROBE_STEPS", "autofit", "smaller_micro_batch"]
+__all__ = ["PROBE_SEED", "PROBE_STEPS", "autofit", "smaller_micro_batch"]

@@ -18,17 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lowres_ssl import run_layout
 from lowres_ssl.config import Config, dump_yaml, load_yaml, to_dict
-from lowres_ssl.engine import checkpoint
 from lowres_ssl.errors import UserError
 from lowres_ssl.files import write_text_atomic
+from lowres_ssl.run_layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("lowres_ssl")
-
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-SKIPPED_FILE = "skipped_files.txt"
 
 #: Keys that may change between a run and its resumption (they do not change what is learnt,
 #: or only extend it).
@@ -81,7 +77,7 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
     """The checkpoint to resume from (None: start afresh). Raises :class:`UserError` for a
     folder that holds another run, or ``resume`` with nothing to resume."""
     saved = run_dir / CONFIG_FILE
-    last = checkpoint.latest(run_dir)
+    last = run_layout.latest(run_dir)
     if saved.is_file() and last is None:
         # A start that failed before its first checkpoint: nothing to keep or to continue.
         return None
@@ -94,7 +90,7 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
                 f"--resume: the run in {run_dir} was made with another config ({'; '.join(diffs)}"
                 "); resume with the same settings or start a new --out"
             )
-        intact, damaged = checkpoint.latest_intact(run_dir)
+        intact, damaged = run_layout.latest_intact(run_dir)
         if intact is None:
             raise UserError(
                 f"--resume: no intact checkpoint in {run_dir} ({'; '.join(damaged)}); start a "
@@ -115,11 +111,6 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty and holds no run; choose a new --out")
     return None
-
-
-def lock_path(run_dir: Path) -> Path:
-    """The lock of a run folder: beside it, so a start that fails leaves no folder."""
-    return run_dir.parent / f".{run_dir.name}.lock"
 
 
 @contextlib.contextmanager
@@ -148,7 +139,7 @@ def _acquire(run_dir: Path):
         import fcntl
     except ImportError:  # not POSIX: no locking
         return None, None
-    path = lock_path(run_dir)
+    path = run_layout.lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 — held until the run ends
     try:
@@ -170,7 +161,7 @@ def _acquire(run_dir: Path):
 
 def create(run_dir: Path, cfg: Config, resuming: bool) -> None:
     """Make the folder; a new run gets its ``config.yaml`` and no stale metrics."""
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     if not resuming:
         write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(cfg))
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
@@ -186,14 +177,12 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
 
 
 __all__ = [
-    "CONFIG_FILE",
     "RESUMABLE_KEYS",
     "RESUMABLE_SECTIONS",
     "check_run_folder",
     "config_differences",
     "create",
     "exclusive",
-    "lock_path",
     "read_summary",
     "write_summary",
 ]

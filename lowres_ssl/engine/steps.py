@@ -161,6 +161,10 @@ class LabeledViews:
             return self.views.take(part, 1)[0]
         return self.views[part]
 
+    def sample_input(self, n: int) -> Tensor:
+        """The view of the first ``n`` images (at most), as the model takes them."""
+        return self.take(slice(0, min(len(self), n)))
+
 
 def supervised_step(
     model: torch.nn.Module,

@@ -85,6 +85,57 @@ def linear_probe(
     Returns:
         A :class:`LinearProbeResult`.
     """
+    n_train, n_test = _row_counts(train_features, train_labels, test_features, test_labels)
+    weight_decays = tuple(float(wd) for wd in weight_decays)
+    if not weight_decays or not all(math.isfinite(wd) and wd >= 0 for wd in weight_decays):
+        raise UserError(f"weight_decays must be numbers ≥ 0 (at least one), got {weight_decays}")
+    if max_iter < 1:
+        raise UserError(f"max_iter must be ≥ 1, got {max_iter}")
+    device = torch.device(device) if device is not None else train_features.device
+    train_labels = train_labels.to(device=device, dtype=torch.long)
+    test_labels = test_labels.to(device=device, dtype=torch.long)
+    num_classes = _check_num_classes(num_classes, train_labels, test_labels)
+
+    # A caller in inference mode or under autocast (an eval inside the training loop) still
+    # gets a float32 fit with gradients.
+    with torch.inference_mode(False), torch.enable_grad(), exact_fp32(device):
+        train_x, test_x = _standardise(
+            train_features.to(device=device, dtype=torch.float32),
+            test_features.to(device=device, dtype=torch.float32),
+        )
+        choice = _choose_weight_decay(
+            train_x,
+            train_labels,
+            num_classes,
+            weight_decays,
+            val_fraction=val_fraction,
+            seed=seed,
+            max_iter=max_iter,
+        )
+        weight, bias = fit_logistic_regression(
+            train_x,
+            train_labels,
+            num_classes,
+            choice.weight_decay,
+            max_iter=max_iter,
+            init=choice.init,
+        )
+        correct = topk_correct(_logits(test_x, weight, bias), test_labels, ks=(1, 5))
+    return LinearProbeResult(
+        top1=correct[1] / n_test,
+        top5=correct[5] / n_test,
+        weight_decay=choice.weight_decay,
+        val_top1=choice.val_top1,
+        n_train=n_train,
+        n_test=n_test,
+    )
+
+
+def _row_counts(
+    train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor
+) -> tuple[int, int]:
+    """(n_train, n_test), after the checks of each split and of their widths; neither may be
+    empty."""
     _check_split("train", train_features, train_labels)
     _check_split("test", test_features, test_labels)
     _check_widths(train_features, test_features)
@@ -94,65 +145,62 @@ def linear_probe(
             f"the linear probe needs train and test rows, got {n_train} and {n_test}; "
             "extract features for both splits"
         )
-    weight_decays = tuple(float(wd) for wd in weight_decays)
-    if not weight_decays or not all(math.isfinite(wd) and wd >= 0 for wd in weight_decays):
-        raise UserError(f"weight_decays must be numbers ≥ 0 (at least one), got {weight_decays}")
-    if max_iter < 1:
-        raise UserError(f"max_iter must be ≥ 1, got {max_iter}")
-    device = torch.device(device) if device is not None else train_features.device
-    train_labels = train_labels.to(device=device, dtype=torch.long)
-    test_labels = test_labels.to(device=device, dtype=torch.long)
-    if num_classes is None:
-        num_classes = _check_num_classes(None, train_labels, test_labels)
-    else:
-        _check_num_classes(num_classes, train_labels, test_labels)
+    return n_train, n_test
 
-    # A caller in inference mode or under autocast (an eval inside the training loop) still
-    # gets a float32 fit with gradients.
-    with torch.inference_mode(False), torch.enable_grad(), exact_fp32(device):
-        train_x = train_features.to(device=device, dtype=torch.float32)
-        test_x = test_features.to(device=device, dtype=torch.float32)
-        std, mean = torch.std_mean(train_x, dim=0, correction=0)
-        std = torch.where(std <= CONSTANT_STD * mean.abs(), torch.ones_like(std), std)
-        train_x = (train_x - mean) / std
-        test_x = (test_x - mean) / std
 
-        val_top1: dict[float, float] = {}
-        chosen = weight_decays[0]
-        params = None
-        if len(weight_decays) > 1:
-            fit_idx, val_idx = stratified_split(train_labels, val_fraction=val_fraction, seed=seed)
-            if val_idx.numel() == 0:
-                raise UserError(
-                    "no class has 2 or more train images, so no weight decay can be chosen; "
-                    "pass a single value in weight_decays"
-                )
-            fit_idx, val_idx = fit_idx.to(device), val_idx.to(device)
-            fit_x, fit_y = train_x[fit_idx], train_labels[fit_idx]
-            val_x, val_y = train_x[val_idx], train_labels[val_idx]
-            fitted = {}
-            for wd in sorted(set(weight_decays), reverse=True):
-                params = fit_logistic_regression(
-                    fit_x, fit_y, num_classes, wd, max_iter=max_iter, init=params
-                )
-                fitted[wd] = params
-                hits = topk_correct(_logits(val_x, *params), val_y, ks=(1,))[1]
-                val_top1[wd] = hits / len(val_y)
-            # max keeps the first of equal values, and the λ are visited largest first.
-            chosen = max(sorted(val_top1, reverse=True), key=lambda wd: val_top1[wd])
-            params = fitted[chosen]
-        weight, bias = fit_logistic_regression(
-            train_x, train_labels, num_classes, chosen, max_iter=max_iter, init=params
+def _standardise(train_x: Tensor, test_x: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sets as (x − μ) / σ with the train set's per-dimension statistics, σ := 1 where
+    the dimension is constant up to rounding (see :data:`CONSTANT_STD`)."""
+    std, mean = torch.std_mean(train_x, dim=0, correction=0)
+    std = torch.where(std <= CONSTANT_STD * mean.abs(), torch.ones_like(std), std)
+    return (train_x - mean) / std, (test_x - mean) / std
+
+
+@dataclass
+class _WeightDecayChoice:
+    """The λ chosen on the held-out split, and what the final fit starts from."""
+
+    weight_decay: float
+    val_top1: dict[float, float]  # held-out top-1 of each λ tried; empty when only one was given
+    init: tuple[Tensor, Tensor] | None  # the fit at that λ on the fit split; None: from zero
+
+
+def _choose_weight_decay(
+    train_x: Tensor,
+    train_labels: Tensor,
+    num_classes: int,
+    weight_decays: tuple[float, ...],
+    *,
+    val_fraction: float,
+    seed: int,
+    max_iter: int,
+) -> _WeightDecayChoice:
+    """The λ with the best top-1 on a stratified held-out split of train (ties → the larger);
+    the only λ, untried, when a single one is given."""
+    if len(weight_decays) == 1:
+        return _WeightDecayChoice(weight_decays[0], {}, None)
+    fit_idx, val_idx = stratified_split(train_labels, val_fraction=val_fraction, seed=seed)
+    if val_idx.numel() == 0:
+        raise UserError(
+            "no class has 2 or more train images, so no weight decay can be chosen; "
+            "pass a single value in weight_decays"
         )
-        correct = topk_correct(_logits(test_x, weight, bias), test_labels, ks=(1, 5))
-    return LinearProbeResult(
-        top1=correct[1] / n_test,
-        top5=correct[5] / n_test,
-        weight_decay=chosen,
-        val_top1=val_top1,
-        n_train=n_train,
-        n_test=n_test,
-    )
+    fit_idx, val_idx = fit_idx.to(train_x.device), val_idx.to(train_x.device)
+    fit_x, fit_y = train_x[fit_idx], train_labels[fit_idx]
+    val_x, val_y = train_x[val_idx], train_labels[val_idx]
+    fitted = {}
+    val_top1: dict[float, float] = {}
+    params = None
+    for wd in sorted(set(weight_decays), reverse=True):
+        params = fit_logistic_regression(
+            fit_x, fit_y, num_classes, wd, max_iter=max_iter, init=params
+        )
+        fitted[wd] = params
+        hits = topk_correct(_logits(val_x, *params), val_y, ks=(1,))[1]
+        val_top1[wd] = hits / len(val_y)
+    # max keeps the first of equal values, and the λ are visited largest first.
+    chosen = max(sorted(val_top1, reverse=True), key=lambda wd: val_top1[wd])
+    return _WeightDecayChoice(chosen, val_top1, fitted[chosen])
 
 
 def fit_logistic_regression(

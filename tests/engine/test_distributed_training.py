@@ -38,7 +38,7 @@ def _as_launched(rank: int, world: int, port: int) -> None:
 
 def _rank(rank: int, world: int, port: int, values: dict, out: str, crash: int, resume: bool):
     _as_launched(rank, world, port)
-    from lowres_ssl.engine import train
+    from lowres_ssl.tasks import train
 
     hook = crash_at(crash) if crash else None
     try:
@@ -115,8 +115,8 @@ def test_two_processes_train_and_resume_exactly(folder, tmp_path):
 def _rank_budget(rank: int, world: int, port: int, values: dict, out: str):
     """A time-budgeted run whose two processes see different step times (2 and 3 s)."""
     _as_launched(rank, world, port)
-    from lowres_ssl.engine import train
-    from tests.engine.test_finetune import FakeClock
+    from lowres_ssl.tasks import train
+    from tests.tasks.test_finetune import FakeClock
 
     clock = FakeClock(2.0 + rank)
     summary = train(from_dict(values), out, progress_bar=False, on_step=clock.tick, clock=clock)

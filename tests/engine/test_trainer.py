@@ -12,11 +12,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lowres_ssl import run_layout
 from lowres_ssl.config import from_dict, merge
-from lowres_ssl.engine import checkpoint, train
-from lowres_ssl.engine import trainer as trainer_module
+from lowres_ssl.device import resolve_precision
 from lowres_ssl.errors import UserError
 from lowres_ssl.models import build_model
+from lowres_ssl.tasks import pretrain as pretrain_module
+from lowres_ssl.tasks import train
 from lowres_ssl.weights import load_init
 
 
@@ -84,7 +86,7 @@ def test_a_run_leaves_the_run_folder(folder, tmp_path):
     step = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"loss", "invariance", "mmd", "lr", "images_per_s"} <= set(step)
     # Checkpoints at steps 3 and 6 and at the end of the epoch (8); the last 2 kept.
-    assert [p.name for p in checkpoint.checkpoints(run)] == ["step_00000006", "step_00000008"]
+    assert [p.name for p in run_layout.checkpoints(run)] == ["step_00000006", "step_00000008"]
     # The backbone: safetensors with the metadata to rebuild it.
     with safe_open(str(run / "backbone.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -109,7 +111,7 @@ def test_resume_after_ctrl_c_mid_epoch_repeats_the_same_steps(folder, tmp_path, 
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         train(tiny(folder, **sections), cut, progress_bar=False, on_step=interrupt_at(5))
-    assert checkpoint.latest(cut).name == "step_00000005"
+    assert run_layout.latest(cut).name == "step_00000005"
     assert max(losses(cut)) == 5
     train(tiny(folder, **sections), cut, resume=True, progress_bar=False)
 
@@ -151,7 +153,7 @@ def test_resume_after_a_crash_starts_from_the_last_checkpoint(folder, tmp_path):
     crashed = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny(folder), crashed, progress_bar=False, on_step=crash_at(11))
-    assert checkpoint.latest(crashed).name == "step_00000009"  # 3, 6, 8 (epoch end), 9
+    assert run_layout.latest(crashed).name == "step_00000009"  # 3, 6, 8 (epoch end), 9
     train(tiny(folder), crashed, resume=True, progress_bar=False)
     a, b = losses(whole), losses(crashed)
     assert sorted(b) == list(range(1, 17))  # steps 10 and 11 logged once, not twice
@@ -159,7 +161,7 @@ def test_resume_after_a_crash_starts_from_the_last_checkpoint(folder, tmp_path):
 
 
 def test_non_finite_losses_skip_steps_then_stop(folder, tmp_path, monkeypatch):
-    make = trainer_module.make_objective
+    make = pretrain_module.make_objective
     calls = {"n": 0}
 
     def flaky(cfg):
@@ -173,7 +175,7 @@ def test_non_finite_losses_skip_steps_then_stop(folder, tmp_path, monkeypatch):
         forward.terms = {}
         return forward
 
-    monkeypatch.setattr(trainer_module, "make_objective", flaky)
+    monkeypatch.setattr(pretrain_module, "make_objective", flaky)
     run = tmp_path / "run"
     with pytest.raises(UserError, match="3 non-finite losses in a row") as e:
         train(tiny(folder, train={"max_bad_steps": 3}), run, progress_bar=False)
@@ -181,7 +183,7 @@ def test_non_finite_losses_skip_steps_then_stop(folder, tmp_path, monkeypatch):
     # Steps 2 and 3 were skipped and the run went on; 6, 7, 8 stopped it. The checkpoint of
     # step 6 (periodic; the parameters of step 5) is the last: the failure wrote none.
     assert sorted(losses(run)) == [1, 4, 5]
-    assert checkpoint.latest(run).name == "step_00000006"
+    assert run_layout.latest(run).name == "step_00000006"
 
 
 def test_a_folder_holding_a_run_is_not_overwritten(folder, tmp_path):
@@ -211,7 +213,7 @@ def test_init_loads_a_backbone_from_a_run_folder_or_file(folder, tmp_path):
     run = tmp_path / "run"
     train(tiny(folder, train={"max_steps": 2}), run, progress_bar=False)
     saved = load_file(str(run / "backbone.safetensors"))
-    for source in (run, run / "backbone.safetensors", checkpoint.latest(run)):
+    for source in (run, run / "backbone.safetensors", run_layout.latest(run)):
         model = build_model("resnet18", "64-256", image_size=16)  # another projector
         note = load_init(model, source)
         assert note.startswith("backbone")
@@ -242,7 +244,7 @@ def test_out_of_memory_is_a_one_line_error_naming_what_to_try(folder, tmp_path, 
 
         return forward
 
-    monkeypatch.setattr(trainer_module, "make_objective", no_memory)
+    monkeypatch.setattr(pretrain_module, "make_objective", no_memory)
     cfg = tiny(folder)
     cfg.preset = "8gb"
     with pytest.raises(UserError) as e:
@@ -254,23 +256,23 @@ def test_out_of_memory_is_a_one_line_error_naming_what_to_try(folder, tmp_path, 
 
 def test_precision_auto_follows_the_launcher_then_the_device(monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert trainer_module.resolve_precision("fp32") == "no"
-    assert trainer_module.resolve_precision("bf16") == "bf16"
+    assert resolve_precision("fp32") == "no"
+    assert resolve_precision("bf16") == "bf16"
     expected = "no"
     if torch.cuda.is_available():
         expected = "bf16" if torch.cuda.get_device_capability()[0] >= 8 else "fp16"
-    assert trainer_module.resolve_precision("auto") == expected
+    assert resolve_precision("auto") == expected
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_...
-    assert trainer_module.resolve_precision("auto") == "bf16"
-    assert trainer_module.resolve_precision("fp32") == "no"  # the config wins
+    assert resolve_precision("auto") == "bf16"
+    assert resolve_precision("fp32") == "no"  # the config wins
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     if torch.cuda.is_available():
-        assert trainer_module.resolve_precision("auto") == "fp16"
+        assert resolve_precision("auto") == "fp16"
     else:  # fp16 autocast needs CUDA: a one-line error, not a crash at the first step
         with pytest.raises(UserError, match="fp16 mixed precision needs a CUDA GPU"):
-            trainer_module.resolve_precision("auto")
+            resolve_precision("auto")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what the launcher exports by default
-    assert trainer_module.resolve_precision("auto") == expected
+    assert resolve_precision("auto") == expected
 
 
 def test_tensorboard_events_when_installed(folder, tmp_path):

@@ -10,8 +10,8 @@ import pytest
 from accelerate.state import AcceleratorState
 
 from lowres_ssl.config import merge
-from lowres_ssl.engine import train
 from lowres_ssl.errors import UserError
+from lowres_ssl.tasks import train
 from tests.engine.test_trainer import crash_at, interrupt_at
 from tests.engine.test_trainer import tiny as base_tiny
 
@@ -78,7 +78,7 @@ def test_resume_with_another_image_set_is_refused(folder, tmp_path, monkeypatch)
     disk = {"cache": "disk", "cache_dir": str(tmp_path / "cache")}
     with pytest.raises(UserError, match="another config"):
         train(tiny(folder, data=disk), cut, resume=True, progress_bar=False)
-    import lowres_ssl.engine.tasks as tasks_module
+    import lowres_ssl.tasks.pretrain as tasks_module
 
     real = tasks_module.open_images
     monkeypatch.setattr(tasks_module, "open_images", lambda *a, **k: real(*a, **{**k, **disk}))

@@ -1,9 +1,8 @@
-"""What the training loop trains: self-supervised pre-training or supervised fine-tuning.
-
-One loop (:mod:`.trainer`) runs both; a task supplies what differs: the images (unlabeled, or
-labeled and perhaps a class-balanced subset), the augmentation, the model, the optimizer's
-parameter groups, the objective, the step, the evaluation at epoch ends (the kNN monitor, or
-validation top-1 / top-5) and the files a finished run writes.
+"""Supervised fine-tuning: the pre-trained backbone and a new linear head, cross-entropy on
+one augmented view, validation top-1 / top-5 at epoch ends; the run's result is
+``classifier.safetensors`` (the best validation's model) and ``classifier_last.safetensors``.
+A class-balanced subset (``--train-fraction``, ``--per-class``) is drawn per class from a
+generator seeded by (seed, class) and written to ``train_subset.json``.
 """
 
 from __future__ import annotations
@@ -21,181 +20,20 @@ from torch import nn
 
 from lowres_ssl.augment import build_augment
 from lowres_ssl.config import Config, to_dict
-from lowres_ssl.data import ArrayImages, FolderImages, open_images
-from lowres_ssl.engine.steps import (
-    LabeledViews,
-    accumulation_step,
-    embedding_cache_step,
-    supervised_step,
-    two_view_step,
-)
+from lowres_ssl.data import DATASETS, ArrayImages, Batch, FolderImages
+from lowres_ssl.engine.evaluating import Evaluation
+from lowres_ssl.engine.steps import LabeledViews, supervised_step
+from lowres_ssl.engine.task import Task, random_batch
 from lowres_ssl.errors import UserError
+from lowres_ssl.eval.features import align_classes, extract_all, open_labeled, take_rows
 from lowres_ssl.files import write_text_atomic
-from lowres_ssl.models import Classifier, build_model
-from lowres_ssl.optim import build_optimizer, parameter_groups
+from lowres_ssl.models import Classifier, build_backbone
+from lowres_ssl.optim import parameter_groups
+from lowres_ssl.run_layout import CLASSIFIER_FILE, CLASSIFIER_LAST_FILE, SUBSET_FILE
+from lowres_ssl.tasks.pretrain import make_optimizer, open_task_images
+from lowres_ssl.weights import load_into, load_weights, save_classifier, spec_of
 
 log = logging.getLogger("lowres_ssl")
-
-SUBSET_FILE = "train_subset.json"
-
-
-def _open(cfg: Config, device, progress: bool, labeled: bool):
-    d = cfg.data
-    return open_images(
-        d.path,
-        load_size=d.load_size,
-        labeled=labeled,
-        split=d.split,
-        cache=d.cache,
-        cache_dir=d.cache_dir,
-        device=device,
-        num_workers=d.num_workers,
-        min_size=d.min_size,
-        max_pixels=d.max_pixels,
-        progress=progress,
-    )
-
-
-class Evaluation:
-    """What the loop evaluates at epoch ends: ``due(epoch)``, ``run(model)`` → a record with
-    ``key`` in it, ``images`` (how many images one evaluation forwards, for time budgets)."""
-
-    kind = "eval"
-    key = "top1"
-    optional = True  # may be turned off to fit a time budget
-    every_epochs = 1
-    images = 0
-
-    def due(self, epoch: int) -> bool:
-        return self.every_epochs > 0 and epoch % self.every_epochs == 0
-
-    def run(self, model: nn.Module) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def line(self, step: int, record: dict[str, Any]) -> str:
-        raise NotImplementedError
-
-
-# ---------------------------------------------------------------------------------------------
-# Pre-training
-
-
-class KNNEvaluation(Evaluation):
-    """The online kNN monitor on the backbone."""
-
-    kind, key = "knn", "knn_top1"
-
-    def __init__(self, monitor) -> None:
-        self.monitor = monitor
-        self.images = len(monitor.train_set) + len(monitor.test_set)
-
-    @property
-    def every_epochs(self) -> int:  # type: ignore[override]
-        return self.monitor.every_epochs
-
-    @every_epochs.setter
-    def every_epochs(self, value: int) -> None:
-        self.monitor.every_epochs = value
-
-    def run(self, model: nn.Module) -> dict[str, Any]:
-        return self.monitor.run(model.backbone)
-
-    def line(self, step: int, r: dict[str, Any]) -> str:
-        return (
-            f"step {step}: kNN top-1 {r['knn_top1']:.3f} (k={r['k']}), top-5 {r['knn_top5']:.3f}; "
-            f"{r['n_train']:,} train / {r['n_test']:,} test images; {r['eval_s']:.1f} s"
-        )
-
-
-class Pretraining:
-    """Self-supervised pre-training: two views, backbone + projector, the SSL objective."""
-
-    name = "pre-training"
-    labeled = False
-
-    def open_images(self, cfg: Config, device, progress: bool):
-        return _open(cfg, device, progress, labeled=False)
-
-    def augment(self, cfg: Config, **kwargs):
-        return build_augment(cfg.data.recipe, cfg.data.view_size, **kwargs)
-
-    def build_model(
-        self, cfg: Config, images, init, resuming: bool
-    ) -> tuple[nn.Module, str | None]:
-        from lowres_ssl.weights import load_init
-
-        model = build_model(
-            cfg.model.backbone,
-            cfg.model.projector,
-            image_size=cfg.data.view_size,
-            grad_checkpointing=cfg.model.grad_checkpointing,
-        )
-        note = load_init(model, init) if init and not resuming else None
-        return model, note
-
-    def optimizer(self, cfg: Config, model: nn.Module, global_batch: int):
-        o = cfg.optim
-        peak_lr = o.base_lr * global_batch / 256
-        return _optimizer(cfg, model, peak_lr), peak_lr
-
-    def objective(self, cfg: Config) -> nn.Module:
-        from lowres_ssl.engine import trainer  # looked up at call time (tests replace it)
-
-        return trainer.make_objective(cfg)
-
-    def step_for(self, cfg: Config, micro: int | None):
-        if micro and micro < cfg.train.batch_size:  # the full-batch regulariser in parts
-            return functools.partial(embedding_cache_step, micro_batch_size=micro)
-        if cfg.train.accumulate_steps > 1:
-            return functools.partial(accumulation_step, accumulate_steps=cfg.train.accumulate_steps)
-        return two_view_step
-
-    def views(self, augment, batch, generator):
-        return augment.plan(batch.images, generator=generator)
-
-    def evaluation(self, cfg: Config, accelerator, *, channels_last: bool, progress: bool):
-        from lowres_ssl.eval.monitor import KNNMonitor
-
-        monitor = KNNMonitor.from_config(
-            cfg, accelerator, channels_last=channels_last, progress=progress
-        )
-        return None if monitor is None else KNNEvaluation(monitor)
-
-    def describe(self, cfg: Config, model: nn.Module) -> str:
-        return f"{cfg.model.backbone} + projector {cfg.model.projector} (q={model.q})"
-
-    def write_records(self, run_dir: Path) -> None:
-        pass
-
-    def summary(self, model: nn.Module) -> dict[str, Any]:
-        return {"q": model.q}
-
-    def on_best(self, model, run_dir: Path, cfg: Config, record: dict[str, Any]) -> None:
-        pass
-
-    def finish(self, model: nn.Module, run_dir: Path, cfg: Config, best_saved: bool) -> None:
-        from lowres_ssl.weights import BACKBONE_FILE, save_safetensors, spec_of
-
-        spec = spec_of(model.backbone, cfg.data.view_size, to_dict(cfg))
-        save_safetensors(model.backbone.state_dict(), spec, run_dir / BACKBONE_FILE)
-
-
-def _optimizer(cfg: Config, model_or_groups, peak_lr: float):
-    o = cfg.optim
-    return build_optimizer(
-        o.name,
-        model_or_groups,
-        lr=peak_lr,
-        weight_decay=o.weight_decay,
-        momentum=o.momentum,
-        eta=o.eta,
-        betas=tuple(o.betas),
-        state_bits=o.state_bits,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Fine-tuning
 
 
 def balanced_subset(
@@ -226,6 +64,7 @@ class ValidationEvaluation(Evaluation):
 
     kind, key = "val", "val_top1"
     optional = False
+    keeps_best = True  # the best validation's model is the run's classifier
 
     def __init__(self, labeled, labels, *, every_epochs, accelerator, batch_size, channels_last):
         self.labeled, self.labels = labeled, labels
@@ -236,8 +75,6 @@ class ValidationEvaluation(Evaluation):
         self.images = len(labeled)
 
     def run(self, model: nn.Module) -> dict[str, Any]:
-        from lowres_ssl.eval.features import extract_all
-
         acc = self.accelerator
         start = time.perf_counter()
         logits, found = extract_all(
@@ -265,12 +102,12 @@ class ValidationEvaluation(Evaluation):
         )
 
 
-class FineTuning:
+class FineTuning(Task):
     """Supervised fine-tuning: the pre-trained backbone and a new linear head, cross-entropy
     on one augmented view, backbone and head at their own learning rates."""
 
     name = "fine-tuning"
-    labeled = True
+    metric = "val_top1"
 
     def __init__(self, weights=None) -> None:
         """``weights``: the pre-trained weights when the caller has read them already
@@ -280,7 +117,7 @@ class FineTuning:
         self.weights = weights
 
     def open_images(self, cfg: Config, device, progress: bool):
-        images = _open(cfg, device, progress, labeled=True)
+        images = open_task_images(cfg, device, progress, labeled=True)
         if images.labels is None or images.classes is None:
             raise UserError(
                 f"--train {cfg.data.path} has no labels; fine-tuning needs a labeled folder "
@@ -323,9 +160,6 @@ class FineTuning:
     def build_model(
         self, cfg: Config, images, init, resuming: bool
     ) -> tuple[nn.Module, str | None]:
-        from lowres_ssl.models import build_backbone
-        from lowres_ssl.weights import load_into, load_weights
-
         f = cfg.finetune
         backbone = build_backbone(
             cfg.model.backbone,
@@ -355,7 +189,7 @@ class FineTuning:
             ]
         for g in groups:
             g["lr"] = peak * g["lr_scale"]
-        return _optimizer(cfg, groups, peak), peak
+        return make_optimizer(cfg, groups, peak), peak
 
     def objective(self, cfg: Config) -> nn.Module:
         return nn.CrossEntropyLoss(label_smoothing=cfg.finetune.label_smoothing)
@@ -363,21 +197,21 @@ class FineTuning:
     def step_for(self, cfg: Config, micro: int | None):
         return functools.partial(supervised_step, micro_batch_size=micro)
 
-    def views(self, augment, batch, generator):
+    def views(self, augment, batch: Batch, generator: torch.Generator):
         return LabeledViews(augment.plan(batch.images, generator=generator), batch.labels)
 
-    def evaluation(self, cfg: Config, accelerator, *, channels_last: bool, progress: bool):
-        from lowres_ssl.eval.features import align_classes, open_labeled
+    def probe_batch(self, cfg: Config, device, generator: torch.Generator) -> Batch:
+        n = cfg.train.batch_size
+        return random_batch(n, cfg.data.load_size, device, generator, len(self.classes))
 
+    def evaluation(self, cfg: Config, accelerator, *, channels_last: bool, progress: bool):
         f, d = cfg.finetune, cfg.data
         spec = f.val
         if spec is None:
-            from lowres_ssl.data import DATASETS
-
             if d.path.lower() in DATASETS and not Path(d.path).expanduser().exists():
                 spec = f"{d.path.lower()}:test"
             else:
-                log.warning("no --val: no validation; classifier.safetensors is the last model")
+                log.warning("no --val: no validation; %s is the last model", CLASSIFIER_FILE)
                 return None
         with accelerator.main_process_first():
             labeled = open_labeled(
@@ -414,19 +248,13 @@ class FineTuning:
         return out
 
     def _save(self, model: Classifier, path: Path, cfg: Config, info: dict[str, Any]) -> None:
-        from lowres_ssl.weights import save_classifier, spec_of
-
         spec = spec_of(model.backbone, cfg.data.view_size, to_dict(cfg))
         save_classifier(model, spec, self.classes, path, info)
 
     def on_best(self, model, run_dir: Path, cfg: Config, record: dict[str, Any]) -> None:
-        from lowres_ssl.weights import CLASSIFIER_FILE
-
         self._save(model, run_dir / CLASSIFIER_FILE, cfg, record)
 
     def finish(self, model: Classifier, run_dir: Path, cfg: Config, best_saved: bool) -> None:
-        from lowres_ssl.weights import CLASSIFIER_FILE, CLASSIFIER_LAST_FILE
-
         self._save(model, run_dir / CLASSIFIER_LAST_FILE, cfg, {"last": True})
         if not best_saved:  # no validation: the last model is the one to use
             self._save(model, run_dir / CLASSIFIER_FILE, cfg, {"last": True})
@@ -439,20 +267,10 @@ def _paths(images) -> list[str] | None:
 
 
 def _take_rows(images: ArrayImages | FolderImages, rows: torch.Tensor):
-    from lowres_ssl.eval.features import take_rows
-
     out = take_rows(images, rows)
     if isinstance(out, ArrayImages) and images.fingerprint:  # a subset of that cache
         out = dataclasses.replace(out, fingerprint=f"{images.fingerprint}:rows{len(rows)}")
     return out
 
 
-__all__ = [
-    "SUBSET_FILE",
-    "Evaluation",
-    "FineTuning",
-    "KNNEvaluation",
-    "Pretraining",
-    "ValidationEvaluation",
-    "balanced_subset",
-]
+__all__ = ["FineTuning", "ValidationEvaluation", "balanced_subset"]

@@ -12,13 +12,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from lowres_ssl.config import from_dict, merge
-from lowres_ssl.engine import train
-from lowres_ssl.engine.tasks import SUBSET_FILE, FineTuning, balanced_subset
 from lowres_ssl.errors import UserError
 from lowres_ssl.predict import predict
-from lowres_ssl.weights import CLASSIFIER_LAST_FILE, load_classifier
-
-from .test_trainer import interrupt_at, tiny
+from lowres_ssl.run_layout import CLASSIFIER_LAST_FILE, SUBSET_FILE
+from lowres_ssl.tasks import FineTuning, balanced_subset, train
+from lowres_ssl.weights import load_classifier
+from tests.engine.test_trainer import interrupt_at, tiny
 
 CLASSES = ("blue", "green", "red")
 
@@ -254,7 +253,7 @@ def budget_config(labeled, pretrained, budget):
 
 
 def test_the_budget_sets_the_total_from_the_measured_step_time(labeled, pretrained, tmp_path):
-    from lowres_ssl.engine.budget import MARGIN
+    from lowres_ssl.engine.budgeting import MARGIN
 
     clock = FakeClock(2.0)
     cfg = budget_config(labeled, pretrained, "30s")
@@ -292,7 +291,7 @@ def test_the_budget_sets_the_total_from_the_measured_step_time(labeled, pretrain
 def test_steps_that_become_slower_shrink_the_total(labeled, pretrained, tmp_path, caplog):
     import logging
 
-    from lowres_ssl.engine.budget import MARGIN
+    from lowres_ssl.engine.budgeting import MARGIN
 
     clock = FakeClock(2.0, later_s=4.0, slower_after=5)
     caplog.set_level(logging.INFO, logger="lowres_ssl")
@@ -311,35 +310,3 @@ def test_steps_that_become_slower_shrink_the_total(labeled, pretrained, tmp_path
     assert (first, refit) == (28, 18)
     assert summary["steps"] == refit
     assert any("instead of 28" in r.getMessage() for r in caplog.records)
-
-
-def test_parse_budget_and_its_errors():
-    from lowres_ssl.engine.budget import format_duration, parse_budget
-
-    assert parse_budget("15m") == 900 and parse_budget("2h") == 7200
-    assert parse_budget("1h30m") == 5400 and parse_budget("90s") == 90
-    assert parse_budget(300) == 300 and parse_budget("300") == 300
-    for bad in ("soon", "15 parsecs", "-5", 0, "m"):
-        with pytest.raises(UserError, match="time_budget"):
-            parse_budget(bad)
-    assert format_duration(45) == "45 s" and format_duration(900) == "15 min"
-    assert format_duration(281) == "4 min 41 s" and format_duration(7500) == "2 h 5 min"
-
-
-def test_fit_counts_evaluations_and_checkpoints():
-    from lowres_ssl.engine.budget import MARGIN, Schedule, Timings, fit_total_steps, overhead_s
-
-    t = Timings(elapsed=20.0, step=1.0, evaluation=30.0, checkpoint=5.0)
-    s = Schedule(done_steps=10, steps_per_epoch=100, checkpoint_every=10_000, eval_every_epochs=1,
-                 final_eval=True)  # fmt: skip
-    total = fit_total_steps(1000, t, s)
-    available = 1000 * (1 - MARGIN) - 20
-    assert (total - 10) * 1.0 + overhead_s(total, t, s) <= available
-    assert (total + 1 - 10) * 1.0 + overhead_s(total + 1, t, s) > available
-    # 960 - 20 = 940 s available. 699: 689 steps, 6 epoch ends (6 evaluations) and the final
-    # evaluation (7 x 30 s), 6 + 2 saves (40 s) = 939 s. 700 would end epoch 7 (its evaluation
-    # is the final one) with 9 saves: 690 + 210 + 45 = 945 s.
-    assert total == 699
-    no_eval = fit_total_steps(1000, t, Schedule(10, 100, 10_000, 0, False))
-    assert no_eval > total
-    assert fit_total_steps(10, t, s) == 11  # nothing fits: one more step, no less

@@ -1,0 +1,102 @@
+"""What the engine asks of a task: the one interface between the loop and what it trains.
+
+The engine never imports a task module and never asks which task it runs; a task
+(:mod:`lowres_ssl.tasks`: pre-training, fine-tuning, …) subclasses :class:`Task` and supplies
+what differs — the images, the augmentation, the model, the optimizer's groups, the
+objective, the step, the step's input from a loaded batch, the probe batch of ``--autofit``,
+the evaluation that decides "best", the name of its metric and the files a run writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowres_ssl.config import Config
+from lowres_ssl.data import Batch
+from lowres_ssl.engine.evaluating import Evaluation
+
+
+class Task:
+    """The interface; ``name`` is for the log, ``metric`` names the evaluation's result in
+    the run's summary."""
+
+    name = "task"
+    metric = "top1"
+
+    def open_images(self, cfg: Config, device: torch.device, progress: bool):
+        """The training images (an image set :func:`lowres_ssl.data.make_loader` takes)."""
+        raise NotImplementedError
+
+    def augment(self, cfg: Config, **kwargs) -> nn.Module:
+        """The augmentation (``kwargs``: ``out_dtype``, ``channels_last``)."""
+        raise NotImplementedError
+
+    def build_model(
+        self, cfg: Config, images, init: str | Path | None, resuming: bool
+    ) -> tuple[nn.Module, str | None]:
+        """The model, and a note on where its weights came from (None: from scratch)."""
+        raise NotImplementedError
+
+    def optimizer(self, cfg: Config, model: nn.Module, global_batch: int):
+        """(optimizer, the schedule's peak learning rate) for a batch of ``global_batch``."""
+        raise NotImplementedError
+
+    def objective(self, cfg: Config) -> nn.Module:
+        raise NotImplementedError
+
+    def step_for(self, cfg: Config, micro: int | None):
+        """The step function (:mod:`lowres_ssl.engine.steps`) for micro-batches of ``micro``."""
+        raise NotImplementedError
+
+    def views(self, augment: nn.Module, batch: Batch, generator: torch.Generator):
+        """The step's input from a loaded batch; it has ``sample_input(n)``, a tensor of up to
+        ``n`` images as the model takes them (a time budget times a forward pass on it)."""
+        raise NotImplementedError
+
+    def probe_batch(self, cfg: Config, device: torch.device, generator: torch.Generator) -> Batch:
+        """A random batch of the run's shape, for ``--autofit``'s probe steps."""
+        raise NotImplementedError
+
+    def evaluation(
+        self, cfg: Config, accelerator, *, channels_last: bool, progress: bool
+    ) -> Evaluation | None:
+        """What is evaluated at epoch ends (None: nothing)."""
+        return None
+
+    def describe(self, cfg: Config, model: nn.Module) -> str:
+        """The model in a few words, for the run's first log line."""
+        raise NotImplementedError
+
+    def write_records(self, run_dir: Path) -> None:
+        """Files a new run writes beside its config (e.g. the subset it trains on)."""
+
+    def summary(self, model: nn.Module) -> dict[str, Any]:
+        """The task's own entries of ``summary.json``."""
+        return {}
+
+    def on_best(self, model: nn.Module, run_dir: Path, cfg: Config, record: dict) -> None:
+        """The evaluation has reached its best result so far (main process only)."""
+
+    def finish(self, model: nn.Module, run_dir: Path, cfg: Config, best_saved: bool) -> None:
+        """The finished run's result files (main process only)."""
+        raise NotImplementedError
+
+
+def random_batch(
+    batch_size: int, load_size: int, device: torch.device, generator: torch.Generator,
+    num_classes: int = 0,
+) -> Batch:  # fmt: skip
+    """Random uint8 images (and, with ``num_classes``, random labels) on ``device``."""
+    shape = (batch_size, 3, load_size, load_size)
+    images = torch.randint(0, 256, shape, generator=generator).to(torch.uint8).to(device)
+    labels = None
+    if num_classes:
+        labels = torch.randint(0, num_classes, (batch_size,), generator=generator).to(device)
+    return Batch(images, torch.arange(batch_size), labels)
+
+
+__all__ = ["Task", "random_batch"]

@@ -1,0 +1,163 @@
+"""Self-supervised pre-training: two views, backbone + projector, the SSL objective, the
+online kNN monitor; the run's result is ``backbone.safetensors``."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowres_ssl.augment import build_augment
+from lowres_ssl.config import Config, to_dict
+from lowres_ssl.data import Batch, open_images
+from lowres_ssl.engine.evaluating import Evaluation
+from lowres_ssl.engine.steps import accumulation_step, embedding_cache_step, two_view_step
+from lowres_ssl.engine.task import Task, random_batch
+from lowres_ssl.losses import objective_from_settings
+from lowres_ssl.models import build_model, projector_out_dim
+from lowres_ssl.optim import build_optimizer
+from lowres_ssl.run_layout import BACKBONE_FILE
+from lowres_ssl.weights import load_init, save_safetensors, spec_of
+
+
+def make_objective(cfg: Config) -> nn.Module:
+    """The objective of ``cfg.loss``; SFRIK's λ, when unset, follows q (:func:`default_lam`).
+    Settings that cannot work are a :class:`UserError`."""
+    loss = cfg.loss
+    return objective_from_settings(
+        loss.name,
+        lam=loss.lam,
+        kernel_weights=loss.kernel_weights,
+        mmd_path=loss.mmd_path,
+        options=loss.options,
+        q=projector_out_dim(cfg.model.projector),
+    )
+
+
+def open_task_images(cfg: Config, device, progress: bool, labeled: bool):
+    """The training images of ``cfg.data`` (labeled: with the class of each)."""
+    d = cfg.data
+    return open_images(
+        d.path,
+        load_size=d.load_size,
+        labeled=labeled,
+        split=d.split,
+        cache=d.cache,
+        cache_dir=d.cache_dir,
+        device=device,
+        num_workers=d.num_workers,
+        min_size=d.min_size,
+        max_pixels=d.max_pixels,
+        progress=progress,
+    )
+
+
+def make_optimizer(cfg: Config, model_or_groups, peak_lr: float):
+    """``cfg.optim``'s optimizer over a model or parameter groups, at ``peak_lr``."""
+    o = cfg.optim
+    return build_optimizer(
+        o.name,
+        model_or_groups,
+        lr=peak_lr,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        eta=o.eta,
+        betas=tuple(o.betas),
+        state_bits=o.state_bits,
+    )
+
+
+class KNNEvaluation(Evaluation):
+    """The online kNN monitor on the backbone."""
+
+    kind, key = "knn", "knn_top1"
+
+    def __init__(self, monitor) -> None:
+        self.monitor = monitor
+        self.images = len(monitor.train_set) + len(monitor.test_set)
+
+    @property
+    def every_epochs(self) -> int:  # type: ignore[override]
+        return self.monitor.every_epochs
+
+    @every_epochs.setter
+    def every_epochs(self, value: int) -> None:
+        self.monitor.every_epochs = value
+
+    def run(self, model: nn.Module) -> dict[str, Any]:
+        return self.monitor.run(model.backbone)
+
+    def line(self, step: int, r: dict[str, Any]) -> str:
+        return (
+            f"step {step}: kNN top-1 {r['knn_top1']:.3f} (k={r['k']}), top-5 {r['knn_top5']:.3f}; "
+            f"{r['n_train']:,} train / {r['n_test']:,} test images; {r['eval_s']:.1f} s"
+        )
+
+
+class Pretraining(Task):
+    """Self-supervised pre-training: two views, backbone + projector, the SSL objective."""
+
+    name = "pre-training"
+    metric = "knn_top1"
+
+    def open_images(self, cfg: Config, device, progress: bool):
+        return open_task_images(cfg, device, progress, labeled=False)
+
+    def augment(self, cfg: Config, **kwargs):
+        return build_augment(cfg.data.recipe, cfg.data.view_size, **kwargs)
+
+    def build_model(
+        self, cfg: Config, images, init, resuming: bool
+    ) -> tuple[nn.Module, str | None]:
+        model = build_model(
+            cfg.model.backbone,
+            cfg.model.projector,
+            image_size=cfg.data.view_size,
+            grad_checkpointing=cfg.model.grad_checkpointing,
+        )
+        note = load_init(model, init) if init and not resuming else None
+        return model, note
+
+    def optimizer(self, cfg: Config, model: nn.Module, global_batch: int):
+        peak_lr = cfg.optim.base_lr * global_batch / 256
+        return make_optimizer(cfg, model, peak_lr), peak_lr
+
+    def objective(self, cfg: Config) -> nn.Module:
+        return make_objective(cfg)
+
+    def step_for(self, cfg: Config, micro: int | None):
+        if micro and micro < cfg.train.batch_size:  # the full-batch regulariser in parts
+            return functools.partial(embedding_cache_step, micro_batch_size=micro)
+        if cfg.train.accumulate_steps > 1:
+            return functools.partial(accumulation_step, accumulate_steps=cfg.train.accumulate_steps)
+        return two_view_step
+
+    def views(self, augment, batch: Batch, generator: torch.Generator):
+        return augment.plan(batch.images, generator=generator)
+
+    def probe_batch(self, cfg: Config, device, generator: torch.Generator) -> Batch:
+        return random_batch(cfg.train.batch_size, cfg.data.load_size, device, generator)
+
+    def evaluation(self, cfg: Config, accelerator, *, channels_last: bool, progress: bool):
+        from lowres_ssl.eval.monitor import KNNMonitor
+
+        monitor = KNNMonitor.from_config(
+            cfg, accelerator, channels_last=channels_last, progress=progress
+        )
+        return None if monitor is None else KNNEvaluation(monitor)
+
+    def describe(self, cfg: Config, model: nn.Module) -> str:
+        return f"{cfg.model.backbone} + projector {cfg.model.projector} (q={model.q})"
+
+    def summary(self, model: nn.Module) -> dict[str, Any]:
+        return {"q": model.q}
+
+    def finish(self, model: nn.Module, run_dir: Path, cfg: Config, best_saved: bool) -> None:
+        spec = spec_of(model.backbone, cfg.data.view_size, to_dict(cfg))
+        save_safetensors(model.backbone.state_dict(), spec, run_dir / BACKBONE_FILE)
+
+
+__all__ = ["KNNEvaluation", "Pretraining", "make_objective", "make_optimizer", "open_task_images"]

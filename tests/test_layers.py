@@ -1,0 +1,161 @@
+"""The shape of the code: imports point one way down the floors, no module imports itself back
+through others, no function is longer than a screen, and one module names the run folder's
+files. ``python tests/test_layers.py`` prints each module's imports and the longest functions.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lowres_ssl"
+
+#: Lowest first; a module may import its own floor and those below. ``config`` sits above the
+#: building blocks because it validates names against their registries (loss, backbone,
+#: recipe, optimizer names); the blocks never import it.
+FLOORS = [
+    ["errors", "files", "durations", "run_layout"],
+    ["device", "losses", "models", "data", "augment", "optim"],
+    ["config", "presets", "memory"],
+    ["weights", "eval", "fit", "plots", "predict"],
+    ["engine"],
+    ["tasks", "bench"],
+    ["cli"],
+]
+MAX_FUNCTION_LINES = 80  # docstring excluded
+#: The run folder's file names, spelled only in lowres_ssl/run_layout.py.
+RUN_FILES = (
+    "config.yaml", "metrics.jsonl", "summary.json", "skipped_files.txt", "backbone.safetensors",
+    "classifier.safetensors", "classifier_last.safetensors", "train_subset.json",
+    "trainer_state.json", "model.safetensors",
+)  # fmt: skip
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The package's modules ``path`` imports, at its top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.split(".")[0] != "lowres_ssl":
+                continue
+            for alias in node.names:  # `from lowres_ssl.engine import steps` is the module
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in known else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "lowres_ssl")
+    return found
+
+
+def floor_of(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    for level, names in enumerate(FLOORS):
+        if part in names:
+            return level
+    raise AssertionError(f"{module} is on no floor: add it to FLOORS in {__file__}")
+
+
+def import_graph() -> dict[str, set[str]]:
+    known = set(modules())
+    return {m: imports_of(p, known) - {m} for m, p in modules().items() if m != "lowres_ssl"}
+
+
+def test_every_import_points_down_the_floors():
+    upward = [
+        f"{m} (floor {floor_of(m)}) imports {t} (floor {floor_of(t)})"
+        for m, targets in import_graph().items()
+        for t in sorted(targets)
+        if t != "lowres_ssl" and floor_of(t) > floor_of(m)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    # A package's __init__ re-exports its modules: a module importing its own package's
+    # __init__ is not a cycle of meaning, so edges into a package's own __init__ are left out.
+    edges = {
+        m: {t for t in ts if t in graph and not (m.startswith(t + ".") and t != m)}
+        for m, ts in graph.items()
+    }
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == "open":
+                cycles.append(" → ".join([*path[path.index(nxt) :], nxt]))
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(cycles)
+
+
+def function_lengths() -> list[tuple[int, str]]:
+    """(lines without the docstring, file:function) of every function in lowres_ssl/, scripts/."""
+    rows = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "scripts").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            first = node.body[0]
+            doc = 0
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                doc = (
+                    first.end_lineno - first.lineno + 1 if isinstance(first.value.value, str) else 0
+                )
+            length = node.end_lineno - node.lineno + 1 - doc
+            rows.append((length, f"{path.relative_to(ROOT)}:{node.name}"))
+    return sorted(rows, reverse=True)
+
+
+def test_no_function_longer_than_a_screen():
+    long = [f"{n} lines: {where}" for n, where in function_lengths() if n > MAX_FUNCTION_LINES]
+    assert not long, "\n".join(long)
+
+
+def test_the_training_loop_fits_on_one_screen():
+    lengths = {where: n for n, where in function_lengths()}
+    assert lengths["lowres_ssl/engine/trainer.py:run_loop"] <= 60
+
+
+def test_run_folder_files_are_named_in_one_module():
+    spelled = re.compile("|".join(re.escape(f'"{name}"') for name in RUN_FILES))
+    found = [
+        f"{path.relative_to(ROOT)}:{i}"
+        for path in sorted([*PACKAGE.rglob("*.py"), *(ROOT / "scripts").glob("*.py")])
+        if path.name != "run_layout.py"
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if spelled.search(line)
+    ]
+    assert not found, found
+
+
+def test_the_engine_never_imports_a_task():
+    graph = import_graph()
+    engine = {m: ts for m, ts in graph.items() if m.startswith("lowres_ssl.engine")}
+    assert engine, "no engine modules found"
+    assert not [m for m, ts in engine.items() if any(t.startswith("lowres_ssl.tasks") for t in ts)]
+
+
+if __name__ == "__main__":
+    for module, targets in sorted(import_graph().items()):
+        print(f"{module} [{floor_of(module)}] → {', '.join(sorted(targets)) or '-'}")
+    print("longest functions (docstring excluded):")
+    for n, where in function_lengths()[: int(sys.argv[1]) if len(sys.argv) > 1 else 3]:
+        print(f"  {n:4d}  {where}")
