@@ -88,7 +88,7 @@ class TrainConfig:
     batch_size: int = 256  # per process; the regulariser sees all processes' batches
     micro_batch_size: int | str | None = None  # what the card holds at once (the embedding
     # cache): a number, auto (fitted to the card by the memory estimator) or None (the batch)
-    accumulate_steps: int = 1  # plain gradient accumulation: another objective (see README)
+    accumulate_steps: int = 1  # plain gradient accumulation: another objective (docs/training.md)
     precision: str = "auto"  # auto (bf16 / fp16 / fp32 by device), bf16, fp16, fp32
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl lines

@@ -14,7 +14,7 @@ damaged file and a foreign one are one-line :class:`~lowres_ssl.errors.UserError
 The backbone's state-dict keys are torchvision's ResNet keys without ``fc.*``, so an export in
 ``torchvision`` format is the same dict, saved with ``torch.save``; it loads with
 ``strict=True`` into ``torchvision.models.resnet18()`` after ``model.fc = nn.Identity()`` (and,
-for the CIFAR stem, the 3×3 ``conv1`` and no max-pool; see the README).
+for the CIFAR stem, the 3×3 ``conv1`` and no max-pool; see ``docs/evaluation.md``).
 """
 
 from __future__ import annotations

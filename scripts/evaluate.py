@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """kNN or linear-probe accuracy of a backbone: ``python scripts/evaluate.py knn --checkpoint RUN``.
 
-``--help`` lists the flags; the README's "Evaluate, export, plot" section shows what it prints.
+``--help`` lists the flags; ``docs/evaluation.md`` shows what it prints.
 """
 
 from lowres_ssl.cli import evaluate_main

@@ -2,7 +2,7 @@
 """Supervised fine-tuning on a labeled folder:
 ``accelerate launch scripts/finetune.py --checkpoint runs/NAME --train DIR --val DIR``.
 
-``--help`` lists the flags; the README's "Fine-tuning on your own images" explains the two
+``--help`` lists the flags; ``docs/finetuning.md`` ("Two paths") explains the two
 paths (continued self-supervised training, then supervised fine-tuning).
 """
 

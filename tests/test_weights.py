@@ -64,7 +64,7 @@ def test_torchvision_export_loads_strictly_and_gives_the_same_features(tmp_path,
 
     model = torchvision.models.resnet18(num_classes=10)
     model.fc = torch.nn.Identity()
-    if sidecar["stem"] == "cifar":  # the two lines the README shows
+    if sidecar["stem"] == "cifar":  # the two lines docs/evaluation.md shows
         model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = torch.nn.Identity()
     model.load_state_dict(torch.load(out, weights_only=True), strict=True)

@@ -135,7 +135,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate as ``scripts/evaluate.py`` does; returns the result record (see README)."""
+    """Evaluate as ``scripts/evaluate.py`` does; returns the result record (docs/evaluation.md)."""
     start = time.perf_counter()
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
