@@ -229,7 +229,7 @@ class TimeBudget(Part):
                 self.evaluator.at_end_only()
         self.watch.eval_estimate = eval_s if self.evaluator.evaluation is not None else 0.0
         timings, plan = self.watch.timings(), self.plan(state)
-        self.set_total(state, fit_total_steps(self.budget_s, timings, plan))
+        self.set_total(state, self._same_for_all(fit_total_steps(self.budget_s, timings, plan)))
         if self.accelerator.is_main_process:
             total = state.total_steps
             log.info(choice_line(self.budget_s, total, timings, plan, self.images_per_step))
@@ -248,7 +248,7 @@ class TimeBudget(Part):
             self.set_total(state, total)
 
     def set_total(self, state: State, total: int) -> None:
-        total = self._same_for_all(total)  # the main process's measurement, for all
+        """``total`` is already the main process's (every process sets the same)."""
         state.total_steps = state.progress.total_steps = total
 
     def summary(self, state: State) -> dict[str, float]:
