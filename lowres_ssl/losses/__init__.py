@@ -20,6 +20,7 @@ from .gegenbauer import gegenbauer, gegenbauer_series
 from .kernels import GaussianKernel, PolynomialKernel, RotationInvariantKernel, SFRIKKernel
 from .mmd import choose_path, expected_mmd_uniform, mmd_to_uniform
 from .sfrik import SFRIKLoss, default_lam
+from .views import LAYOUTS, ViewLayout
 
 #: Objective name → class, for configs (``loss.name``).
 OBJECTIVES: dict[str, type[nn.Module]] = {
@@ -46,30 +47,33 @@ def objective_from_settings(
     mmd_path: str = "auto",
     options: dict[str, Any] | None = None,
     q: int | None = None,
+    layout: ViewLayout | None = None,
 ) -> nn.Module:
     """The objective of a config's ``loss`` section (its keys are the arguments): SFRIK with
     λ (unset: :func:`default_lam` of the embedding width ``q``, where given), kernel weights
-    b_1..b_L and MMD path; another objective with ``options`` as its keyword arguments.
-    Settings that cannot work are a one-line :class:`UserError`."""
+    b_1..b_L and MMD path; another objective with ``options`` as its keyword arguments; every
+    objective with the views' ``layout`` (default: two views). Settings that cannot work are a
+    one-line :class:`UserError`."""
     options = options or {}
     official_form = {"sim_coeff", "mmd_coeff"} & set(options)
     if name == "sfrik" and lam is None and q is not None and not official_form:
         lam = default_lam(q)
     try:
         if name != "sfrik":
-            return build_objective(name, **options)
+            return build_objective(name, layout=layout, **options)
         kernel = SFRIKKernel(list(kernel_weights))
         if mmd_path == "moments" and kernel.degree > 2:
             raise ValueError(
                 f"mmd_path moments needs a kernel of degree <= 2, and kernel_weights "
                 f"{list(kernel_weights)} has degree {kernel.degree}; use auto, dense or blocked"
             )
-        return SFRIKLoss(lam, kernel, mmd_path=mmd_path, **options)
+        return SFRIKLoss(lam, kernel, mmd_path=mmd_path, layout=layout, **options)
     except (ValueError, TypeError) as err:
         raise UserError(f"config section loss: {str(err).splitlines()[0]}") from None
 
 
 __all__ = [
+    "LAYOUTS",
     "OBJECTIVES",
     "BarlowTwinsLoss",
     "GaussianKernel",
@@ -80,6 +84,7 @@ __all__ = [
     "SimCLRLoss",
     "UniformityLoss",
     "VICRegLoss",
+    "ViewLayout",
     "build_objective",
     "choose_path",
     "default_lam",

@@ -12,6 +12,13 @@ mean over the samples (VICReg's invariance, the alignment, SimCLR's mean over an
 local. With equal local batches, the mean over processes of the losses is then the
 one-process loss on the concatenated batch, and DistributedDataParallel's averaged gradients
 are its gradients.
+
+**Multi-crop**: each objective takes a ``layout`` (:class:`~lowres_ssl.losses.views.ViewLayout`:
+K views, the anchors, ``reg_small``) and is called with its K views. Pairwise terms are
+averaged over the layout's pairs (anchor a against every other view, averaged over a), per-view
+batch statistics over its regularised views (the anchors, or all with ``reg_small``); each
+class says which of its terms is which. The default layout, two views, gives the published
+two-view formulas exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from torch import Tensor, nn
 
 from .checks import check_views, fp32
 from .distributed import gather_views
+from .views import ViewLayout, mean_over, over_pairs
 
 
 def _check_coeff(name: str, value: float, *, positive: bool = False) -> None:
@@ -38,6 +46,14 @@ def _check_batch(n: int, name: str) -> None:
     """The batch statistics need two samples; ``n`` is the (gathered) batch size."""
     if n < 2:
         raise ValueError(f"{name} needs a batch of at least 2 samples, got {n}")
+
+
+def _sum_times(terms: list[Tensor], factor: float) -> Tensor:
+    """``factor``·Σ terms, summed in order (``t0 + t1`` itself where the factor is 1)."""
+    total = terms[0]
+    for t in terms[1:]:
+        total = total + t
+    return total if factor == 1 else total * factor
 
 
 def _off_diagonal_square_sum(m: Tensor) -> Tensor:
@@ -67,6 +83,9 @@ class VICRegLoss(nn.Module):
     λ = μ = 25, ν = 1 were run, averages the two variance terms and sums the two covariance
     terms. This module follows the code, so its value is the published one.
 
+    Multi-crop: s averaged over the layout's pairs; v the mean over the regularised views,
+    c twice that mean (so that two views keep c(z¹) + c(z²)).
+
     Under torch.distributed, v and c use the embeddings of all processes (n is then the
     global batch size, as with the official code's full gather); s is local.
 
@@ -90,8 +109,10 @@ class VICRegLoss(nn.Module):
         var_coeff: float = 25.0,
         cov_coeff: float = 1.0,
         eps: float = 1e-4,
+        layout: ViewLayout | None = None,
     ):
         super().__init__()
+        self.layout = layout or ViewLayout()
         for name, value in (
             ("inv_coeff", inv_coeff),
             ("var_coeff", var_coeff),
@@ -114,16 +135,18 @@ class VICRegLoss(nn.Module):
         std = torch.sqrt(cov.diagonal() + self.eps)
         return F.relu(1 - std).mean(), _off_diagonal_square_sum(cov) / q
 
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        check_views(z1, z2)
-        with torch.autocast(device_type=z1.device.type, enabled=False):
-            z1, z2 = fp32(z1), fp32(z2)
-            invariance = (z1 - z2).pow(2).mean()
-            all1, all2, _ = gather_views(z1, z2)
-            _check_batch(all1.shape[0], "VICRegLoss")
-            (var1, cov1), (var2, cov2) = (self._variance_covariance(v) for v in (all1, all2))
-            variance = (var1 + var2) / 2
-            covariance = cov1 + cov2
+    def forward(self, *views: Tensor) -> Tensor:
+        check_views(*views)
+        self.layout.check(views, "VICRegLoss")
+        with torch.autocast(device_type=views[0].device.type, enabled=False):
+            z = [fp32(v) for v in views]
+            invariance = over_pairs(self.layout, lambda a, b: (z[a] - z[b]).pow(2).mean())
+            regularised = self.layout.regularised
+            *gathered, _ = gather_views(*(z[v] for v in regularised))
+            _check_batch(gathered[0].shape[0], "VICRegLoss")
+            stats = dict(zip(regularised, map(self._variance_covariance, gathered), strict=True))
+            variance = mean_over(regularised, lambda v: stats[v][0])
+            covariance = _sum_times([stats[v][1] for v in regularised], 2 / len(regularised))
             loss = (
                 self.inv_coeff * invariance
                 + self.var_coeff * variance
@@ -153,6 +176,8 @@ class BarlowTwinsLoss(nn.Module):
 
         L = Σ_i (1 − C_ii)² + λ·Σ_{i≠j} C_ij².
 
+    Multi-crop: L averaged over the layout's pairs (each pair's own C).
+
     Under torch.distributed the means, variances and C use the embeddings of all processes
     (the official code's SyncBatchNorm and all-reduced C), so every process computes the
     loss of the global batch.
@@ -170,8 +195,11 @@ class BarlowTwinsLoss(nn.Module):
     >>> loss = loss_fn(torch.randn(256, 2048), torch.randn(256, 2048))
     """
 
-    def __init__(self, lambda_offdiag: float = 0.0051, eps: float = 1e-5):
+    def __init__(
+        self, lambda_offdiag: float = 0.0051, eps: float = 1e-5, layout: ViewLayout | None = None
+    ):
         super().__init__()
+        self.layout = layout or ViewLayout()
         _check_coeff("lambda_offdiag", lambda_offdiag)
         _check_coeff("eps", eps, positive=True)
         self.lambda_offdiag, self.eps = lambda_offdiag, eps
@@ -181,16 +209,20 @@ class BarlowTwinsLoss(nn.Module):
         centred = z - z.mean(dim=0)
         return centred / torch.sqrt(centred.pow(2).mean(dim=0) + self.eps)
 
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        check_views(z1, z2)
-        with torch.autocast(device_type=z1.device.type, enabled=False):
-            all1, all2, _ = gather_views(fp32(z1), fp32(z2))
-            n = all1.shape[0]
+    def forward(self, *views: Tensor) -> Tensor:
+        check_views(*views)
+        self.layout.check(views, "BarlowTwinsLoss")
+        with torch.autocast(device_type=views[0].device.type, enabled=False):
+            *gathered, _ = gather_views(*(fp32(v) for v in views))
+            n = gathered[0].shape[0]
             _check_batch(n, "BarlowTwinsLoss")
-            s1, s2 = self._standardise(all1), self._standardise(all2)
-            c = s1.T @ s2 / n
-            on_diagonal = (1 - c.diagonal()).pow(2).sum()
-            off_diagonal = _off_diagonal_square_sum(c)
+            used = sorted({v for a, b, _ in self.layout.pairs() for v in (a, b)})
+            s = {v: self._standardise(gathered[v]) for v in used}
+            c = {(a, b): s[a].T @ s[b] / n for a, b, _ in self.layout.pairs()}
+            on_diagonal = over_pairs(
+                self.layout, lambda a, b: (1 - c[a, b].diagonal()).pow(2).sum()
+            )
+            off_diagonal = over_pairs(self.layout, lambda a, b: _off_diagonal_square_sum(c[a, b]))
             loss = on_diagonal + self.lambda_offdiag * off_diagonal
         self.terms = {"on_diagonal": on_diagonal.detach(), "off_diagonal": off_diagonal.detach()}
         return loss
@@ -211,6 +243,9 @@ class UniformityLoss(nn.Module):
 
     ‖ẑ_i − ẑ_j‖² is computed as 2 − 2⟨ẑ_i, ẑ_j⟩ from the Gram matrix (n × n memory) and the
     log of the mean as a logsumexp, stable for any t.
+
+    Multi-crop: the alignment averaged over the layout's pairs, the uniformity over its
+    regularised views.
 
     Under torch.distributed the uniformity uses the embeddings of all processes (n is then
     the global batch size); the alignment is local.
@@ -235,8 +270,10 @@ class UniformityLoss(nn.Module):
         unif_weight: float = 1.0,
         alpha: float = 2.0,
         t: float = 2.0,
+        layout: ViewLayout | None = None,
     ):
         super().__init__()
+        self.layout = layout or ViewLayout()
         _check_coeff("align_weight", align_weight)
         _check_coeff("unif_weight", unif_weight)
         _check_coeff("alpha", alpha, positive=True)
@@ -257,24 +294,27 @@ class UniformityLoss(nn.Module):
         exponent = exponent.masked_fill(diagonal, float("-inf"))
         return torch.logsumexp(exponent.reshape(-1), dim=0) - math.log(n * (n - 1))
 
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        check_views(z1, z2)
-        with torch.autocast(device_type=z1.device.type, enabled=False):
-            z1 = F.normalize(fp32(z1), dim=1)
-            z2 = F.normalize(fp32(z2), dim=1)
-            if self.alpha == 2:
-                alignment = (z1 - z2).pow(2).sum(dim=1).mean()
-            else:
-                # At ẑ¹_i = ẑ²_i, d^α has an infinite (α < 1) or undefined (α = 1) derivative;
-                # the double where gives it the gradient 0 there instead of NaN.
-                distance = torch.linalg.vector_norm(z1 - z2, dim=1)
-                apart = distance > 0
-                safe = torch.where(apart, distance, torch.ones_like(distance))
-                alignment = torch.where(apart, safe.pow(self.alpha), 0.0).mean()
-            all1, all2, _ = gather_views(z1, z2)
-            _check_batch(all1.shape[0], "UniformityLoss")
-            unif1, unif2 = self._uniformity(all1), self._uniformity(all2)
-            uniformity = (unif1 + unif2) / 2
+    def _alignment(self, z1: Tensor, z2: Tensor) -> Tensor:
+        if self.alpha == 2:
+            return (z1 - z2).pow(2).sum(dim=1).mean()
+        # At ẑ¹_i = ẑ²_i, d^α has an infinite (α < 1) or undefined (α = 1) derivative; the
+        # double where gives it the gradient 0 there instead of NaN.
+        distance = torch.linalg.vector_norm(z1 - z2, dim=1)
+        apart = distance > 0
+        safe = torch.where(apart, distance, torch.ones_like(distance))
+        return torch.where(apart, safe.pow(self.alpha), 0.0).mean()
+
+    def forward(self, *views: Tensor) -> Tensor:
+        check_views(*views)
+        self.layout.check(views, "UniformityLoss")
+        with torch.autocast(device_type=views[0].device.type, enabled=False):
+            z = [F.normalize(fp32(v), dim=1) for v in views]
+            alignment = over_pairs(self.layout, lambda a, b: self._alignment(z[a], z[b]))
+            regularised = self.layout.regularised
+            *gathered, _ = gather_views(*(z[v] for v in regularised))
+            _check_batch(gathered[0].shape[0], "UniformityLoss")
+            gathered = dict(zip(regularised, gathered, strict=True))
+            uniformity = mean_over(regularised, lambda v: self._uniformity(gathered[v]))
             loss = self.align_weight * alignment + self.unif_weight * uniformity
         self.terms = {"alignment": alignment.detach(), "uniformity": uniformity.detach()}
         return loss
@@ -299,6 +339,11 @@ class SimCLRLoss(nn.Module):
 
     so each anchor has one positive and 2n − 2 negatives, and both views serve as anchors.
 
+    Multi-crop, the official code's multi-view NCE: the K·n embeddings of K views; for each
+    layout anchor c, every row of every other view v has its positive at the same image in view
+    c and its negatives at the other images in every view (the same image's other views are
+    left out); L is the mean over all such (row, c). Two views are the formula above.
+
     Under torch.distributed the anchors are this process's 2n embeddings and the candidates b
     are the 2N embeddings of all processes (2N − 2 negatives), as in SimCLR's cross-replica
     version.
@@ -315,33 +360,39 @@ class SimCLRLoss(nn.Module):
     >>> loss = loss_fn(torch.randn(256, 128), torch.randn(256, 128))
     """
 
-    def __init__(self, temperature: float = 0.2):
+    def __init__(self, temperature: float = 0.2, layout: ViewLayout | None = None):
         super().__init__()
+        self.layout = layout or ViewLayout()
         _check_coeff("temperature", temperature, positive=True)
         self.temperature = temperature
         self.terms: dict[str, Tensor] = {}
 
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        check_views(z1, z2)
-        n = z1.shape[0]
-        with torch.autocast(device_type=z1.device.type, enabled=False):
-            z1 = F.normalize(fp32(z1), dim=1)
-            z2 = F.normalize(fp32(z2), dim=1)
-            all1, all2, offset = gather_views(z1, z2)
-            total = all1.shape[0]
+    def forward(self, *views: Tensor) -> Tensor:
+        check_views(*views)
+        self.layout.check(views, "SimCLRLoss")
+        n, device = views[0].shape[0], views[0].device
+        with torch.autocast(device_type=device.type, enabled=False):
+            z = [F.normalize(fp32(v), dim=1) for v in views]
+            *gathered, offset = gather_views(*z)
+            total = gathered[0].shape[0]
             _check_batch(total, "SimCLRLoss")
-            candidates = torch.cat([all1, all2])  # (2N, q): all views 1, then all views 2
-            anchors = torch.cat([z1, z2])  # (2n, q)
-            logits = anchors @ candidates.T / self.temperature  # (2n, 2N)
-            rows = torch.arange(n, device=z1.device) + offset
-            itself = torch.cat([rows, rows + total])
-            positive = torch.cat([rows + total, rows])
-            anchor_index = torch.arange(2 * n, device=z1.device)
-            is_self = torch.zeros_like(logits, dtype=torch.bool)
-            is_self[anchor_index, itself] = True
-            logits = logits.masked_fill(is_self, float("-inf"))
+            candidates = torch.cat(gathered)  # (K·N, q): all of view 0, then view 1, …
+            pairs = self.layout.positives()  # (row view v, positive view c)
+            anchors = torch.cat([z[v] for v, _ in pairs])  # (P·n, q)
+            logits = anchors @ candidates.T / self.temperature  # (P·n, K·N)
+            rows = torch.arange(n, device=device) + offset
+            left_out = torch.zeros_like(logits, dtype=torch.bool)
+            for i, (_, c) in enumerate(pairs):
+                block = torch.arange(i * n, (i + 1) * n, device=device)
+                for w in range(len(z)):
+                    if w != c:  # the same image in a view other than the positive's
+                        left_out[block, rows + w * total] = True
+            logits = logits.masked_fill(left_out, float("-inf"))
+            positive = torch.cat([rows + c * total for _, c in pairs])
             loss = F.cross_entropy(logits, positive)
-            positive_similarity = (z1 * z2).sum(dim=1).mean()
+            positive_similarity = over_pairs(
+                self.layout, lambda a, b: (z[a] * z[b]).sum(dim=1).mean()
+            )
         self.terms = {
             "nt_xent": loss.detach(),
             "positive_similarity": positive_similarity.detach(),

@@ -6,15 +6,17 @@ import torch
 from torch import Tensor
 
 
-def check_views(z1: Tensor, z2: Tensor) -> None:
-    """The two views' projector outputs must be floating (n, q) tensors of the same shape."""
-    if z1.dim() != 2 or z1.shape != z2.shape:
+def check_views(*views: Tensor) -> None:
+    """The views' projector outputs must be floating (n, q) tensors of one shape, two or more."""
+    shapes = [tuple(v.shape) for v in views]
+    if len(views) < 2 or views[0].dim() != 2 or len(set(shapes)) != 1:
         raise ValueError(
-            "expected the two views' embeddings as two (n, q) tensors of the same shape, "
-            f"got {tuple(z1.shape)} and {tuple(z2.shape)}"
+            "expected the views' embeddings as two or more (n, q) tensors of the same shape, "
+            f"got {', '.join(map(str, shapes)) or 'none'}"
         )
-    if not (z1.is_floating_point() and z2.is_floating_point()):
-        raise TypeError(f"embeddings must be floating-point tensors, got {z1.dtype}, {z2.dtype}")
+    if not all(v.is_floating_point() for v in views):
+        dtypes = ", ".join(str(v.dtype) for v in views)
+        raise TypeError(f"embeddings must be floating-point tensors, got {dtypes}")
 
 
 def fp32(z: Tensor) -> Tensor:

@@ -42,17 +42,16 @@ def gather_with_offset(x: Tensor) -> tuple[Tensor, int]:
     return _GatherWithGrad.apply(x, counts), sum(counts[: dist.get_rank()])
 
 
-def gather_views(z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Both views' (n_r × q) embeddings from every process, in one collective.
+def gather_views(*views: Tensor) -> tuple[Tensor, ...]:
+    """Every view's (n_r × q) embeddings from every process, in one collective.
 
-    Returns (all of view 1, all of view 2, index of this process's first row in them); with one
-    process, ``(z1, z2, 0)`` with no copy.
+    Returns (all of view 1, all of view 2, …, index of this process's first row in them); with
+    one process, the views themselves and 0, with no copy. The views share n_r.
     """
     if world_size() == 1:
-        return z1, z2, 0
-    both, offset = gather_with_offset(torch.cat([z1, z2], dim=1))
-    all1, all2 = both.split(z1.shape[1], dim=1)
-    return all1, all2, offset
+        return (*views, 0)
+    both, offset = gather_with_offset(torch.cat(views, dim=1))
+    return (*both.split([v.shape[1] for v in views], dim=1), offset)
 
 
 class _GatherWithGrad(torch.autograd.Function):

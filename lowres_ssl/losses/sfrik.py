@@ -12,6 +12,7 @@ from .checks import check_views, fp32
 from .distributed import gather_views
 from .kernels import RotationInvariantKernel, SFRIKKernel
 from .mmd import mmd_to_uniform
+from .views import ViewLayout, mean_over, over_pairs
 
 
 class SFRIKLoss(nn.Module):
@@ -27,8 +28,15 @@ class SFRIKLoss(nn.Module):
     with q (4000 at q = 8192, 40000 at q = 32768), so λ does change with q:
     :func:`default_lam` follows them.
 
+    **Multi-crop** (``layout``, :mod:`lowres_ssl.losses.views`): with K views and anchors A, the
+    invariance is the mean over the anchors a of the mean over the other views v of
+    (1/n)·Σ_i ‖ẑᵃ_i − ẑᵛ_i‖², and the MMD term the mean of MMD²(ẑᵛ, U) over the anchors (over
+    every view with ``reg_small``): the official code's SwAV and OBoW forms. The default layout
+    is two views, both anchors: the formula above.
+
     Under torch.distributed the MMD uses the embeddings of all processes (see
-    :mod:`lowres_ssl.losses.distributed`); the invariance term is local.
+    :mod:`lowres_ssl.losses.distributed`; one collective for all regularised views); the
+    invariance term is local.
 
     Args:
         lam: λ (default 8192/4000 = 2.048, the paper's q = 8192, sim = 4000; the trainer
@@ -36,10 +44,12 @@ class SFRIKLoss(nn.Module):
         kernel: the kernel (default ``SFRIKKernel((1, 40, 40))``).
         sim_coeff, mmd_coeff: the official code's coefficients, instead of ``lam``.
         mmd_path, block_size: passed to :func:`mmd_to_uniform`.
+        layout: the views and anchors (default: two views).
 
-    Shapes: z1, z2 (n, q) raw projector outputs (any float dtype) → scalar float32 loss.
-    After each call, ``self.terms`` holds the detached ``invariance`` and ``mmd`` terms
-    (``mmd`` is (MMD²(ẑ¹) + MMD²(ẑ²))/2).
+    Shapes: ``loss_fn(z1, z2, *crops)``, each (n, q) raw projector outputs (any float dtype),
+    as many as the layout's views → scalar float32 loss. After each call, ``self.terms`` holds
+    the detached ``invariance`` and ``mmd`` terms (``mmd`` is (MMD²(ẑ¹) + MMD²(ẑ²))/2 at two
+    views).
 
     >>> loss_fn = SFRIKLoss()
     >>> loss = loss_fn(torch.randn(256, 8192), torch.randn(256, 8192))
@@ -54,6 +64,7 @@ class SFRIKLoss(nn.Module):
         mmd_coeff: float | None = None,
         mmd_path: str = "auto",
         block_size: int | None = None,
+        layout: ViewLayout | None = None,
     ):
         super().__init__()
         official = sim_coeff is not None or mmd_coeff is not None
@@ -70,24 +81,26 @@ class SFRIKLoss(nn.Module):
         self.lam, self.sim_coeff, self.mmd_coeff = lam, sim_coeff, mmd_coeff
         self.kernel = kernel if kernel is not None else SFRIKKernel()
         self.mmd_path, self.block_size = mmd_path, block_size
+        self.layout = layout or ViewLayout()
         self.terms: dict[str, Tensor] = {}
 
-    def forward(self, z1: Tensor, z2: Tensor) -> Tensor:
-        check_views(z1, z2)
-        with torch.autocast(device_type=z1.device.type, enabled=False):
-            z1 = F.normalize(fp32(z1), dim=1)
-            z2 = F.normalize(fp32(z2), dim=1)
-            invariance = (z1 - z2).pow(2).sum(dim=1).mean()
-            all1, all2, _ = gather_views(z1, z2)
-            mmd1, mmd2 = (
-                mmd_to_uniform(view, self.kernel, self.mmd_path, self.block_size)
-                for view in (all1, all2)
+    def forward(self, *views: Tensor) -> Tensor:
+        check_views(*views)
+        self.layout.check(views, "SFRIKLoss")
+        with torch.autocast(device_type=views[0].device.type, enabled=False):
+            z = [F.normalize(fp32(v), dim=1) for v in views]
+            invariance = over_pairs(self.layout, lambda a, b: (z[a] - z[b]).pow(2).sum(1).mean())
+            regularised = self.layout.regularised
+            *gathered, _ = gather_views(*(z[v] for v in regularised))
+            gathered = dict(zip(regularised, gathered, strict=True))
+            mmd = mean_over(
+                regularised,
+                lambda v: mmd_to_uniform(gathered[v], self.kernel, self.mmd_path, self.block_size),
             )
-            mmd = (mmd1 + mmd2) / 2
             if self.lam is not None:
                 loss = invariance + self.lam * mmd
             else:
-                loss = (self.sim_coeff / z1.shape[1]) * invariance + self.mmd_coeff * mmd
+                loss = (self.sim_coeff / z[0].shape[1]) * invariance + self.mmd_coeff * mmd
         self.terms = {"invariance": invariance.detach(), "mmd": mmd.detach()}
         return loss
 
