@@ -1,7 +1,9 @@
-"""Batched two-view (plus optional multi-crop) augmentation on the training device.
+"""Batched two-view and multi-crop augmentation on the training device.
 
-The loader hands over a uint8 batch ``(B, 3, H, W)`` already on the GPU; :class:`TwoViewAugment`
-turns it into normalised float views ``[view1, view2, *small_crops]``, each ``(B, 3, size, size)``.
+The loader hands over a uint8 batch ``(B, 3, H, W)`` already on the GPU; :class:`ViewAugment`
+turns it into normalised float views ``[view1, view2, *small_crops]``, each ``(B, 3, side, side)``
+(multi-crop: more large views, small crops at a smaller side, or OBoW's unaugmented original
+first; see :class:`ViewAugment`).
 Every image gets its own crop, flip, jitter factors, jitter order, grayscale/blur/solarize coin
 flips and blur sigma: there is no Python loop over samples, and nothing is shared by the batch.
 
@@ -36,7 +38,7 @@ sigma, separable, reflect border). The hue shift is :func:`adjust_hue`:
 takes 2.5x the CPU time (it builds the HSV image and converts back).
 
 Randomness: every parameter is drawn on the **CPU**, from the global torch RNG (or the CPU
-``torch.Generator`` given to :meth:`TwoViewAugment.forward`), a fixed number of draws per view.
+``torch.Generator`` given to :meth:`ViewAugment.forward`), a fixed number of draws per view.
 ``torch.manual_seed(s)`` therefore makes the views reproducible, the same seed gives the same
 parameters on CPU and CUDA, and an exact resume needs ``torch.get_rng_state()`` only (no CUDA RNG
 state). Sampling on the host also means that choosing "which images?" costs no device sync.
@@ -157,6 +159,16 @@ class Recipe:
 _VICREG_VIEW1 = ViewSpec(blur_p=1.0, solarize_p=0.0)
 _VICREG_VIEW2 = ViewSpec(blur_p=0.1, solarize_p=0.2)
 _AUH_VIEW = ViewSpec(jitter_p=1.0, saturation=0.4, hue=0.4, blur_p=0.0, solarize_p=0.0)
+#: OBoW's "original" view: the whole image (a centred square where it is not square), flipped
+#: or not, nothing else.
+ORIGINAL_VIEW = ViewSpec(
+    scale=(1.0, 1.0),
+    ratio=(1.0, 1.0),
+    jitter_p=0.0,
+    gray_p=0.0,
+    blur_p=0.0,
+    solarize_p=0.0,
+)
 _SUPERVISED_VIEW = ViewSpec(
     scale=(0.35, 1.0),
     jitter_p=0.8,
@@ -229,14 +241,14 @@ class ViewParams:
 class PlannedViews:
     """The views of one batch with their parameters drawn but not yet computed.
 
-    Made by :meth:`TwoViewAugment.plan`; holds the uint8 images and the parameters (a few
+    Made by :meth:`ViewAugment.plan`; holds the uint8 images and the parameters (a few
     bytes per image). ``take()`` computes every view, ``take(part, count)`` the first ``count``
     views of the images ``part`` (a slice). Computing a part twice gives the same tensors: the
     ops are deterministic given their parameters.
     """
 
     def __init__(
-        self, augment: TwoViewAugment, images: torch.Tensor, params: list[ViewParams]
+        self, augment: ViewAugment, images: torch.Tensor, params: list[ViewParams]
     ) -> None:
         self.augment, self.images, self.params = augment, images, params
 
@@ -414,20 +426,29 @@ def color_jitter(
     return x
 
 
-class TwoViewAugment(nn.Module):
-    """uint8 ``(B, 3, H, W)`` → ``[view1, view2, *small_crops]``, each ``(B, 3, s, s)``, normalised.
+class ViewAugment(nn.Module):
+    """uint8 ``(B, 3, H, W)`` → the views of a two-view or multi-crop step, normalised.
+
+    The views, in order: with ``original``, OBoW's unaugmented whole image (:data:`ORIGINAL_VIEW`)
+    at ``size``; ``num_large`` large views at ``size`` (view1's pipeline, view2's, view1's, …);
+    ``num_small_crops`` small crops at ``small_size`` (view 2's pipeline). The default is the
+    two views of the recipe.
 
     Args:
         recipe: the per-view pipelines (:data:`RECIPES` holds the named ones).
-        size: side ``s`` of views 1 and 2, in pixels (an int >= 8).
+        size: side ``s`` of the large views (and the original), in pixels (an int >= 8).
         mean, std: per-channel normalisation ``(x - mean) / std`` of the [0, 1] values, ImageNet's
             by default; ``mean=None`` skips it (``std`` is then ignored): views stay in [0, 1].
-        num_small_crops: extra multi-crop views (default 0). They use view 2's pipeline (its
+        num_large: large views (default 2).
+        large_scale: their crop area fraction; default the recipe's ((0.08, 1) for the named
+            ones). SwAV's multi-crop takes (0.14, 1), leaving the smaller areas to small crops.
+        num_small_crops: small multi-crop views (default 0). They use view 2's pipeline (its
             jitter, grayscale, blur and solarize probabilities) with ``small_scale`` as crop scale.
         small_size: their side; default ``max(8, round(size * 96 / 224))``, the 96 / 224 ratio of
             SwAV and DINO (14 px at size 32, 41 at 96, 96 at 224).
         small_scale: their crop area fraction, default (0.05, 0.14): SwAV's local crops, which
             sit below its (0.14, 1) global ones (DINO uses (0.05, 0.4)).
+        original: OBoW's layout: the whole image first (the objective's anchor).
         out_dtype: dtype of the views: float32, bfloat16 or float16. The augmentations run in
             float32 (autocast off) and are cast once at the end.
         channels_last: return the views in ``torch.channels_last`` memory format.
@@ -436,6 +457,7 @@ class TwoViewAugment(nn.Module):
     would be a device sync), e.g. for already-decoded images. Other dtypes (float64, float16,
     integer) are rejected rather than silently converted. The input need not be square; the views
     are. After each call :attr:`last_params` holds one :class:`ViewParams` per returned view.
+    :attr:`groups` says which views a step runs through the network together.
     """
 
     last_params: list[ViewParams] | None
@@ -447,9 +469,12 @@ class TwoViewAugment(nn.Module):
         *,
         mean: Sequence[float] | None = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        num_large: int = 2,
+        large_scale: tuple[float, float] | None = None,
         num_small_crops: int = 0,
         small_size: int | None = None,
         small_scale: tuple[float, float] = (0.05, 0.14),
+        original: bool = False,
         out_dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
     ) -> None:
@@ -458,27 +483,33 @@ class TwoViewAugment(nn.Module):
             choices = ", ".join(RECIPES)
             raise UserError(f"recipe must be a Recipe or one of {choices}, got {recipe!r}")
         size = _check_size("size", size)
-        if type(num_small_crops) is not int or num_small_crops < 0:  # bool is not a count
-            raise UserError(f"num_small_crops must be an int >= 0, got {num_small_crops!r}")
+        _check_count("num_large", num_large)
+        _check_count("num_small_crops", num_small_crops)
         if small_size is None:
             small_size = max(MIN_SIZE, round(size * 96 / 224))
         small_size = _check_size("small_size", small_size)
         if out_dtype not in OUT_DTYPES:
             choices = ", ".join(OUT_DTYPES.values())
             raise UserError(f"out_dtype must be one of {choices}, got {out_dtype}")
-        small_spec = dataclasses.replace(
-            recipe.view2, scale=_check_pair("small_scale", small_scale, 1.0)
-        )
 
         self.recipe = recipe
         self.size = size
         self.small_size = small_size
+        self.num_large = num_large
         self.num_small_crops = num_small_crops
+        self.original = original
         self.out_dtype = out_dtype
         self.channels_last = channels_last
         #: (pipeline, side) of each returned view.
-        self.views: list[tuple[ViewSpec, int]] = [(recipe.view1, size), (recipe.view2, size)]
+        self.views = _view_list(recipe, size, num_large, large_scale, original)
+        small_spec = dataclasses.replace(
+            recipe.view2, scale=_check_pair("small_scale", small_scale, 1.0)
+        )
         self.views += [(small_spec, small_size)] * num_small_crops
+        if len(self.views) < 1:
+            raise UserError("the augmentation makes no view: ask for large views or small crops")
+        #: Views run through the network together (:func:`forward_groups`).
+        self.groups = forward_groups([side for _, side in self.views])
         for spec, side in self.views:
             # Reflect padding needs the blur radius below the view side.
             if spec.blur_p > 0 and spec.blur_kernel // 2 >= side:
@@ -500,6 +531,7 @@ class TwoViewAugment(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"recipe={self.recipe.name!r}, size={self.size}, "
+            f"original={self.original}, num_large={self.num_large}, "
             f"num_small_crops={self.num_small_crops}, small_size={self.small_size}, "
             f"normalize={self.normalize}, out_dtype={OUT_DTYPES[self.out_dtype]}, "
             f"channels_last={self.channels_last}"
@@ -508,7 +540,7 @@ class TwoViewAugment(nn.Module):
     def forward(
         self, images: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> list[torch.Tensor]:
-        """uint8 ``(B, 3, H, W)`` (or float32 in [0, 1]) → ``2 + num_small_crops`` views.
+        """uint8 ``(B, 3, H, W)`` (or float32 in [0, 1]) → every view (the class docstring).
 
         Views are ``(B, 3, size, size)``, then ``(B, 3, small_size, small_size)``, in
         ``out_dtype`` on the input's device. ``generator``: a CPU ``torch.Generator`` to draw the
@@ -601,6 +633,42 @@ class TwoViewAugment(nn.Module):
         return v.to(dtype=self.out_dtype, memory_format=fmt)
 
 
+def forward_groups(sides: Sequence[int]) -> list[list[int]]:
+    """Which views a step runs through the network in one pass, from their sides: each view
+    at the first view's side on its own (as the two-view step always has: BatchNorm sees each
+    large view alone), and each run of smaller views of one side together (the small crops:
+    one pass of ``count × batch`` images instead of ``count`` small ones)."""
+    groups: list[list[int]] = []
+    for i, side in enumerate(sides):
+        joins = groups and side < sides[0] and sides[groups[-1][-1]] == side
+        if joins:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _view_list(
+    recipe: Recipe,
+    size: int,
+    num_large: int,
+    large_scale: tuple[float, float] | None,
+    original: bool,
+) -> list[tuple[ViewSpec, int]]:
+    """(pipeline, side) of the original (OBoW) and the large views: view1's, view2's, …"""
+    specs = [recipe.view1, recipe.view2]
+    if large_scale is not None:
+        scale = _check_pair("large_scale", large_scale, 1.0)
+        specs = [dataclasses.replace(spec, scale=scale) for spec in specs]
+    views = [(ORIGINAL_VIEW, size)] if original else []
+    return views + [(specs[i % 2], size) for i in range(num_large)]
+
+
+def _check_count(name: str, count: object) -> None:
+    if type(count) is not int or count < 0:  # bool is not a count
+        raise UserError(f"{name} must be an int >= 0, got {count!r}")
+
+
 def _check_size(name: str, size: object) -> int:
     if type(size) is not int or size < MIN_SIZE:  # rejects bool and float too
         raise UserError(f"{name} must be an int >= {MIN_SIZE} (pixels), got {size!r}")
@@ -617,32 +685,35 @@ def _check_images(images: object) -> None:
         raise ValueError(f"images must be uint8 or float32 in [0, 1], got {images.dtype}")
 
 
-def build_augment(recipe: str | Recipe, size: int, **kwargs: Any) -> TwoViewAugment:
-    """:class:`TwoViewAugment` for a recipe name in :data:`RECIPES`, or a :class:`Recipe`.
+def build_augment(recipe: str | Recipe, size: int, **kwargs: Any) -> ViewAugment:
+    """:class:`ViewAugment` for a recipe name in :data:`RECIPES`, or a :class:`Recipe`.
 
-    ``kwargs`` go to :class:`TwoViewAugment`: ``mean``, ``std``, ``num_small_crops``,
-    ``small_size``, ``small_scale``, ``out_dtype``, ``channels_last``.
+    ``kwargs`` go to :class:`ViewAugment`: ``mean``, ``std``, ``num_large``, ``large_scale``,
+    ``num_small_crops``, ``small_size``, ``small_scale``, ``original``, ``out_dtype``,
+    ``channels_last``.
     """
     if isinstance(recipe, str):
         if recipe not in RECIPES:
             choices = ", ".join(RECIPES)
             raise UserError(f"unknown augmentation recipe {recipe!r}; choose one of {choices}")
         recipe = RECIPES[recipe]
-    return TwoViewAugment(recipe, size, **kwargs)
+    return ViewAugment(recipe, size, **kwargs)
 
 
 __all__ = [
     "GRAY_WEIGHTS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ORIGINAL_VIEW",
     "RECIPES",
     "PlannedViews",
     "Recipe",
-    "TwoViewAugment",
+    "ViewAugment",
     "ViewParams",
     "ViewSpec",
     "adjust_hue",
     "build_augment",
     "color_jitter",
+    "forward_groups",
     "rgb_to_gray",
 ]

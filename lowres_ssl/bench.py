@@ -401,7 +401,7 @@ def step_rig(setting, *, load_side: int | None = None, seed: int = 0) -> StepRig
 
     from lowres_ssl.augment import build_augment
     from lowres_ssl.device import MIXED_DTYPES, card_memory_gib, cuda_mixed_precision
-    from lowres_ssl.engine.steps import embedding_cache_step, two_view_step
+    from lowres_ssl.engine.steps import embedding_cache_step, one_pass_step
     from lowres_ssl.losses import objective_from_settings
     from lowres_ssl.models import build_model
     from lowres_ssl.optim import build_optimizer
@@ -432,7 +432,7 @@ def step_rig(setting, *, load_side: int | None = None, seed: int = 0) -> StepRig
     g = torch.Generator().manual_seed(seed + 1)
     side = load_side or s.load_size
     images = torch.randint(0, 256, (s.batch_size, 3, side, side), dtype=torch.uint8, generator=g)
-    step = two_view_step
+    step = one_pass_step
     if s.micro < s.batch_size:
         step = functools.partial(embedding_cache_step, micro_batch_size=s.micro)
     return StepRig(s, accelerator, model, optimizer, objective, augment, images.to(device), g, step)

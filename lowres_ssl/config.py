@@ -25,6 +25,31 @@ from lowres_ssl.errors import UserError
 
 
 @dataclass
+class ViewsConfig:
+    """The views of a training step: two, or multi-crop (``docs/training.md#multi-crop-views``)."""
+
+    layout: str = "swav"  # swav: the large views are the anchors; obow: the whole image first
+    large: int = 2  # large views at the view size (obow: crops besides the whole image)
+    small: int | str = "auto"  # small crops; auto: photo_small for photos, none for small images
+    photo_small: int = 0  # small: auto on photos (views over 64 px)
+    small_size: int | None = None  # px; None: half the view size
+    large_scale: list[float] | None = None  # crop area; None: the recipe's, (0.14, 1) with crops
+    small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
+
+    @property
+    def small_crops(self) -> int:
+        """The number of small crops (``small`` must be resolved: see ``lowres_ssl.fit``)."""
+        if not isinstance(self.small, int):
+            raise ValueError("data.views.small is still 'auto': resolve it first (lowres_ssl.fit)")
+        return self.small
+
+    @property
+    def count(self) -> int:
+        """Every view of a step: the whole image (obow), the large views, the small crops."""
+        return (self.layout == "obow") + self.large + self.small_crops
+
+
+@dataclass
 class DataConfig:
     """Where the images come from and how they become views (see ``lowres_ssl.data``)."""
 
@@ -41,6 +66,7 @@ class DataConfig:
     recipe: str = (
         "auto"  # augmentation: vicreg, auh, cifar; auto: cifar for small images, else vicreg
     )
+    views: ViewsConfig = field(default_factory=ViewsConfig)
 
     @property
     def view_size(self) -> int:
@@ -65,6 +91,7 @@ class LossConfig:
     lam: float | None = None  # SFRIK's λ; None: follows q as the official recipes (q/4000 to 8192)
     kernel_weights: list[float] = field(default_factory=lambda: [1.0, 40.0, 40.0])  # b_1..b_L
     mmd_path: str = "auto"  # auto, dense, blocked, moments
+    reg_small: bool = False  # multi-crop: the regulariser on every view, not the anchors only
     options: dict[str, Any] = field(default_factory=dict)  # other keyword arguments
 
 
@@ -302,12 +329,13 @@ def _positive(key: str, value: float | int | None, *, allow_zero: bool = False) 
         raise UserError(f"config key {key} must be {bound}, got {value}")
 
 
-def _positive_or_auto(key: str, value: int | str | None) -> None:
+def _positive_or_auto(key: str, value: int | str | None, *, allow_zero: bool = False) -> None:
     if isinstance(value, str):
         if value != "auto":
-            raise UserError(f"config key {key} must be a positive integer or auto, got {value!r}")
+            kind = "an integer >= 0" if allow_zero else "a positive integer"
+            raise UserError(f"config key {key} must be {kind} or auto, got {value!r}")
         return
-    _positive(key, value)
+    _positive(key, value, allow_zero=allow_zero)
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -329,6 +357,7 @@ def validate(cfg: Config) -> Config:
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.image_size", d.image_size)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _validate_views(d.views)
     if d.path.lower() in DATASETS:
         if d.split not in DATASETS[d.path.lower()]:
             _choice("data.split", d.split, DATASETS[d.path.lower()])
@@ -381,6 +410,35 @@ def validate(cfg: Config) -> Config:
     _validate_eval(cfg)
     _validate_finetune(cfg)
     return cfg
+
+
+def _validate_views(v: ViewsConfig) -> None:
+    from lowres_ssl.losses import LAYOUTS
+
+    _choice("data.views.layout", v.layout, LAYOUTS)
+    _positive("data.views.large", v.large, allow_zero=True)
+    _positive_or_auto("data.views.small", v.small, allow_zero=True)
+    _positive("data.views.photo_small", v.photo_small, allow_zero=True)
+    _positive("data.views.small_size", v.small_size)
+    for key in ("large_scale", "small_scale"):
+        scale = getattr(v, key)
+        if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
+            raise UserError(
+                f"config key data.views.{key} must be [low, high] with 0 < low <= high <= 1, "
+                f"got {scale}"
+            )
+    if v.layout == "swav" and v.large < 1:
+        raise UserError(
+            "config key data.views.large must be >= 1 with layout swav: the large views are "
+            "the anchors the others are compared with"
+        )
+    smallest = {"swav": v.large, "obow": 1 + v.large}[v.layout]
+    small = v.small if isinstance(v.small, int) else v.photo_small
+    if smallest + small < 2:
+        raise UserError(
+            f"data.views with layout {v.layout}, large {v.large} and small {v.small} make fewer "
+            "than two views; add large views or small crops"
+        )
 
 
 def _validate_finetune(cfg: Config) -> None:

@@ -41,6 +41,9 @@ def keep_saved(cfg: Config, saved: dict[str, Any]) -> Config:
         cfg = _replace(cfg, "data", load_size=data["load_size"])
     if cfg.data.recipe == "auto" and data.get("recipe", "auto") != "auto":
         cfg = _replace(cfg, "data", recipe=data["recipe"])
+    small = data.get("views", {}).get("small", "auto")
+    if cfg.data.views.small == "auto" and isinstance(small, int):
+        cfg = _replace(cfg, "data", views=dataclasses.replace(cfg.data.views, small=small))
     micro = saved.get("train", {}).get("micro_batch_size", "auto")
     if cfg.train.micro_batch_size == "auto" and micro != "auto":
         cfg = _replace(cfg, "train", micro_batch_size=micro)
@@ -48,8 +51,10 @@ def keep_saved(cfg: Config, saved: dict[str, Any]) -> Config:
 
 
 def resolve_view_size(cfg: Config) -> tuple[Config, str | None]:
-    """``data.load_size: auto`` chosen from the images, and ``data.recipe: auto`` from the view
-    size (``cifar`` up to 64 px, ``vicreg`` above); (config, the line saying so)."""
+    """``data.load_size: auto`` chosen from the images, and ``data.recipe: auto`` and
+    ``data.views.small: auto`` from the view size (up to 64 px: ``cifar`` and no small crops;
+    above, photos: ``vicreg`` and ``data.views.photo_small`` crops); (config, the line saying
+    so)."""
     from lowres_ssl.data.sizes import SMALL_MAX, choose_view_size
 
     note = None
@@ -57,8 +62,13 @@ def resolve_view_size(cfg: Config) -> tuple[Config, str | None]:
         choice = choose_view_size(cfg.data.path, cfg.data.photo_size)
         cfg = _replace(cfg, "data", load_size=choice.size)
         note = f"data: {choice}"
+    photos = cfg.data.view_size > SMALL_MAX
     if cfg.data.recipe == "auto":
-        cfg = _replace(cfg, "data", recipe="cifar" if cfg.data.view_size <= SMALL_MAX else "vicreg")
+        cfg = _replace(cfg, "data", recipe="vicreg" if photos else "cifar")
+    views = cfg.data.views
+    if views.small == "auto":
+        small = views.photo_small if photos else 0
+        cfg = _replace(cfg, "data", views=dataclasses.replace(views, small=small))
     return cfg, note
 
 

@@ -1,4 +1,4 @@
-"""TwoViewAugment: recipe statistics, torchvision equivalence, shapes/dtypes and input checks.
+"""ViewAugment: recipe statistics, torchvision equivalence, shapes/dtypes and input checks.
 
 Statistical tolerances are at least 4 standard errors (binomial: sqrt(p (1 - p) / n)), so each
 check would fail for a random seed with probability < 1e-4; the seeds are fixed anyway. Numerical
@@ -18,7 +18,7 @@ from lowres_ssl.augment import (
     IMAGENET_STD,
     RECIPES,
     Recipe,
-    TwoViewAugment,
+    ViewAugment,
     ViewSpec,
     adjust_hue,
     build_augment,
@@ -214,7 +214,7 @@ def test_pipeline_replays_with_torchvision():
         scale=(1.0, 1.0), ratio=(1.0, 1.0), saturation=0.4, hue=0.4, gray_p=0.3, blur_p=0.5,
         solarize_p=0.5,
     )  # fmt: skip
-    aug = TwoViewAugment(Recipe("replay", spec, spec), 16, mean=None)
+    aug = ViewAugment(Recipe("replay", spec, spec), 16, mean=None)
     batch = torch.stack([natural_image(16, 16, seed=s) for s in range(24)])
     torch.manual_seed(7)
     views = aug(batch)
@@ -248,7 +248,7 @@ def test_crop_resize_flip_matches_torchvision_resized_crop():
     """
     spec = ViewSpec(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
     side = 24
-    aug = TwoViewAugment(Recipe("geometry", spec, spec), side, mean=None)
+    aug = ViewAugment(Recipe("geometry", spec, spec), side, mean=None)
     batch = torch.stack([natural_image(32, 40, seed=s) for s in range(16)])  # not square
     torch.manual_seed(11)
     v1, _ = aug(batch)
@@ -273,7 +273,7 @@ def test_crop_without_resize_is_an_exact_copy():
     spec = ViewSpec(
         scale=(0.25, 0.25), ratio=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0
     )
-    aug = TwoViewAugment(Recipe("copy", spec, spec), 16, mean=None)
+    aug = ViewAugment(Recipe("copy", spec, spec), 16, mean=None)
     batch = torch.stack([natural_image(32, 32, seed=s) for s in range(8)])
     torch.manual_seed(2)
     v1, _ = aug(batch)
@@ -305,7 +305,7 @@ def test_shapes_dtype_layout(dtype, channels_last):
 @pytest.mark.parametrize("mode", ["bicubic", "nearest"])
 def test_other_interpolations(mode):
     recipe = Recipe("x", RECIPES["vicreg"].view1, RECIPES["vicreg"].view2, interpolation=mode)
-    views = TwoViewAugment(recipe, 24, mean=None)(colourful_batch(8, 32))
+    views = ViewAugment(recipe, 24, mean=None)(colourful_batch(8, 32))
     assert all(v.shape == (8, 3, 24, 24) and v.min() >= 0 and v.max() <= 1 for v in views)
 
 
@@ -432,11 +432,9 @@ def test_recipes_as_specified():
         (lambda: ViewSpec(hue=0.6), r"hue must be in \[0, 0.5\]"),
         (lambda: ViewSpec(scale=(0.0, 1.0)), "scale must be"),
         (lambda: Recipe("x", ViewSpec(), ViewSpec(), "area"), "bilinear, bicubic, nearest"),
-        (lambda: TwoViewAugment("vicreg", 32), "must be a Recipe or one of vicreg, auh, cifar"),
+        (lambda: ViewAugment("vicreg", 32), "must be a Recipe or one of vicreg, auh, cifar"),
         (
-            lambda: TwoViewAugment(
-                Recipe("x", ViewSpec(blur_p=1, blur_sigma=(1, 3)), ViewSpec()), 9
-            ),
+            lambda: ViewAugment(Recipe("x", ViewSpec(blur_p=1, blur_sigma=(1, 3)), ViewSpec()), 9),
             "blur sigma up to 3 needs views over 9 px",
         ),
     ],

@@ -1,13 +1,16 @@
 """One optimizer step, as a unit the training loop calls: views in, the global loss out.
 
 A step function is called as ``step(model, objective, views, accelerator=…, optimizer=…)`` and
-returns a :class:`StepResult`: the plain two-view step, the embedding cache (the full-batch
-regulariser with the network in micro-batches) and plain gradient accumulation (another
-objective for batch-statistic losses).
+returns a :class:`StepResult`: the plain step (every view in one pass), the embedding cache
+(the full-batch regulariser with the network in micro-batches) and plain gradient accumulation
+(another objective for batch-statistic losses).
 
-``views`` is what :meth:`lowres_ssl.augment.TwoViewAugment.plan` returns (the batch's uint8
+``views`` is what :meth:`lowres_ssl.augment.ViewAugment.plan` returns (the batch's uint8
 images and drawn parameters; a step computes the views of the parts it runs, so the embedding
-cache never holds the views of the whole batch), or a list of view tensors (held views).
+cache never holds the views of the whole batch), or a list of view tensors (held views). Two
+views or multi-crop: the steps take all of them, run them through the network in the groups
+of :func:`lowres_ssl.augment.forward_groups` (each large view alone, the small crops together)
+and call ``objective(*embeddings)``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowres_ssl.augment import PlannedViews
+from lowres_ssl.augment import PlannedViews, forward_groups
 from lowres_ssl.models import frozen_bn_statistics
 
 Views = PlannedViews | list[Tensor]
@@ -51,17 +54,37 @@ def even_parts(n: int, count: int) -> list[slice]:
 
 
 def _take(views: Views, part: slice | None = None) -> list[Tensor]:
-    """The two views of the images ``part`` (all with ``None``), computed now if planned."""
+    """Every view of the images ``part`` (all with ``None``), computed now if planned."""
     if isinstance(views, PlannedViews):
-        return views.take(part, 2)
-    return [v if part is None else v[part] for v in views[:2]]
+        return views.take(part)
+    return [v if part is None else v[part] for v in views]
 
 
 def _batch_size(views: Views) -> int:
     return len(views) if isinstance(views, PlannedViews) else views[0].shape[0]
 
 
-def two_view_step(
+def _groups(views: Views) -> list[list[int]]:
+    if isinstance(views, PlannedViews):
+        return views.augment.groups
+    return forward_groups([v.shape[-1] for v in views])
+
+
+def embed(model: torch.nn.Module, views: list[Tensor], groups: list[list[int]]) -> list[Tensor]:
+    """The embedding of every view, in order: each group of views through ``model`` in one
+    pass (a group of one is the view itself, not a copy)."""
+    out: list[Tensor | None] = [None] * len(views)
+    for group in groups:
+        if len(group) == 1:
+            out[group[0]] = model(views[group[0]])
+            continue
+        z = model(torch.cat([views[i] for i in group]))
+        for i, chunk in zip(group, z.chunk(len(group)), strict=True):
+            out[i] = chunk
+    return out  # type: ignore[return-value]
+
+
+def one_pass_step(
     model: torch.nn.Module,
     objective: torch.nn.Module,
     views: Views,
@@ -69,15 +92,14 @@ def two_view_step(
     accelerator,
     optimizer,
 ) -> StepResult:
-    """Both views through the model under autocast, the objective in fp32, backward and step.
+    """Every view through the model under autocast, the objective in fp32, backward and step.
 
     The global loss is the mean of the processes' losses; a non-finite one on any process makes
     it non-finite, so all processes skip the step together.
     """
-    v1, v2 = _take(views)
     with accelerator.autocast():
-        z1, z2 = model(v1), model(v2)
-    loss = objective(z1, z2)
+        z = embed(model, _take(views), _groups(views))
+    loss = objective(*z)
     value = global_mean(accelerator, loss)
     finite = math.isfinite(value)
     if finite:
@@ -98,7 +120,7 @@ def embedding_cache_step(
 ) -> StepResult:
     """The full-batch objective with the network run in micro-batches (the embedding cache).
 
-    1. Every micro-batch of both views through the model without autograd; the embeddings are
+    1. Every micro-batch of every view through the model without autograd; the embeddings are
        kept (BatchNorm's running statistics are updated here, once per micro-batch). Planned
        views are computed per micro-batch, here and again in 3: only a micro-batch's views are
        ever in memory (``docs/benchmarks/step.md`` measures what that costs).
@@ -111,34 +133,37 @@ def embedding_cache_step(
 
     BatchNorm normalises each micro-batch with its own statistics, as on several GPUs without
     SyncBN; with a model without BatchNorm the gradient is the whole batch's. With
-    ``micro_batch_size`` at least the batch, this is :func:`two_view_step` itself.
+    ``micro_batch_size`` at least the batch, this is :func:`one_pass_step` itself. Multi-crop:
+    a micro-batch is all views of its images (the small crops too), and the objective sees
+    every view of the whole batch.
     """
     n = _batch_size(views)
     if micro_batch_size >= n:
-        return two_view_step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
+        return one_pass_step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
     # As equal as possible, none larger than asked: a batch of 7 (a bad file dropped) in
     # micro-batches of 3 runs as 2 + 2 + 3, never leaving BatchNorm a micro-batch of one.
     parts = even_parts(n, -(-n // micro_batch_size))
-    cached: list[list[Tensor]] = [[], []]
+    groups = _groups(views)
+    cached: list[list[Tensor]] = [[] for _ in range(sum(map(len, groups)))]
     with torch.no_grad(), accelerator.autocast():
         for p in parts:
-            for out, view in zip(cached, _take(views, p), strict=True):
-                out.append(model(view))
-    z1, z2 = (torch.cat(z).float().requires_grad_() for z in cached)
-    loss = objective(z1, z2)
+            for out, z in zip(cached, embed(model, _take(views, p), groups), strict=True):
+                out.append(z)
+    zs = [torch.cat(z).float().requires_grad_() for z in cached]
+    loss = objective(*zs)
     value = global_mean(accelerator, loss)
     terms = dict(getattr(objective, "terms", {}))
     if not math.isfinite(value):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(value, terms, False)
-    grads = torch.autograd.grad(loss, (z1, z2))
+    grads = torch.autograd.grad(loss, zs)
     last = len(parts) - 1
     with frozen_bn_statistics(model):
         for i, p in enumerate(parts):
             sync = contextlib.nullcontext() if i == last else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    out = [model(view) for view in _take(views, p)]
+                    out = embed(model, _take(views, p), groups)
                 surrogate = sum((z.float() * g[p]).sum() for z, g in zip(out, grads, strict=True))
                 accelerator.backward(surrogate)
     optimizer.step()
@@ -228,14 +253,14 @@ def accumulation_step(
     """
     n = _batch_size(views)
     parts = even_parts(n, min(accumulate_steps, n))
+    groups = _groups(views)
     losses, terms = [], {}
     for i, p in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
         with sync:
-            v1, v2 = _take(views, p)
             with accelerator.autocast():
-                z1, z2 = model(v1), model(v2)
-            loss = objective(z1, z2)
+                z = embed(model, _take(views, p), groups)
+            loss = objective(*z)
             value = global_mean(accelerator, loss)
             losses.append(value)
             part_terms = getattr(objective, "terms", {})
@@ -255,8 +280,9 @@ __all__ = [
     "StepResult",
     "Views",
     "accumulation_step",
+    "embed",
     "embedding_cache_step",
     "global_mean",
+    "one_pass_step",
     "supervised_step",
-    "two_view_step",
 ]

@@ -1,5 +1,5 @@
-"""Self-supervised pre-training: two views, backbone + projector, the SSL objective, the
-online kNN monitor; the run's result is ``backbone.safetensors``."""
+"""Self-supervised pre-training: two views or multi-crop, backbone + projector, the SSL
+objective, the online kNN monitor; the run's result is ``backbone.safetensors``."""
 
 from __future__ import annotations
 
@@ -14,18 +14,62 @@ from lowres_ssl.augment import build_augment
 from lowres_ssl.config import Config, to_dict
 from lowres_ssl.data import Batch, open_images
 from lowres_ssl.engine.evaluating import Evaluation
-from lowres_ssl.engine.steps import accumulation_step, embedding_cache_step, two_view_step
+from lowres_ssl.engine.steps import accumulation_step, embedding_cache_step, one_pass_step
 from lowres_ssl.engine.task import Task, random_batch
-from lowres_ssl.losses import objective_from_settings
+from lowres_ssl.errors import UserError
+from lowres_ssl.losses import ViewLayout, objective_from_settings
 from lowres_ssl.models import build_model, projector_out_dim
 from lowres_ssl.optim import build_optimizer
 from lowres_ssl.run_layout import BACKBONE_FILE
 from lowres_ssl.weights import load_init, save_safetensors, spec_of
 
+#: SwAV's crop area of its large views beside small crops (the smaller areas are the crops').
+MULTI_CROP_LARGE_SCALE = (0.14, 1.0)
+
+
+def view_layout(cfg: Config) -> ViewLayout:
+    """The objective's views and anchors from ``cfg.data.views`` (resolved) and
+    ``cfg.loss.reg_small``."""
+    v = cfg.data.views
+    try:
+        return ViewLayout.of(v.layout, v.large, v.small_crops, reg_small=cfg.loss.reg_small)
+    except ValueError as err:
+        raise UserError(f"config section data.views: {err}") from None
+
+
+def augment_options(cfg: Config) -> dict[str, Any]:
+    """:func:`lowres_ssl.augment.build_augment`'s view arguments from ``cfg.data.views``."""
+    v, size = cfg.data.views, cfg.data.view_size
+    large_scale = v.large_scale
+    if large_scale is None and v.small_crops:
+        large_scale = MULTI_CROP_LARGE_SCALE
+    return {
+        "num_large": v.large,
+        "large_scale": None if large_scale is None else tuple(large_scale),
+        "num_small_crops": v.small_crops,
+        "small_size": v.small_size or max(8, size // 2),
+        "small_scale": tuple(v.small_scale),
+        "original": v.layout == "obow",
+    }
+
+
+def describe_views(cfg: Config) -> str:
+    """The views in a few words: ``2 × 96 px`` or ``2 × 96 px + 6 × 48 px (swav)``."""
+    v, opts = cfg.data.views, augment_options(cfg)
+    size = cfg.data.view_size
+    text = f"{v.large} × {size} px"
+    if v.layout == "obow":
+        text = f"the whole image + {text}" if v.large else "the whole image"
+    if v.small_crops:
+        text += f" + {v.small_crops} × {opts['small_size']} px"
+    if v.small_crops or v.layout == "obow":
+        text += f" ({v.layout}{', reg_small' if cfg.loss.reg_small else ''})"
+    return text
+
 
 def make_objective(cfg: Config) -> nn.Module:
-    """The objective of ``cfg.loss``; SFRIK's λ, when unset, follows q (:func:`default_lam`).
-    Settings that cannot work are a :class:`UserError`."""
+    """The objective of ``cfg.loss`` on the views of ``cfg.data.views``; SFRIK's λ, when unset,
+    follows q (:func:`default_lam`). Settings that cannot work are a :class:`UserError`."""
     loss = cfg.loss
     return objective_from_settings(
         loss.name,
@@ -34,6 +78,7 @@ def make_objective(cfg: Config) -> nn.Module:
         mmd_path=loss.mmd_path,
         options=loss.options,
         q=projector_out_dim(cfg.model.projector),
+        layout=view_layout(cfg),
     )
 
 
@@ -98,7 +143,8 @@ class KNNEvaluation(Evaluation):
 
 
 class Pretraining(Task):
-    """Self-supervised pre-training: two views, backbone + projector, the SSL objective."""
+    """Self-supervised pre-training: two views or multi-crop, backbone + projector, the SSL
+    objective."""
 
     name = "pre-training"
     metric = "knn_top1"
@@ -107,7 +153,7 @@ class Pretraining(Task):
         return open_task_images(cfg, device, progress, labeled=False)
 
     def augment(self, cfg: Config, **kwargs):
-        return build_augment(cfg.data.recipe, cfg.data.view_size, **kwargs)
+        return build_augment(cfg.data.recipe, cfg.data.view_size, **augment_options(cfg), **kwargs)
 
     def build_model(
         self, cfg: Config, images, init, resuming: bool
@@ -133,7 +179,7 @@ class Pretraining(Task):
             return functools.partial(embedding_cache_step, micro_batch_size=micro)
         if cfg.train.accumulate_steps > 1:
             return functools.partial(accumulation_step, accumulate_steps=cfg.train.accumulate_steps)
-        return two_view_step
+        return one_pass_step
 
     def views(self, augment, batch: Batch, generator: torch.Generator):
         return augment.plan(batch.images, generator=generator)
@@ -150,7 +196,10 @@ class Pretraining(Task):
         return None if monitor is None else KNNEvaluation(monitor)
 
     def describe(self, cfg: Config, model: nn.Module) -> str:
-        return f"{cfg.model.backbone} + projector {cfg.model.projector} (q={model.q})"
+        return (
+            f"{cfg.model.backbone} + projector {cfg.model.projector} (q={model.q}), "
+            f"views {describe_views(cfg)}"
+        )
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
         return {"q": model.q}
@@ -160,4 +209,12 @@ class Pretraining(Task):
         save_safetensors(model.backbone.state_dict(), spec, run_dir / BACKBONE_FILE)
 
 
-__all__ = ["KNNEvaluation", "Pretraining", "make_objective", "make_optimizer", "open_task_images"]
+__all__ = [
+    "KNNEvaluation",
+    "Pretraining",
+    "augment_options",
+    "make_objective",
+    "make_optimizer",
+    "open_task_images",
+    "view_layout",
+]

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from torch import nn
 
-from lowres_ssl.engine.steps import embedding_cache_step, two_view_step
+from lowres_ssl.engine.steps import embedding_cache_step, one_pass_step
 from lowres_ssl.losses import SFRIKLoss
 from lowres_ssl.models import build_model
 
@@ -63,7 +63,7 @@ def run(step, model, accelerator, v, **kwargs):
 def test_without_batchnorm_the_gradient_is_the_whole_batchs(accelerator, micro):
     model = no_bn_model()
     v = views()
-    whole, ref = run(two_view_step, copy.deepcopy(model), accelerator, v)
+    whole, ref = run(one_pass_step, copy.deepcopy(model), accelerator, v)
     cached, got = run(embedding_cache_step, model, accelerator, v, micro_batch_size=micro)
     assert cached.finite and cached.loss == pytest.approx(whole.loss, rel=1e-6)
     for a, b in zip(got, ref, strict=True):  # fp32: a different summation order only
@@ -73,7 +73,7 @@ def test_without_batchnorm_the_gradient_is_the_whole_batchs(accelerator, micro):
 def test_a_micro_batch_of_the_whole_batch_is_the_plain_step_bit_for_bit(accelerator):
     model = build_model("resnet18", "32-64", image_size=16)
     v = views(8, 16)
-    whole, ref = run(two_view_step, copy.deepcopy(model), accelerator, v)
+    whole, ref = run(one_pass_step, copy.deepcopy(model), accelerator, v)
     same, got = run(embedding_cache_step, model, accelerator, v, micro_batch_size=8)
     assert same.loss == whole.loss
     assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
@@ -166,7 +166,7 @@ def cache_step_worker(rank: int, world: int, micro: int):
 def test_two_processes_give_the_gradient_of_one_process_on_the_whole_batch(micro):
     from tests.distributed_harness import run_distributed
 
-    whole, ref = run(two_view_step, no_bn_model(), GlooAccelerator(1), views(12))
+    whole, ref = run(one_pass_step, no_bn_model(), GlooAccelerator(1), views(12))
     results = run_distributed(cache_step_worker, 2, micro)
     for r in results:  # the regulariser saw the global batch of 12; gradients synchronised
         assert r["loss"].item() == pytest.approx(whole.loss, rel=1e-6)
@@ -179,10 +179,10 @@ def test_plain_accumulation_is_the_mean_of_the_parts_another_objective(accelerat
 
     model = no_bn_model()
     v = views()
-    one, ref_one = run(two_view_step, copy.deepcopy(model), accelerator, v)
+    one, ref_one = run(one_pass_step, copy.deepcopy(model), accelerator, v)
     same, got_one = run(accumulation_step, copy.deepcopy(model), accelerator, v, accumulate_steps=1)
     assert same.loss == one.loss and all(map(torch.equal, got_one, ref_one))
-    halves = [run(two_view_step, copy.deepcopy(model), accelerator, [x[s] for x in v])
+    halves = [run(one_pass_step, copy.deepcopy(model), accelerator, [x[s] for x in v])
               for s in (slice(0, 6), slice(6, 12))]  # fmt: skip
     acc, got = run(accumulation_step, model, accelerator, v, accumulate_steps=2)
     assert acc.loss == pytest.approx((halves[0][0].loss + halves[1][0].loss) / 2, rel=1e-6)
@@ -255,7 +255,7 @@ def test_plain_step_with_planned_views_is_bit_identical(accelerator):
     held = augment(images, generator=torch.Generator().manual_seed(5))
     plan = augment.plan(images, generator=torch.Generator().manual_seed(5))
     model = build_model("resnet18", "32-16", image_size=16)
-    r1, ref = run(two_view_step, copy.deepcopy(model), accelerator, held)
-    r2, got = run(two_view_step, copy.deepcopy(model), accelerator, plan)
+    r1, ref = run(one_pass_step, copy.deepcopy(model), accelerator, held)
+    r2, got = run(one_pass_step, copy.deepcopy(model), accelerator, plan)
     assert r1.loss == r2.loss
     assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
