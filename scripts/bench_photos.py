@@ -1,0 +1,224 @@
+"""The photo study: which loss, views and settings learn most on photos per minute of training.
+
+Each variant is the ``cpu`` preset on the Imagewoof photos (``../shared/data/``: ten dog
+breeds, 9,025 training and 3,929 validation photos at 128 px) with a few config keys changed,
+trained for the same wall time (``--time-budget``), then evaluated with the project's own
+evaluation on the validation split: kNN (k = 200) and a linear probe on the frozen backbone,
+beside the same backbone at random init. A run is ``scripts/train.py`` then
+``scripts/evaluate.py``, exactly the commands a user types; its figures are appended to
+``docs/benchmarks/photos_runs.jsonl`` (one line per run, with the machine and the date), and
+``report`` turns every line into ``docs/benchmarks/photos.md`` (mean and range per variant).
+
+    python scripts/bench_photos.py list
+    python scripts/bench_photos.py run sfrik-2v sfrik-mc6 simclr-2v --budget 10m --runs runs/photos
+    python scripts/bench_photos.py report
+
+Timings are only comparable on the same machine under the same load: run the variants one
+after another on a quiet machine (a run records the load before it starts) and compare rows
+measured on the same day.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lowres_ssl import bench  # noqa: E402
+
+RESULTS = REPO / "docs/benchmarks/photos_runs.jsonl"
+REPORT = REPO / "docs/benchmarks/photos.md"
+ARCHIVE = REPO.parent / "shared/data/imagewoof-128-jpg.tar.gz"
+
+#: name → (what it tests, the --set overrides on the cpu preset). ``random`` trains nothing.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "random": ("the same backbone at random init", []),
+    "sfrik-2v": ("SFRIK, two views of 96 px (the cpu preset before multi-crop)",
+                 ["data.views.small=0"]),
+    "sfrik-mc4": ("SFRIK, 2 × 96 + 4 × 48 px (SwAV layout)", ["data.views.small=4"]),
+    "sfrik-mc6": ("SFRIK, 2 × 96 + 6 × 48 px (SwAV layout)", ["data.views.small=6"]),
+    "sfrik-mc6-reg": ("SFRIK, 2 × 96 + 6 × 48 px, reg_small",
+                      ["data.views.small=6", "loss.reg_small=true"]),
+    "sfrik-obow": ("SFRIK, OBoW layout: the whole image + 2 × 96 + 5 × 48 px",
+                   ["data.views.layout=obow", "data.views.large=2", "data.views.small=5"]),
+    "sfrik-mc6-load128": ("SFRIK, 2 × 96 + 6 × 48 px cropped from the 128-px photos",
+                          ["data.views.small=6", "data.load_size=128", "data.image_size=96"]),
+    "sfrik-mc6-b128": ("SFRIK, 2 × 96 + 6 × 48 px, batch 128 in micro-batches of 32",
+                       ["data.views.small=6", "train.batch_size=128",
+                        "train.micro_batch_size=32"]),
+    "sfrik-mc6-lam2": ("SFRIK, 2 × 96 + 6 × 48 px, λ = 2", ["data.views.small=6", "loss.lam=2.0"]),
+    "sfrik-mc6-lr2": ("SFRIK, 2 × 96 + 6 × 48 px, base learning rate 2.4",
+                      ["data.views.small=6", "optim.base_lr=2.4"]),
+    "sfrik-2v-64": ("SFRIK, two views of 64 px", ["data.views.small=0", "data.load_size=64"]),
+    "sfrik-2v-128": ("SFRIK, two views of 128 px", ["data.views.small=0", "data.load_size=128"]),
+    "simclr-2v": ("SimCLR (τ = 0.2), two views of 96 px",
+                  ["data.views.small=0", "loss.name=simclr"]),
+    "simclr-mc6": ("SimCLR (τ = 0.2), 2 × 96 + 6 × 48 px (multi-view NCE)",
+                   ["data.views.small=6", "loss.name=simclr"]),
+    "vicreg-2v": ("VICReg, two views of 96 px", ["data.views.small=0", "loss.name=vicreg"]),
+    "vicreg-mc6": ("VICReg, 2 × 96 + 6 × 48 px", ["data.views.small=6", "loss.name=vicreg"]),
+}  # fmt: skip
+
+
+def photos(cache: Path) -> Path:
+    """The Imagewoof folder, extracted from the shared archive on first use."""
+    root = cache / "imagewoof"
+    if not (root / "val").is_dir():
+        if not ARCHIVE.is_file():
+            raise SystemExit(f"no Imagewoof photos: {ARCHIVE} is missing (see ../shared/data)")
+        cache.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(ARCHIVE) as tar:
+            tar.extractall(cache, filter="data")
+    return root
+
+
+def _python(script: str, args: list[str], log: Path) -> dict:
+    """Run a script of this checkout, its output to ``log``; the last JSON line of stdout."""
+    with log.open("w") as out:
+        done = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / script), *args],
+            stdout=subprocess.PIPE, stderr=out, text=True, check=False,
+        )  # fmt: skip
+        out.write(done.stdout)
+    if done.returncode:
+        raise SystemExit(f"{script} failed (exit {done.returncode}): see {log}")
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {}
+
+
+def run_variant(name: str, index: int, budget: str, runs: Path, data: Path) -> dict:
+    """Train one variant for ``budget`` and evaluate it (kNN, linear); its result line."""
+    load = bench.load_average()
+    run_dir = runs / f"{name}-{index}"
+    started = time.time()
+    evaluate = ["--train", str(data / "train"), "--test", str(data / "val")]
+    if name == "random":
+        target = ["--random-init", "--backbone", "resnet18", "--size", "96"]
+        summary: dict = {}
+    else:
+        sets = [x for s in VARIANTS[name][1] for x in ("--set", s)]
+        _python(
+            "train.py",
+            ["--preset", "cpu", "--data", str(data / "train"), "--time-budget", budget,
+             "--out", str(run_dir), *sets],
+            runs / f"{name}-{index}.train.log",
+        )  # fmt: skip
+        summary = json.loads((run_dir / "summary.json").read_text())
+        target = ["--checkpoint", str(run_dir)]
+    knn = _python("evaluate.py", ["knn", *target, *evaluate], runs / f"{name}-{index}.knn.log")
+    linear = _python(
+        "evaluate.py", ["linear", *target, *evaluate], runs / f"{name}-{index}.linear.log"
+    )
+    return {
+        "variant": name,
+        "budget": budget,
+        "steps": summary.get("steps"),
+        "images_per_s": summary.get("images_per_s"),
+        "knn_top1": knn["knn_top1"],
+        "knn20_top1": knn.get("knn20_top1"),
+        "linear_top1": linear.get("top1"),
+        "load_before": load,
+        "wall_s": round(time.time() - started),
+        "date": datetime.date.today().isoformat(),
+        "cpu": bench.cpu_model(),
+        "cores": os.cpu_count(),
+    }
+
+
+def read_results() -> list[dict]:
+    if not RESULTS.is_file():
+        return []
+    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def report_lines(results: list[dict]) -> list[str]:
+    """The study's table: one row per variant, mean and range over its runs."""
+    rows = []
+    base = [r["knn_top1"] for r in results if r["variant"] == "random"]
+    base_mean = statistics.fmean(base) if base else None
+    for name, (what, sets) in VARIANTS.items():
+        mine = [r for r in results if r["variant"] == name]
+        if not mine:
+            continue
+        knn = [r["knn_top1"] for r in mine]
+        linear = [r["linear_top1"] for r in mine if r.get("linear_top1") is not None]
+        gain = "" if base_mean is None or name == "random" else (
+            f"{100 * (statistics.fmean(knn) - base_mean):+.1f}")  # fmt: skip
+        steps = [r["steps"] for r in mine if r.get("steps")]
+        rows.append([
+            f"`{name}`", what, len(mine), _spread(knn), gain, _spread(linear),
+            f"{statistics.fmean(steps):.0f}" if steps else "–",
+            " ".join(f"`{s}`" for s in sets) or "–",
+        ])  # fmt: skip
+    header = ["variant", "what", "runs", "kNN top-1 (range)", "points over random",
+              "linear top-1 (range)", "steps", "--set on the cpu preset"]  # fmt: skip
+    machines = sorted({f"{r['cpu']} ({r['cores']} cores)" for r in results})
+    dates = sorted({r["date"] for r in results})
+    budgets = sorted({r["budget"] for r in results if r["variant"] != "random"})
+    return [
+        "# Photos: what learns most per minute (Imagewoof, the `cpu` preset)",
+        "",
+        "`python scripts/bench_photos.py run VARIANT… --budget 10m` then `report` (this page). "
+        "Each run: `scripts/train.py --preset cpu --data imagewoof/train --time-budget "
+        f"{', '.join(budgets) or '10m'} --set …`, then `scripts/evaluate.py knn` and `linear` on "
+        "imagewoof/val (3,929 photos of 10 dog breeds; chance 0.100).",
+        "",
+        f"- Machine: {'; '.join(machines)}",
+        f"- Dates: {', '.join(dates)}",
+        "",
+        *bench.markdown_table(header, rows, "llrrrrrl"),
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the variants")
+    run = sub.add_parser("run", help="train and evaluate variants, one after another")
+    run.add_argument("variants", nargs="+", choices=list(VARIANTS))
+    run.add_argument("--budget", default="10m", help="the training time of each run")
+    run.add_argument("--runs", default="runs/photos", help="where the run folders go")
+    run.add_argument("--cache", default=str(Path.home() / ".cache/lowres_ssl"))
+    sub.add_parser("report", help=f"write {REPORT.relative_to(REPO)} from every result")
+    args = parser.parse_args()
+    if args.command == "list":
+        for name, (what, sets) in VARIANTS.items():
+            print(f"{name:20} {what}  [{' '.join(sets)}]")
+        return 0
+    if args.command == "report":
+        bench.write_report(report_lines(read_results()), REPORT)
+        return 0
+    data, runs = photos(Path(args.cache)), Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    for name in args.variants:
+        index = sum(r["variant"] == name for r in read_results())
+        result = run_variant(name, index, args.budget, runs, data)
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
