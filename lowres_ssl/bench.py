@@ -395,14 +395,14 @@ class StepRig:
 def step_rig(setting, *, load_side: int | None = None, seed: int = 0) -> StepRig:
     """A :class:`StepRig` for ``setting``: on CUDA when ``setting.cuda`` (an emulated card,
     ``LOWRES_SSL_GPU_GIB``, is capped first), bf16/fp16 autocast when ``setting.mixed``; the
-    ``cifar`` recipe up to 64 px, ``vicreg`` above; images of ``load_side`` px (default the
-    setting's ``load_size``)."""
+    ``cifar`` recipe up to 64 px, ``vicreg`` above; its large views and small crops (SFRIK in
+    the SwAV layout); images of ``load_side`` px (default the setting's ``load_size``)."""
     from accelerate import Accelerator
 
     from lowres_ssl.augment import build_augment
     from lowres_ssl.device import MIXED_DTYPES, card_memory_gib, cuda_mixed_precision
     from lowres_ssl.engine.steps import embedding_cache_step, one_pass_step
-    from lowres_ssl.losses import objective_from_settings
+    from lowres_ssl.losses import ViewLayout, objective_from_settings
     from lowres_ssl.models import build_model
     from lowres_ssl.optim import build_optimizer
 
@@ -424,11 +424,15 @@ def step_rig(setting, *, load_side: int | None = None, seed: int = 0) -> StepRig
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    objective = objective_from_settings("sfrik", lam=None, kernel_weights=[1.0, 40.0, 40.0])
+    layout = ViewLayout.swav(s.large_views, s.small_views)
+    objective = objective_from_settings(
+        "sfrik", lam=None, kernel_weights=[1.0, 40.0, 40.0], layout=layout
+    )
     recipe = "cifar" if s.view_size <= 64 else "vicreg"
     augment = build_augment(
-        recipe, s.view_size, out_dtype=MIXED_DTYPES[precision], channels_last=s.cuda
-    ).to(device)
+        recipe, s.view_size, out_dtype=MIXED_DTYPES[precision], channels_last=s.cuda,
+        num_large=s.large_views, num_small_crops=s.small_views, small_size=s.small_size or None,
+    ).to(device)  # fmt: skip
     g = torch.Generator().manual_seed(seed + 1)
     side = load_side or s.load_size
     images = torch.randint(0, 256, (s.batch_size, 3, side, side), dtype=torch.uint8, generator=g)

@@ -43,6 +43,15 @@ class ViewsConfig:
             raise ValueError("data.views.small is still 'auto': resolve it first (lowres_ssl.fit)")
         return self.small
 
+    def crops_for(self, view_size: int) -> int:
+        """The small crops at views of ``view_size`` px: ``small``, or for ``auto``
+        ``photo_small`` on photos (views over 64 px) and none on small images."""
+        from lowres_ssl.data.sizes import SMALL_MAX
+
+        if isinstance(self.small, int):
+            return self.small
+        return self.photo_small if view_size > SMALL_MAX else 0
+
     @property
     def count(self) -> int:
         """Every view of a step: the whole image (obow), the large views, the small crops."""

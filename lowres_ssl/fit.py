@@ -67,7 +67,7 @@ def resolve_view_size(cfg: Config) -> tuple[Config, str | None]:
         cfg = _replace(cfg, "data", recipe="vicreg" if photos else "cifar")
     views = cfg.data.views
     if views.small == "auto":
-        small = views.photo_small if photos else 0
+        small = views.crops_for(cfg.data.view_size)
         cfg = _replace(cfg, "data", views=dataclasses.replace(views, small=small))
     return cfg, note
 

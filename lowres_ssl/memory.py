@@ -12,8 +12,9 @@ One place for the memory model (``docs/design.md`` §7): ``--dry-run`` prints it
 - **activations**: what autograd saves for backward, *counted, not guessed*: a forward of a
   tiny batch on the CPU under the run's precision, with ``saved_tensors_hooks`` summing the
   bytes of every distinct storage of the batch's size saved, per stage (the weights' 16-bit
-  copies that autocast saves are counted above). Both views are
-  held for one backward (the plain step, and pass 3 of the embedding cache on a micro-batch).
+  copies that autocast saves are counted above). Every view (multi-crop: the small crops
+  counted at their own side) is held for one backward (the plain step, and pass 3 of the
+  embedding cache on a micro-batch).
   With gradient checkpointing only the stages' inputs stay, plus the largest stage while it is
   recomputed. Backward adds the gradient of the largest activations (two of them);
 - **loss**: the objective on the global batch in fp32 (embeddings, their normalised copies and
@@ -70,34 +71,42 @@ def loss_bytes(
     mmd_path: str = "auto",
     kernel_degree: int | None = 3,
     block_size: int | None = None,
+    views: int = 2,
+    regularised: int | None = None,
+    positives: int | None = None,
 ) -> float:
-    """Peak extra bytes of one call of the objective ``name`` on ``n`` pairs of width ``q``
-    (forward and backward, fp32), by the loss library's own path and block rules.
+    """Peak extra bytes of one call of the objective ``name`` on ``views`` views of ``n`` rows
+    of width ``q`` (forward and backward, fp32), by the loss library's own path and block
+    rules; ``regularised``: the views its batch statistics see (default all), ``positives``:
+    SimCLR's (row view, positive view) blocks (default ``views − 1`` per anchor of two).
 
     All objectives: the embeddings' fp32, normalised or centred copies, ``cat`` and gradients,
-    about 7·n·q floats. SFRIK (and ``uniformity``, the same MMD): the dense path keeps one n×n
-    Gram matrix per view for backward plus one working chunk; the blocked path holds about four
-    blocks at a time; the moments path keeps q×q second moments. VICReg: two q×q covariances,
-    about 4.5 q² floats at the peak; Barlow Twins one q×q cross-correlation, about 3.7 q²;
-    SimCLR: the 2n×2n similarity matrix and its softmax.
+    about 3.5·n·q floats per view. SFRIK (and ``uniformity``, the same MMD): the dense path
+    keeps one n×n Gram matrix per regularised view for backward plus one working chunk; the
+    blocked path holds about four blocks at a time; the moments path keeps q×q second moments.
+    VICReg: two q×q covariances, about 2.25 q² floats per regularised view at the peak; Barlow
+    Twins one q×q cross-correlation, about 3.7 q²; SimCLR: the (blocks·n) × (views·n)
+    similarity matrix and its softmax (2n × 2n at two views).
     """
     from lowres_ssl.losses import mmd
 
-    linear = 7.0 * n * q
+    regularised = views if regularised is None else regularised
+    positives = 2 * (views - 1) if positives is None else positives
+    linear = 3.5 * views * n * q
     if name in ("sfrik", "uniformity"):
         path = mmd.path_for_degree(n, q, kernel_degree) if mmd_path == "auto" else mmd_path
         if path == "moments":
             return FLOAT * (linear + 3.0 * q * q)
         if path == "dense":
-            return FLOAT * (linear + 2.0 * n * n + min(n * n, mmd.BLOCK_ENTRIES))
+            return FLOAT * (linear + regularised * n * n + min(n * n, mmd.BLOCK_ENTRIES))
         rows = block_size or mmd.default_block_size(n)
         return FLOAT * (linear + 4.0 * rows * n)
     if name == "vicreg":
-        return FLOAT * (linear + 4.5 * q * q)
+        return FLOAT * (linear + 2.25 * regularised * q * q)
     if name == "barlow_twins":
         return FLOAT * (linear + 3.7 * q * q)
     if name == "simclr":
-        return FLOAT * (linear + 3.0 * (2 * n) ** 2)
+        return FLOAT * (linear + 3.0 * (positives * n) * (views * n))
     raise ValueError(f"no memory rule for the objective {name!r}")
 
 
@@ -263,6 +272,15 @@ class Setting:
     kernel_degree: int | None = 3
     cached_images: int = 0  # decoded images kept on the GPU
     cuda: bool = True
+    large_views: int = 2  # views at view_size (OBoW's whole image included)
+    small_views: int = 0  # small crops
+    small_size: int = 0  # their side
+    regularised_views: int = 2  # the views the objective's batch statistics see
+    positive_blocks: int = 2  # SimCLR's (row view, positive view) blocks
+
+    @property
+    def views(self) -> int:
+        return self.large_views + self.small_views
 
     @property
     def micro(self) -> int:
@@ -286,12 +304,15 @@ class Setting:
         micro_batch_size: int | None = None,
     ) -> Setting:
         """The setting of a config (``micro_batch_size`` overrides the config's, e.g. ``auto``)."""
-        from lowres_ssl.losses import SFRIKKernel
+        from lowres_ssl.losses import SFRIKKernel, ViewLayout
 
         micro = micro_batch_size or cfg.train.micro_batch_size
         degree = None
         if cfg.loss.name == "sfrik":
             degree = SFRIKKernel(list(cfg.loss.kernel_weights)).degree
+        v = cfg.data.views
+        crops = v.crops_for(cfg.data.view_size)
+        layout = ViewLayout.of(v.layout, v.large, crops, reg_small=cfg.loss.reg_small)
         return cls(
             backbone=cfg.model.backbone,
             projector=str(cfg.model.projector),
@@ -309,6 +330,11 @@ class Setting:
             kernel_degree=degree,
             cached_images=cached_images,
             cuda=cuda,
+            large_views=layout.count - crops,
+            small_views=crops,
+            small_size=v.small_size or max(8, cfg.data.view_size // 2),
+            regularised_views=len(layout.regularised),
+            positive_blocks=len(layout.positives()),
         )
 
 
@@ -334,8 +360,9 @@ class Estimate:
         """The breakdown as aligned text lines, largest part first."""
         s = self.setting
         head = (
-            f"estimated peak {self.total_gib:.2f} GiB: {s.backbone} at {s.view_size} px, "
-            f"batch {s.batch_size}"
+            f"estimated peak {self.total_gib:.2f} GiB: {s.backbone} at {s.view_size} px"
+            + (f" + {s.small_views} crops of {s.small_size} px" if s.small_views else "")
+            + f", batch {s.batch_size}"
             + (f" in micro-batches of {s.micro}" if s.micro < s.batch_size else "")
             + f", q = {s.q:,}, {'mixed precision' if s.mixed else 'fp32'}"
             + (", checkpointing" if s.checkpointing else "")
@@ -347,7 +374,7 @@ class Estimate:
 
 
 def estimate(setting: Setting) -> Estimate:
-    """The peak of one training step of ``setting`` (a real step: both views, the loss on the
+    """The peak of one training step of ``setting`` (a real step: every view, the loss on the
     global batch, backward, the optimizer with its state)."""
     s = setting
     shapes = parameter_shapes(s.backbone, s.projector, s.view_size)
@@ -366,19 +393,29 @@ def estimate(setting: Setting) -> Estimate:
     }
     if s.mixed:
         parts["16-bit weight copies"] = 2 * n_params
-    act = 2 * m * profile.per_image(s.checkpointing)
-    parts["activations"] = act + 2 * m * profile.largest
+    # Every view of a micro-batch is held for one backward; the small crops run in one pass.
+    act = s.large_views * m * profile.per_image(s.checkpointing)
+    largest = m * profile.largest
+    if s.small_views:
+        small = activation_profile(s.backbone, s.projector, s.small_size, dtype)
+        act += s.small_views * m * small.per_image(s.checkpointing)
+        largest = max(largest, s.small_views * m * small.largest)
+    parts["activations"] = act + 2 * largest
     n_global = batch * s.processes
-    loss = loss_bytes(s.loss, n_global, q, mmd_path=s.mmd_path, kernel_degree=s.kernel_degree)
+    loss = loss_bytes(
+        s.loss, n_global, q, mmd_path=s.mmd_path, kernel_degree=s.kernel_degree,
+        views=s.views, regularised=s.regularised_views, positives=s.positive_blocks,
+    )  # fmt: skip
     if cache:
-        loss += 2 * 2 * FLOAT * batch * q  # the cached embeddings of both views, their gradients
+        loss += 2 * s.views * FLOAT * batch * q  # every view's cached embeddings, gradients
     parts["loss"] = loss
     pixels = 3 * s.load_size * s.load_size
     at_once = m if cache else batch
+    view_pixels = 3 * (s.large_views * s.view_size**2 + s.small_views * s.small_size**2)
     parts["views"] = (
         batch * pixels  # the uint8 batch
         + at_once * pixels * FLOAT  # its float32 copy for the augmentation
-        + 2 * at_once * 3 * s.view_size**2 * (out_bytes + FLOAT)  # views, float32 work copy
+        + at_once * view_pixels * (out_bytes + FLOAT)  # views, float32 work copy
     )
     if s.cuda and s.cached_images:
         parts["image cache"] = s.cached_images * pixels

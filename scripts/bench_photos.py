@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lowres_ssl import bench  # noqa: E402
+from lowres_ssl import bench, run_layout  # noqa: E402
 
 RESULTS = REPO / "docs/benchmarks/photos_runs.jsonl"
 REPORT = REPO / "docs/benchmarks/photos.md"
@@ -115,7 +115,7 @@ def run_variant(name: str, index: int, budget: str, runs: Path, data: Path) -> d
              "--out", str(run_dir), *sets],
             runs / f"{name}-{index}.train.log",
         )  # fmt: skip
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / run_layout.SUMMARY_FILE).read_text())
         target = ["--checkpoint", str(run_dir)]
     knn = _python("evaluate.py", ["knn", *target, *evaluate], runs / f"{name}-{index}.knn.log")
     linear = _python(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lowres_ssl.config import (
@@ -118,3 +120,37 @@ def test_micro_batches_and_accumulation_are_not_combined(tmp_path):
               "train": {"batch_size": 8, "micro_batch_size": 4, "accumulate_steps": 2}}  # fmt: skip
     with pytest.raises(UserError, match="set one"):
         validate(from_dict(values))
+
+
+@pytest.mark.parametrize(
+    ("views", "message"),
+    [
+        ({"layout": "dino"}, "data.views.layout is 'dino'; choose one of swav, obow"),
+        ({"large": 0, "small": 4}, "data.views.large must be >= 1 with layout swav"),
+        ({"large": 1, "small": 0}, "fewer than two views"),
+        ({"layout": "obow", "large": 0, "small": 0}, "fewer than two views"),
+        ({"small": "many"}, "data.views.small must be an integer >= 0 or auto"),
+        ({"small_scale": [0.3, 0.1]}, "data.views.small_scale must be [low, high]"),
+        ({"colour": 1}, "unknown config key data.views.colour"),
+    ],
+)
+def test_bad_views_are_one_line_errors(views, message):
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        validate(from_dict({"data": {"path": "cifar10", "views": views}}))
+    assert "\n" not in str(err.value)
+
+
+def test_small_crops_auto_follow_the_images_and_are_kept_on_resume():
+    from lowres_ssl import fit
+
+    values = {"data": {"path": "cifar10", "views": {"photo_small": 6}}}
+    cfg = validate(from_dict(values))
+    assert cfg.data.views.crops_for(32) == 0 and cfg.data.views.crops_for(96) == 6
+    for size, crops in ((32, 0), (96, 6)):
+        sized = from_dict({"data": {**values["data"], "load_size": size}})
+        resolved, _ = fit.resolve_view_size(sized)
+        assert resolved.data.views.small == crops and resolved.data.views.count == 2 + crops
+    kept = fit.keep_saved(cfg, {"data": {"views": {"small": 4}}})
+    assert kept.data.views.small == 4
+    obow = from_dict({"data": {"views": {"layout": "obow", "large": 2, "small": 3}}})
+    assert obow.data.views.count == 6  # the whole image, 2 large, 3 small
