@@ -52,6 +52,10 @@ class ViewsConfig:
             return self.small
         return self.photo_small if view_size > SMALL_MAX else 0
 
+    def small_side(self, view_size: int) -> int:
+        """The small crops' side at views of ``view_size`` px: ``small_size``, or half."""
+        return self.small_size or max(8, view_size // 2)
+
     @property
     def count(self) -> int:
         """Every view of a step: the whole image (obow), the large views, the small crops."""

@@ -332,7 +332,7 @@ class Setting:
             cuda=cuda,
             large_views=layout.count - crops,
             small_views=crops,
-            small_size=v.small_size or max(8, cfg.data.view_size // 2),
+            small_size=v.small_side(cfg.data.view_size),
             regularised_views=len(layout.regularised),
             positive_blocks=len(layout.positives()),
         )

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .checks import check_views, fp32
 from .distributed import gather_views
-from .views import ViewLayout, mean_over, over_pairs
+from .views import ViewLayout, mean_over, over_pairs, weighted_sum
 
 
 def _check_coeff(name: str, value: float, *, positive: bool = False) -> None:
@@ -50,9 +50,7 @@ def _check_batch(n: int, name: str) -> None:
 
 def _sum_times(terms: list[Tensor], factor: float) -> Tensor:
     """``factor``·Σ terms, summed in order (``t0 + t1`` itself where the factor is 1)."""
-    total = terms[0]
-    for t in terms[1:]:
-        total = total + t
+    total = weighted_sum([(t, 1) for t in terms])
     return total if factor == 1 else total * factor
 
 

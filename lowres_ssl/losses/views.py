@@ -128,11 +128,7 @@ def over_pairs(layout: ViewLayout, term: Callable[[int, int], Tensor]) -> Tensor
 def mean_over(views: Sequence[int], term: Callable[[int], Tensor]) -> Tensor:
     """(1/|views|)·Σ term(v): the per-view mean, summed in order then divided (at two views,
     ``(t0 + t1) / 2``)."""
-    values = [term(v) for v in views]
-    total = values[0]
-    for t in values[1:]:
-        total = total + t
-    return total / len(values)
+    return weighted_sum([(term(v), 1) for v in views]) / len(views)
 
 
 __all__ = ["LAYOUTS", "ViewLayout", "mean_over", "over_pairs", "weighted_sum"]

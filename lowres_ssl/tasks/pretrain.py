@@ -47,7 +47,7 @@ def augment_options(cfg: Config) -> dict[str, Any]:
         "num_large": v.large,
         "large_scale": None if large_scale is None else tuple(large_scale),
         "num_small_crops": v.small_crops,
-        "small_size": v.small_size or max(8, size // 2),
+        "small_size": v.small_side(size),
         "small_scale": tuple(v.small_scale),
         "original": v.layout == "obow",
     }
