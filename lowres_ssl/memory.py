@@ -183,10 +183,16 @@ def _counting(model: nn.Module, n: int) -> Iterator[dict]:
 
 @functools.lru_cache(maxsize=32)
 def activation_profile(
-    backbone: str, projector: str, image_size: int, dtype: torch.dtype = torch.bfloat16
+    backbone: str,
+    projector: str,
+    image_size: int,
+    dtype: torch.dtype = torch.bfloat16,
+    model_size: int | None = None,
 ) -> ActivationProfile:
     """Count the activations of ``backbone`` + ``projector`` at ``image_size`` px (CPU, a
-    batch of 4 under autocast to ``dtype``, or fp32); cached per arguments.
+    batch of 4 under autocast to ``dtype``, or fp32); cached per arguments. ``model_size``:
+    the view size the model is built for (its stem), when the input is smaller — multi-crop's
+    small crops run through the model of the large views (default ``image_size``).
 
     fp16 runs are counted under bf16: the same bytes per value.
     """
@@ -194,7 +200,7 @@ def activation_profile(
 
     with _fork_rng():
         torch.manual_seed(0)
-        model = build_model(backbone, projector, image_size=image_size).train()
+        model = build_model(backbone, projector, image_size=model_size or image_size).train()
     n = 4
     x = torch.randn(n, 3, image_size, image_size)
     autocast = dtype in (torch.bfloat16, torch.float16)
@@ -397,7 +403,9 @@ def estimate(setting: Setting) -> Estimate:
     act = s.large_views * m * profile.per_image(s.checkpointing)
     largest = m * profile.largest
     if s.small_views:
-        small = activation_profile(s.backbone, s.projector, s.small_size, dtype)
+        small = activation_profile(
+            s.backbone, s.projector, s.small_size, dtype, model_size=s.view_size
+        )
         act += s.small_views * m * small.per_image(s.checkpointing)
         largest = max(largest, s.small_views * m * small.largest)
     parts["activations"] = act + 2 * largest

@@ -43,6 +43,7 @@ ARCHIVE = REPO.parent / "shared/data/imagewoof-128-jpg.tar.gz"
 #: name → (what it tests, the --set overrides on the cpu preset). ``random`` trains nothing.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "random": ("the same backbone at random init", []),
+    "cpu": ("the cpu preset as it is (the README's command)", []),
     "sfrik-2v": ("SFRIK, two views of 96 px (the cpu preset before multi-crop)",
                  ["data.views.small=0"]),
     "sfrik-mc4": ("SFRIK, 2 × 96 + 4 × 48 px (SwAV layout)", ["data.views.small=4"]),
@@ -59,7 +60,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "sfrik-mc6-lam2": ("SFRIK, 2 × 96 + 6 × 48 px, λ = 2", ["data.views.small=6", "loss.lam=2.0"]),
     "sfrik-mc6-lr2": ("SFRIK, 2 × 96 + 6 × 48 px, base learning rate 2.4",
                       ["data.views.small=6", "optim.base_lr=2.4"]),
-    "sfrik-2v-64": ("SFRIK, two views of 64 px", ["data.views.small=0", "data.load_size=64"]),
+    "sfrik-2v-lr2": ("SFRIK, two views of 96 px, base learning rate 2.4",
+                     ["data.views.small=0", "optim.base_lr=2.4"]),
+    "sfrik-2v-lr06": ("SFRIK, two views of 96 px, base learning rate 0.6",
+                      ["data.views.small=0", "optim.base_lr=0.6"]),
+    "sfrik-2v-64": ("SFRIK, two views of 64 px (the small-image model: CIFAR stem, 7 × the step)",
+                    ["data.views.small=0", "data.load_size=64"]),
+    "sfrik-2v-80": ("SFRIK, two views of 80 px", ["data.views.small=0", "data.load_size=80"]),
     "sfrik-2v-128": ("SFRIK, two views of 128 px", ["data.views.small=0", "data.load_size=128"]),
     "simclr-2v": ("SimCLR (τ = 0.2), two views of 96 px",
                   ["data.views.small=0", "loss.name=simclr"]),

@@ -67,6 +67,16 @@ def test_activations_scale_with_precision_and_checkpointing():
     assert fp32.per_stage["layer1"] >= 4 * 64 * 32 * 32 * 4
 
 
+def test_small_crops_are_counted_through_the_large_views_model():
+    # A 48-px crop runs through the model built for 96-px views (the ImageNet stem): a quarter
+    # of the pixels at every stage. Profiled as a model of its own, 48 px would get the CIFAR
+    # stem (no downsampling in front) and count about 4 times a 96-px view instead.
+    large = activation_profile("resnet18", "512-1024", 96, torch.float32)
+    crop = activation_profile("resnet18", "512-1024", 48, torch.float32, model_size=96)
+    assert 0.2 < crop.per_stage["layer1"] / large.per_stage["layer1"] < 0.3
+    assert 0.2 < crop.per_image(False) / large.per_image(False) < 0.35
+
+
 def test_the_micro_batch_follows_the_card():
     s = Setting(projector="2048-2048-16384", batch_size=2048)
     fitted = {gib: fit_micro_batch(s, gib) for gib in (4, 8, 24)}
@@ -93,21 +103,22 @@ def test_the_breakdown_names_every_part():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize(
-    ("size", "projector", "batch", "micro", "checkpointing"),
+    ("size", "projector", "batch", "micro", "checkpointing", "crops"),
     [
-        (32, "256-512", 64, 0, False),
-        (32, "256-512", 64, 16, False),
-        (32, "256-512", 64, 0, True),
-        (96, "512-1024", 32, 0, False),
+        (32, "256-512", 64, 0, False, 0),
+        (32, "256-512", 64, 16, False, 0),
+        (32, "256-512", 64, 0, True, 0),
+        (96, "512-1024", 32, 0, False, 0),
+        (96, "512-1024", 32, 16, False, 6),  # multi-crop photo views: 2 × 96 + 6 × 48 px
     ],
 )
 def test_the_estimate_is_close_to_the_measured_cpu_peak(
-    size, projector, batch, micro, checkpointing
+    size, projector, batch, micro, checkpointing, crops
 ):
     setting = Setting(
         projector=projector, view_size=size, load_size=size, batch_size=batch,
         micro_batch_size=micro or None, mixed=False, cuda=False, state_bits=32,
-        checkpointing=checkpointing,
+        checkpointing=checkpointing, small_views=crops, small_size=size // 2,
     )  # fmt: skip
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_presets.py"), "--steps", "2"]
     cmd += ["--one", json.dumps(dataclasses.asdict(setting))]
