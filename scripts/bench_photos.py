@@ -44,7 +44,7 @@ ARCHIVE = REPO.parent / "shared/data/imagewoof-128-jpg.tar.gz"
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "random": ("the same backbone at random init", []),
     "cpu": ("the cpu preset as it is (the README's command)", []),
-    "sfrik-2v": ("SFRIK, two views of 96 px (the cpu preset before multi-crop)",
+    "sfrik-2v": ("SFRIK, two views of 96 px (what `cpu` does on photos)",
                  ["data.views.small=0"]),
     "sfrik-mc4": ("SFRIK, 2 × 96 + 4 × 48 px (SwAV layout)", ["data.views.small=4"]),
     "sfrik-mc6": ("SFRIK, 2 × 96 + 6 × 48 px (SwAV layout)", ["data.views.small=6"]),
@@ -159,8 +159,8 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def report_lines(results: list[dict]) -> list[str]:
-    """The study's table: one row per variant, mean and range over its runs."""
+def _variant_rows(results: list[dict]) -> list[list]:
+    """One row per variant of ``results``: runs, kNN and linear mean (range), steps."""
     rows = []
     base = [r["knn_top1"] for r in results if r["variant"] == "random"]
     base_mean = statistics.fmean(base) if base else None
@@ -178,24 +178,60 @@ def report_lines(results: list[dict]) -> list[str]:
             f"{statistics.fmean(steps):.0f}" if steps else "–",
             " ".join(f"`{s}`" for s in sets) or "–",
         ])  # fmt: skip
+    return rows
+
+
+def _run_rows(results: list[dict]) -> list[list]:
+    """One row per run, in the order they ran."""
+    return [
+        [r["date"], f"`{r['variant']}`", r.get("steps") or "–", f"{r['knn_top1']:.3f}",
+         f"{r['linear_top1']:.3f}" if r.get("linear_top1") is not None else "–",
+         "–" if r.get("load_before") is None else r["load_before"],
+         "transcribed" if r.get("transcribed") else "recorded"]
+        for r in results
+    ]  # fmt: skip
+
+
+def report_lines(results: list[dict]) -> list[str]:
+    """The study's page: the variants measured on the latest day (the comparisons at equal
+    time hold within one machine and day), the variants over every run, and every run."""
     header = ["variant", "what", "runs", "kNN top-1 (range)", "points over random",
               "linear top-1 (range)", "steps", "--set on the cpu preset"]  # fmt: skip
     machines = sorted({f"{r['cpu']} ({r['cores']} cores)" for r in results})
     dates = sorted({r["date"] for r in results})
     budgets = sorted({r["budget"] for r in results if r["variant"] != "random"})
-    return [
+    latest = [r for r in results if dates and r["date"] == dates[-1]]
+    lines = [
         "# Photos: what learns most per minute (Imagewoof, the `cpu` preset)",
         "",
         "`python scripts/bench_photos.py run VARIANT… --budget 10m` then `report` (this page). "
         "Each run: `scripts/train.py --preset cpu --data imagewoof/train --time-budget "
-        f"{', '.join(budgets) or '10m'} --set …`, then `scripts/evaluate.py knn` and `linear` on "
-        "imagewoof/val (3,929 photos of 10 dog breeds; chance 0.100).",
+        f"{', '.join(budgets) or '10m'} --set …`, then `scripts/evaluate.py knn` (k = 200) and "
+        "`linear` on imagewoof/val (3,929 photos of 10 dog breeds; chance 0.100).",
         "",
         f"- Machine: {'; '.join(machines)}",
         f"- Dates: {', '.join(dates)}",
         "",
-        *bench.markdown_table(header, rows, "llrrrrrl"),
+        f"## Same machine, same day ({dates[-1] if dates else '–'})",
+        "",
+        *bench.markdown_table(header, _variant_rows(latest), "llrrrrrl"),
+        "",
+        "## Every run, by variant",
+        "",
+        *bench.markdown_table(header, _variant_rows(results), "llrrrrrl"),
+        "",
+        "## Every run",
+        "",
+        "`transcribed`: figures copied from a session's notes after its machine, and the raw "
+        "records with it, were lost; `recorded`: the line `run` appended.",
+        "",
+        *bench.markdown_table(
+            ["date", "variant", "steps", "kNN", "linear", "load before", "record"],
+            _run_rows(results),
+            "llrrrrl",
+        ),
     ]
+    return lines
 
 
 def main() -> int:
