@@ -197,7 +197,7 @@ def _run_rows(results: list[dict]) -> list[list]:
     return [
         [r["date"], f"`{r['variant']}`", r.get("steps") or "–", f"{r['knn_top1']:.3f}",
          f"{r['linear_top1']:.3f}" if r.get("linear_top1") is not None else "–",
-         "–" if r.get("load_before") is None else r["load_before"],
+         "–" if r.get("load_before") is None else f"{r['load_before']:.2f}",
          "transcribed" if r.get("transcribed") else "recorded"]
         for r in results
     ]  # fmt: skip
@@ -212,7 +212,7 @@ def report_lines(results: list[dict]) -> list[str]:
     dates = sorted({r["date"] for r in results})
     budgets = sorted({r["budget"] for r in results if r["variant"] != "random"})
     latest = [r for r in results if dates and r["date"] == dates[-1]]
-    lines = [
+    return [
         "# Photos: what learns most per minute (Imagewoof, the `cpu` preset)",
         "",
         "`python scripts/bench_photos.py run VARIANT… --budget 10m` then `report` (this page). "
@@ -242,7 +242,6 @@ def report_lines(results: list[dict]) -> list[str]:
             "llrrrrl",
         ),
     ]
-    return lines
 
 
 def main() -> int:
