@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lowres_ssl.config import Config
+from lowres_ssl.device import cpu_has_native_bf16
 from lowres_ssl.errors import UserError
 from lowres_ssl.memory import GIB, HEADROOM, Estimate, Setting, estimate, fit_micro_batch
 
@@ -85,8 +86,9 @@ def setting_for(
 ) -> Setting:
     """The :class:`~lowres_ssl.memory.Setting` of ``cfg`` on ``device``."""
     if mixed is None:
-        mixed = device.type == "cuda" and cfg.train.precision != "fp32"
-        mixed = mixed or cfg.train.precision == "bf16"
+        precision = cfg.train.precision
+        cpu_auto = device.type != "cuda" and precision == "auto" and cpu_has_native_bf16()
+        mixed = precision == "bf16" or cpu_auto or (device.type == "cuda" and precision != "fp32")
     return Setting.from_config(
         cfg, cuda=device.type == "cuda", mixed=mixed, processes=processes,
         cached_images=cached_images,

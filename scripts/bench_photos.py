@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -152,6 +153,8 @@ def run_variant(name: str, index: int, budget: str, runs: Path, data: Path) -> d
         "budget": budget,
         "steps": summary.get("steps"),
         "images_per_s": summary.get("images_per_s"),
+        "precision": summary.get("precision"),  # Accelerate's name: "no" is fp32
+        "optimizer": summary.get("optimizer"),
         "knn_top1": knn["knn_top1"],
         "knn20_top1": knn.get("knn20_top1"),
         "linear_top1": linear.get("top1"),
@@ -181,10 +184,11 @@ def _spread(values: list[float]) -> str:
 def _variant_rows(results: list[dict]) -> list[list]:
     """One row per variant of ``results``: runs, kNN and linear mean (range), steps."""
     rows = []
+    machines = sorted({_machine(r) for r in results})
     base = [r["knn_top1"] for r in results if r["variant"] == "random"]
     base_mean = statistics.fmean(base) if base else None
-    for name, (what, sets) in VARIANTS.items():
-        mine = [r for r in results if r["variant"] == name]
+    for (name, (what, sets)), machine in itertools.product(VARIANTS.items(), machines):
+        mine = [r for r in results if r["variant"] == name and _machine(r) == machine]
         if not mine:
             continue
         knn = [r["knn_top1"] for r in mine]
@@ -193,18 +197,25 @@ def _variant_rows(results: list[dict]) -> list[list]:
             f"{100 * (statistics.fmean(knn) - base_mean):+.1f}")  # fmt: skip
         steps = [r["steps"] for r in mine if r.get("steps")]
         rows.append([
-            f"`{name}`", what, len(mine), _spread(knn), gain, _spread(linear),
+            f"`{name}`", what, machine.split(" (")[0], len(mine), _spread(knn), gain,
+            _spread(linear),
             f"{statistics.fmean(steps):.0f}" if steps else "–",
             " ".join(f"`{s}`" for s in sets) or "–",
         ])  # fmt: skip
     return rows
 
 
+def _machine(result: dict) -> str:
+    return f"{result['cpu']} ({result['cores']} cores)"
+
+
 def _run_rows(results: list[dict]) -> list[list]:
     """One row per run, in the order they ran."""
     return [
-        [r["date"], f"`{r['variant']}`", r.get("steps") or "–", f"{r['knn_top1']:.3f}",
+        [r["date"], r["cpu"], f"`{r['variant']}`", r.get("steps") or "–", f"{r['knn_top1']:.3f}",
          f"{r['linear_top1']:.3f}" if r.get("linear_top1") is not None else "–",
+         # Records before the field: every variant then ran the preset's fp32.
+         {"no": "fp32"}.get(r.get("precision", "no"), r.get("precision")),
          "–" if r.get("load_before") is None else f"{r['load_before']:.2f}",
          "transcribed" if r.get("transcribed") else "recorded"]
         for r in results
@@ -212,14 +223,16 @@ def _run_rows(results: list[dict]) -> list[list]:
 
 
 def report_lines(results: list[dict]) -> list[str]:
-    """The study's page: the variants measured on the latest day (the comparisons at equal
-    time hold within one machine and day), the variants over every run, and every run."""
-    header = ["variant", "what", "runs", "kNN top-1 (range)", "points over random",
+    """The study's page: the variants measured on the latest machine and day (the comparisons
+    at equal time hold within one machine and day), the variants over every run, every run."""
+    header = ["variant", "what", "machine", "runs", "kNN top-1 (range)", "points over random",
               "linear top-1 (range)", "steps", "--set on the cpu preset"]  # fmt: skip
-    machines = sorted({f"{r['cpu']} ({r['cores']} cores)" for r in results})
+    machines = sorted({_machine(r) for r in results})
     dates = sorted({r["date"] for r in results})
     budgets = sorted({r["budget"] for r in results if r["variant"] != "random"})
-    latest = [r for r in results if dates and r["date"] == dates[-1]]
+    last = results[-1] if results else None
+    latest = [r for r in results if (r["date"], _machine(r)) == (last["date"], _machine(last))]
+    day = f"{last['date']}, {_machine(last)}" if last else "–"
     return [
         "# Photos: what learns most per minute (Imagewoof, the `cpu` preset)",
         "",
@@ -231,13 +244,13 @@ def report_lines(results: list[dict]) -> list[str]:
         f"- Machine: {'; '.join(machines)}",
         f"- Dates: {', '.join(dates)}",
         "",
-        f"## Same machine, same day ({dates[-1] if dates else '–'})",
+        f"## Same machine, same day ({day})",
         "",
-        *bench.markdown_table(header, _variant_rows(latest), "llrrrrrl"),
+        *bench.markdown_table(header, _variant_rows(latest), "lllrrrrrl"),
         "",
-        "## Every run, by variant",
+        "## Every run, by variant and machine",
         "",
-        *bench.markdown_table(header, _variant_rows(results), "llrrrrrl"),
+        *bench.markdown_table(header, _variant_rows(results), "lllrrrrrl"),
         "",
         "## Every run",
         "",
@@ -245,9 +258,19 @@ def report_lines(results: list[dict]) -> list[str]:
         "records with it, were lost; `recorded`: the line `run` appended.",
         "",
         *bench.markdown_table(
-            ["date", "variant", "steps", "kNN", "linear", "load before", "record"],
+            [
+                "date",
+                "machine",
+                "variant",
+                "steps",
+                "kNN",
+                "linear",
+                "precision",
+                "load before",
+                "record",
+            ],
             _run_rows(results),
-            "llrrrrl",
+            "lllrrrlrl",
         ),
     ]
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lowres_ssl import run_layout
 from lowres_ssl.config import from_dict, merge
-from lowres_ssl.device import resolve_precision
+from lowres_ssl.device import CPU_BF16_VARIABLE, cpu_has_native_bf16, resolve_precision
 from lowres_ssl.errors import UserError
 from lowres_ssl.models import build_model
 from lowres_ssl.tasks import pretrain as pretrain_module
@@ -279,6 +279,27 @@ def test_precision_auto_follows_the_launcher_then_the_device(monkeypatch):
             resolve_precision("auto")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what the launcher exports by default
     assert resolve_precision("auto") == expected
+
+
+def test_precision_auto_on_the_cpu_is_bf16_where_the_cpu_computes_it(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv(CPU_BF16_VARIABLE)
+    for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"),
+                                       (False, False, "no")]:  # fmt: skip
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert cpu_has_native_bf16() is (expected == "bf16")
+        assert resolve_precision("auto") == expected
+        assert resolve_precision("fp32") == "no"  # the config wins
+    monkeypatch.setenv(CPU_BF16_VARIABLE, "1")  # the user's override, both ways
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setenv(CPU_BF16_VARIABLE, "0")
+    assert resolve_precision("auto") == "no"
+    monkeypatch.setenv(CPU_BF16_VARIABLE, "yes")
+    with pytest.raises(UserError, match=r"LOWRES_SSL_CPU_BF16='yes': use 1 .* or 0"):
+        resolve_precision("auto")
 
 
 def test_tensorboard_events_when_installed(folder, tmp_path):
