@@ -1,7 +1,7 @@
 """Command-line front ends (``scripts/*.py`` are thin wrappers around these).
 
 Errors in the user's input print one line (``error: …``) and exit with status 2; Ctrl-C exits
-with 130 after the trainer has written a checkpoint.
+with 130 and SIGTERM with 143 after the trainer has written a checkpoint.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def _setup_logging() -> None:
 
 def exits_on_user_errors(main: Callable[[list[str] | None], int]):
     """A front end's exit: an error in the user's input prints one line (``error: …``) and
-    exits with 2; Ctrl-C exits with 130 (the trainer has written a checkpoint)."""
+    exits with 2; Ctrl-C exits with 130 and SIGTERM with 143 (the trainer has written a
+    checkpoint)."""
 
     @functools.wraps(main)
     def wrapped(argv: list[str] | None = None) -> int:
@@ -159,8 +160,8 @@ def exits_on_user_errors(main: Callable[[list[str] | None], int]):
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            return 130
+        except KeyboardInterrupt as stop:  # Ctrl-C 130, SIGTERM 143 (engine.stopping.Stopped)
+            return getattr(stop, "exit_code", 130)
 
     return wrapped
 

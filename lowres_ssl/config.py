@@ -34,6 +34,7 @@ class ViewsConfig:
     photo_small: int = 0  # small: auto on photos (views over 64 px)
     small_size: int | None = None  # px; None: half the view size
     large_scale: list[float] | None = None  # crop area; None: the recipe's, (0.14, 1) with crops
+    photo_large_scale: list[float] | None = None  # large_scale None on photos: this, if set
     small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
 
     @property
@@ -433,7 +434,7 @@ def _validate_views(v: ViewsConfig) -> None:
     _positive_or_auto("data.views.small", v.small, allow_zero=True)
     _positive("data.views.photo_small", v.photo_small, allow_zero=True)
     _positive("data.views.small_size", v.small_size)
-    for key in ("large_scale", "small_scale"):
+    for key in ("large_scale", "photo_large_scale", "small_scale"):
         scale = getattr(v, key)
         if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
             raise UserError(

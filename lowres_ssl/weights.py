@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lowres_ssl.errors import UserError
+from lowres_ssl.files import write_atomic, write_text_atomic
 from lowres_ssl.models import BACKBONES, CIFAR_STEM_MAX_SIZE, ResNetBackbone, SSLModel
 from lowres_ssl.run_layout import (
     BACKBONE_FILE,
@@ -342,22 +342,25 @@ def _plain_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
+def _nbytes(state: dict[str, Tensor]) -> int:
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
 def save_safetensors(state: dict[str, Tensor], spec: BackboneSpec, path: Path) -> Path:
     """The backbone's state dict as safetensors, its spec as metadata; atomic."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(_plain_state(state), str(tmp), metadata=_metadata(spec))
-    os.replace(tmp, path)
-    return path
+    plain = _plain_state(state)
+    return write_atomic(
+        path, lambda tmp: save_file(plain, str(tmp), metadata=_metadata(spec)),
+        what="the backbone's weights", needed=_nbytes(plain),
+    )  # fmt: skip
 
 
 def save_torchvision(state: dict[str, Tensor], spec: BackboneSpec, path: Path) -> Path:
     """A plain state dict with torchvision's keys (``torch.save``), and ``<name>.json`` beside
     it saying which stem and image size it needs; both atomic."""
-    from lowres_ssl.files import write_text_atomic
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(_plain_state(state), tmp)
-    os.replace(tmp, path)
+    plain = _plain_state(state)
+    write_atomic(path, lambda tmp: torch.save(plain, tmp), what="the backbone's weights",
+                 needed=_nbytes(plain))  # fmt: skip
     meta: dict[str, Any] = _metadata(spec)
     meta.update(image_size=spec.image_size, out_dim=spec.out_dim, config=spec.config)
     meta["load"] = (
@@ -421,10 +424,11 @@ def save_classifier(
         **{f"backbone.{k}": v for k, v in model.backbone.state_dict().items()},
         **{f"head.{k}": v for k, v in model.head.state_dict().items()},
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(_plain_state(state), str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    plain = _plain_state(state)
+    return write_atomic(
+        path, lambda tmp: save_file(plain, str(tmp), metadata=meta),
+        what="the classifier's weights", needed=_nbytes(plain),
+    )  # fmt: skip
 
 
 def load_classifier(path: str | Path, flag: str = "--checkpoint") -> ClassifierFile:

@@ -7,12 +7,17 @@ across runs and later epochs read pixels with no decoding. ``cache: gpu`` puts t
 on the training device, where batches are indexed with no loader workers at all.
 
 A cache folder is built under a temporary name and renamed when complete, so an interrupted
-build never leaves a cache that looks usable.
+build never leaves a cache that looks usable. Its index records the pixel file's size and a
+CRC-32 of every :data:`CHUNK_BYTES` of it; a cache cut short, bit-flipped or with an unreadable
+index is found when it is opened and decoded again, with one line (:class:`DamagedCache`).
+The pixel file's space is reserved before the first byte is decoded: a disk too small is a
+one-line error then, not a crash of the memory map later.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -20,6 +25,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,12 +36,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lowres_ssl.data.folders import FolderImages, Skip, collate_decoded
+from lowres_ssl.data.folders import FolderImages, Skip, collate_decoded, ignore_stop_signals
+from lowres_ssl.files import disk_full_is_a_user_error
 
 log = logging.getLogger("lowres_ssl")
 
-CACHE_VERSION = 1
-"""Bumped when decoding changes, so that old caches are not reused."""
+CACHE_VERSION = 2
+"""Bumped when decoding or the index changes, so that old caches are not reused
+(2: the index records the pixel file's size and checksums)."""
+
+#: The pixel file's checksums: one CRC-32 per this many bytes (the last chunk may be shorter).
+CHUNK_BYTES = 64 * 2**20
 
 IMAGES_FILE = "images.u8"
 INDEX_FILE = "index.json"
@@ -128,10 +139,63 @@ def cache_path(
     return decoded_dir(cache_dir) / (_prefix(images) + fp[:16])
 
 
-def load_disk_cache(path: str | Path) -> ArrayImages:
-    """Open a complete cache folder; the pixels stay on disk (memory-mapped) until read."""
+class DamagedCache(Exception):
+    """A cache folder that cannot be trusted; the message says why (the caller rebuilds it)."""
+
+
+def checksums(path: Path, size: int) -> list[int]:
+    """A CRC-32 of every :data:`CHUNK_BYTES` of the first ``size`` bytes of ``path``."""
+    out = []
+    with open(path, "rb") as f:
+        for _ in range(0, size, CHUNK_BYTES):
+            out.append(zlib.crc32(f.read(CHUNK_BYTES)))
+    return out
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedCache(f"its {INDEX_FILE} cannot be read ({type(e).__name__})") from None
+    keys = ("version", "root", "load_size", "count", "paths", "skipped", "bytes", "crc32")
+    if not isinstance(index, dict) or any(k not in index for k in keys):
+        raise DamagedCache(f"its {INDEX_FILE} lacks entries (an older version or damaged)")
+    if index["version"] != CACHE_VERSION:
+        raise DamagedCache(f"it was made by cache version {index['version']}")
+    return index
+
+
+def verify(path: str | Path) -> dict:
+    """The index of the cache folder ``path`` once its pixel file has the size and the
+    checksums the index records; :class:`DamagedCache` saying what differs otherwise."""
     path = Path(path)
-    index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+    index = _read_index(path)
+    n, s = index["count"], index["load_size"]
+    expected = n * 3 * s * s
+    pixels = path / IMAGES_FILE
+    try:
+        actual = pixels.stat().st_size
+    except OSError:
+        raise DamagedCache(f"its {IMAGES_FILE} is missing") from None
+    if actual != expected or index["bytes"] != expected or len(index["paths"]) != n:
+        raise DamagedCache(
+            f"its {IMAGES_FILE} holds {actual:,} bytes where {n:,} images take {expected:,}"
+        )
+    if expected > 4 * 2**30:
+        log.info("checking the decoded cache %s (%.1f GB)", path, expected / 1e9)
+    found = checksums(pixels, expected)
+    bad = [i for i, (a, b) in enumerate(zip(found, index["crc32"], strict=False)) if a != b]
+    if bad or len(found) != len(index["crc32"]):
+        where = f"from byte {bad[0] * CHUNK_BYTES:,}" if bad else "its checksum list"
+        raise DamagedCache(f"its pixels differ from their checksums ({where})")
+    return index
+
+
+def load_disk_cache(path: str | Path, *, check: bool = True) -> ArrayImages:
+    """Open a complete cache folder (checked by :func:`verify`, unless ``check`` is off: it was
+    just built); the pixels stay on disk (memory-mapped) until read."""
+    path = Path(path)
+    index = verify(path) if check else _read_index(path)
     n, s = index["count"], index["load_size"]
     if n:
         pixels = torch.from_file(
@@ -193,7 +257,11 @@ def build_disk_cache(
     fp = fingerprint(images)
     final = cache_path(images, cache_dir, fingerprint_=fp)
     if (final / INDEX_FILE).exists():
-        return load_disk_cache(final)
+        try:
+            return load_disk_cache(final)
+        except DamagedCache as e:
+            log.warning("the decoded cache %s is damaged (%s): decoding the images again", final, e)
+            shutil.rmtree(final, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():  # no index: damaged by hand, never by an interrupted build
         shutil.rmtree(final, ignore_errors=True)
@@ -211,7 +279,28 @@ def build_disk_cache(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return load_disk_cache(final)
+    return load_disk_cache(final, check=False)
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Create ``path`` with ``size`` bytes of disk space really allocated (a memory map over a
+    sparse file would crash, SIGBUS, where the disk fills): a full disk is a one-line error."""
+    fix = (
+        "free some space, point data.cache_dir (or $LOWRES_SSL_CACHE) at a larger disk, or "
+        "use data.cache=none (decode every epoch)"
+    )
+    where = path.parent.parent
+    with (
+        disk_full_is_a_user_error(where, "the decoded images", needed=size, fix=fix),
+        open(path, "wb") as f,
+    ):
+        try:
+            if size:
+                os.posix_fallocate(f.fileno(), 0, size)
+        except (AttributeError, OSError) as e:  # no fallocate here, or not on this file system
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            f.truncate(size)
 
 
 def _write_cache(
@@ -219,7 +308,8 @@ def _write_cache(
 ) -> None:
     n, s = len(images), images.load_size
     per_image = 3 * s * s
-    out = np.memmap(folder / IMAGES_FILE, dtype=np.uint8, mode="w+", shape=(n, 3, s, s))
+    _reserve(folder / IMAGES_FILE, n * per_image)
+    out = np.memmap(folder / IMAGES_FILE, dtype=np.uint8, mode="r+", shape=(n, 3, s, s))
     loader = DataLoader(
         images,
         batch_size=64,
@@ -227,6 +317,7 @@ def _write_cache(
         num_workers=num_workers,
         collate_fn=partial(collate_decoded, load_size=s),
         generator=torch.Generator().manual_seed(0),  # leave the global RNG alone
+        worker_init_fn=ignore_stop_signals,
     )
     good: list[int] = []
     skipped: list[Skip] = list(images.files.skipped)
@@ -243,9 +334,10 @@ def _write_cache(
     out.flush()
     del out
     with open(folder / IMAGES_FILE, "r+b") as f:
-        f.truncate(len(good) * per_image)
+        f.truncate(len(good) * per_image)  # bad files were left out
         os.fsync(f.fileno())
     files = images.files
+    size = len(good) * per_image
     index = {
         "version": CACHE_VERSION,
         "root": str(files.root),
@@ -256,6 +348,8 @@ def _write_cache(
         "classes": files.classes,
         "skipped": [[k.path, k.kind, k.detail] for k in skipped],
         "fingerprint": fingerprint_,
+        "bytes": size,
+        "crc32": checksums(folder / IMAGES_FILE, size),
     }
     with open(folder / INDEX_FILE, "w", encoding="utf-8") as f:
         json.dump(index, f)

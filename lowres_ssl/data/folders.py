@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import stat
 import warnings
 from collections import Counter
@@ -387,6 +388,14 @@ class DecodedBatch:
 
     def pin_memory(self) -> DecodedBatch:
         return DecodedBatch(self.images.pin_memory(), self.indices, self.skipped)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A decoding worker leaves Ctrl-C and SIGTERM to the main process, which stops after the
+    step with a checkpoint and then ends the workers (a worker killed by the signal sent to
+    the whole process group would fail the next batch instead)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def collate_decoded(items: Sequence[Decoded], load_size: int) -> DecodedBatch:

@@ -40,6 +40,7 @@ from lowres_ssl.data.folders import (
     SkipLog,
     _no_images,
     collate_decoded,
+    ignore_stop_signals,
     scan_folder,
     scan_labeled,
 )
@@ -158,6 +159,19 @@ class ImageLoader:
         return self.iterate(epoch)
 
 
+def folder_gone(files, probes: int = 8) -> bool:
+    """Whether the folder the images come from has gone: its root is no folder any more, or
+    none of ``probes`` files spread over the set still exists (an emptied mount point)."""
+    root = Path(files.root)
+    if not root.is_dir():
+        return True
+    paths = files.paths
+    if not paths:
+        return False
+    picks = {paths[i * (len(paths) - 1) // max(probes - 1, 1)] for i in range(probes)}
+    return not any((root / p).exists() for p in picks)
+
+
 class FolderLoader(ImageLoader):
     """Decodes every file each epoch in DataLoader workers. Bad files are dropped from their
     batch (which is then smaller) and recorded in the skip log."""
@@ -178,6 +192,7 @@ class FolderLoader(ImageLoader):
             # Its own generator: creating an iterator must not draw from the global torch RNG,
             # or a resumed run's augmentation would drift from the uninterrupted one's.
             generator=torch.Generator().manual_seed(0),
+            worker_init_fn=ignore_stop_signals,
         )
 
     def iterate(self, epoch: int, start: int = 0) -> Iterator[Batch]:
@@ -185,6 +200,12 @@ class FolderLoader(ImageLoader):
         delivered = 0
         for decoded in self._loader:
             self.skip_log.add(decoded.skipped)
+            if decoded.skipped and folder_gone(self.images.files):
+                raise UserError(
+                    f"the data folder {self.images.files.root} is gone (unmounted, moved or "
+                    "deleted mid-run): bring it back, then continue with --resume; the last "
+                    "checkpoint is kept"
+                )
             if len(decoded.indices) == 0:
                 continue
             delivered += len(decoded.indices)

@@ -1,14 +1,21 @@
-"""Runs sized to a time budget (``train.time_budget``, ``--time-budget 15m``).
+"""Runs held to a time budget (``train.time_budget``, ``--time-budget 15m``): a deadline.
 
-After a short measured warm-up the run knows what one step costs, what one evaluation
-(the kNN monitor or the validation) and one checkpoint cost; :func:`fit_total_steps` then picks
-the largest total number of steps whose training, checkpoints and evaluations end within the
-budget, counted from the start of the command (setup and warm-up included). The learning-rate
-schedule (warm-up and cosine) is fitted to that total, and a resumed run keeps it.
+The budget counts from the start of the command (setup and warm-up included; a resumed run
+adds the budget its earlier sessions had used by the checkpoint it resumes). After a short
+measured warm-up the run knows what one step costs, what one evaluation (the kNN monitor or the
+validation) and one checkpoint cost; :func:`fit_total_steps` then picks the largest total number
+of steps whose training, checkpoints, evaluations, the last checkpoint and the export end
+within the budget. The learning-rate schedule (warm-up and cosine) is fitted to that total.
+
+The machine may slow down (another job takes the cores) or speed up, and an evaluation may
+cost more than estimated: the total is fitted again from the recent steps and the measured
+costs every :data:`REFIT_SHARE` of the budget, and at every step near the end. When nothing
+more fits, the run stops at that step boundary; as the total shrinks the schedule's tail is cut
+with it, so the learning rate still ends at its final value. One line says the plan when it
+changes by more than :data:`ANNOUNCE_CHANGE`, one line at the end what the budget went on.
 
 The choice (:func:`fit_total_steps`) is pure arithmetic, tested with made-up timings, not with
-a clock; :class:`BudgetWatch` measures; :class:`TimeBudget` is the part beside the loop that
-fits the total after the warm-up and again every few steps (the machine may slow down).
+a clock; :class:`BudgetWatch` measures; :class:`TimeBudget` is the part beside the loop.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ EVAL_SHARE_FINAL = 0.5
 class Timings:
     """What the warm-up measured, in seconds."""
 
-    elapsed: float  # since the command started (setup, data, warm-up)
+    elapsed: float  # the budget used: since the command started (and earlier sessions')
     step: float  # one optimizer step
     evaluation: float  # one evaluation (0: none)
     checkpoint: float  # one checkpoint
@@ -55,12 +62,14 @@ class Schedule:
     checkpoint_every: int
     eval_every_epochs: int  # 0: no evaluation at epoch ends
     final_eval: bool  # an evaluation at the end of the run
+    epoch_end_pending: bool = False  # the last step done ended an epoch whose end is to come
 
 
 def overhead_s(total: int, t: Timings, s: Schedule) -> float:
     """The seconds of checkpoints and evaluations from ``s.done_steps`` to ``total``."""
     spe, done = s.steps_per_epoch, s.done_steps
-    epoch_ends = [e for e in range(done // spe + 1, total // spe + 1)]
+    first = done // spe + (0 if s.epoch_end_pending else 1)
+    epoch_ends = [e for e in range(first, total // spe + 1)]
     evals = sum(1 for e in epoch_ends if s.eval_every_epochs and e % s.eval_every_epochs == 0)
     last_is_eval = bool(epoch_ends) and total % spe == 0 and evals > 0
     if s.final_eval and not last_is_eval:
@@ -73,8 +82,8 @@ def overhead_s(total: int, t: Timings, s: Schedule) -> float:
 
 
 def fit_total_steps(budget_s: float, t: Timings, s: Schedule) -> int:
-    """The largest total number of steps that ends within ``budget_s`` (at least one more
-    step than done)."""
+    """The largest total number of steps that ends within ``budget_s``; the steps already
+    done where not one more fits (the run stops there). ``t.elapsed``: the budget used."""
     available = budget_s * (1 - MARGIN) - t.elapsed
     lo = s.done_steps + 1
 
@@ -82,7 +91,7 @@ def fit_total_steps(budget_s: float, t: Timings, s: Schedule) -> int:
         return (total - s.done_steps) * t.step + overhead_s(total, t, s) <= available
 
     if not fits(lo):
-        return lo
+        return s.done_steps
     hi = lo + max(1, int(available / max(t.step, 1e-9)))
     while lo < hi:  # the cost grows with the total: the last total that fits
         mid = (lo + hi + 1) // 2
@@ -105,12 +114,22 @@ def choice_line(budget_s: float, total: int, t: Timings, s: Schedule, images_per
     )
 
 
-#: Steps between re-fits of a fitted total (the machine may slow down or speed up), and the
-#: change that makes one: more than this share of the total (and more than two steps).
-REFIT_EVERY = 10
-REFIT_CHANGE = 0.02
-#: The step time of a re-fit: the mean of the last this many steps.
+#: A fitted total is fitted again each time this share of the budget has passed (the machine
+#: may slow down or speed up), and at every step once fewer than :data:`NEAR_END_STEPS` steps
+#: or less than :data:`NEAR_END_SHARE` of the budget are left.
+REFIT_SHARE = 0.02
+NEAR_END_STEPS = 20
+NEAR_END_SHARE = 0.1
+#: A new total is announced (one log line) when it differs from the last one announced by
+#: more than this share; smaller changes are made without a word.
+ANNOUNCE_CHANGE = 0.1
+#: The step time of a re-fit: the slower of the mean of the last :data:`WINDOW` steps and of
+#: the last :data:`SHORT_WINDOW` (a slow-down counts within a few steps, a speed-up over the
+#: window).
 WINDOW = 20
+SHORT_WINDOW = 3
+#: Measured steps a session needs before it re-fits (a resumed session's first ones).
+MIN_MEASURED = 1
 
 
 class BudgetWatch:
@@ -119,8 +138,8 @@ class BudgetWatch:
     :meth:`State.timed` measures apart. The first iteration is not counted (allocations,
     cuDNN's search)."""
 
-    def __init__(self, budget_s: float, started: float, state: State) -> None:
-        self.budget_s, self.started, self.state = budget_s, started, state
+    def __init__(self, budget_s: float, state: State) -> None:
+        self.budget_s, self.state = budget_s, state
         self.steps: deque[float] = deque(maxlen=WINDOW)
         self.measured, self.measured_s = 0, 0.0
         self.eval_estimate = 0.0  # before an evaluation ran: from a timed forward pass
@@ -146,39 +165,54 @@ class BudgetWatch:
             self.measured >= 1 and self.measured_s >= 0.05 * self.budget_s
         )
 
+    def step_s(self, *, recent: bool) -> float:
+        """One step's seconds: the mean of all measured steps, or (``recent``) the slower of
+        the recent means (:data:`WINDOW`, :data:`SHORT_WINDOW`)."""
+        if recent and self.steps:
+            last = list(self.steps)
+            short = last[-SHORT_WINDOW:]
+            return max(sum(last) / len(last), sum(short) / len(short))
+        return self.measured_s / max(self.measured, 1)
+
     def timings(self, *, recent: bool = False) -> Timings:
-        """What the fit needs (the last evaluation's seconds, else ``eval_estimate``);
-        ``recent``: the step time of the last steps, not of all."""
-        step = (
-            sum(self.steps) / len(self.steps)
-            if recent and self.steps
-            else self.measured_s / max(self.measured, 1)
-        )
+        """What the fit needs: the budget used, the step time (:meth:`step_s`), the slowest
+        evaluation this session measured (else ``eval_estimate``) and the mean checkpoint."""
         saves, evals = self.state.timings["checkpoint"], self.state.timings["evaluation"]
         checkpoint = sum(saves) / len(saves) if saves else 0.0
-        evaluation = evals[-1] if evals else self.eval_estimate
-        return Timings(self.state.clock() - self.started, step, evaluation, checkpoint)
+        evaluation = max(evals) if evals else self.eval_estimate
+        return Timings(self.state.budget_used_s(), self.step_s(recent=recent), evaluation,
+                       checkpoint)  # fmt: skip
 
 
 class TimeBudget(Part):
-    """The part that keeps a run to ``budget_s`` (counted from ``started``, the start of the
-    command): after the warm-up, a checkpoint (also to time one) and an estimate of one
-    evaluation, then the total of steps that fits (an optional evaluation too costly for the
-    budget is turned off, or run at the end only); in the session that fitted it, the total
-    again every :data:`REFIT_EVERY` steps from the recent steps. A resumed run keeps the total
-    it chose. With several processes the main process's clock decides, and every process
-    takes its total."""
+    """The part that holds a run to ``budget_s``: after the warm-up, a checkpoint (also to
+    time one) and an estimate of one evaluation, then the total of steps that fits (an
+    optional evaluation too costly for the budget is turned off, or run at the end only);
+    then the total again from the recent steps every :data:`REFIT_SHARE` of the budget and at
+    every step near the end, in every session (a resumed run keeps its deadline: the budget
+    its earlier sessions used is counted). With several processes the main process's clock
+    decides, and every process takes its total."""
 
-    def __init__(self, budget_s: float, started: float, state: State, *, accelerator,
-                 evaluator, checkpointer, steps_per_epoch: int, checkpoint_every: int,
-                 images_per_step: int) -> None:  # fmt: skip
-        self.budget_s, self.started = budget_s, started
+    def __init__(
+        self,
+        budget_s: float,
+        state: State,
+        *,
+        accelerator,
+        evaluator,
+        checkpointer,
+        steps_per_epoch: int,
+        checkpoint_every: int,
+        images_per_step: int,
+    ) -> None:
+        self.budget_s = budget_s
         self.accelerator, self.evaluator, self.checkpointer = accelerator, evaluator, checkpointer
         self.steps_per_epoch, self.checkpoint_every = steps_per_epoch, checkpoint_every
         self.images_per_step = images_per_step
-        self.watch = BudgetWatch(budget_s, started, state)
+        self.watch = BudgetWatch(budget_s, state)
         self.fitted = state.progress.total_steps is not None
-        self.refits = False  # only in the session that fitted the total
+        self.announced = state.total_steps if self.fitted else None
+        self.fitted_at = state.clock()
 
     def _same_for_all(self, value: Any) -> Any:
         """The main process's ``value`` on every process."""
@@ -188,16 +222,28 @@ class TimeBudget(Part):
 
     def after_step(self, state: State, done: StepDone) -> None:
         self.watch.end_iteration()
-        warmed_up = not self.fitted and self._same_for_all(self.watch.warmed_up())
-        if warmed_up:
-            self.fit(state, done.views)
-            self.fitted = self.refits = True
-        elif self.refits and state.progress.step % REFIT_EVERY == 0:
+        if not self.fitted:
+            if self._same_for_all(self.watch.warmed_up()):
+                self.fit(state, done.views)
+                self.fitted = True
+        elif self._same_for_all(self.refit_due(state)):
             self.refit(state)
         self.watch.start_iteration()
 
     def after_epoch(self, state: State) -> None:
         self.watch.start_iteration()
+
+    def refit_due(self, state: State) -> bool:
+        """Every :data:`REFIT_SHARE` of the budget, and at every step near the end (once the
+        session has measured :data:`MIN_MEASURED` steps)."""
+        if self.watch.measured < MIN_MEASURED:
+            return False
+        left_s = self.budget_s - state.budget_used_s()
+        near_end = (
+            state.total_steps - state.progress.step <= NEAR_END_STEPS
+            or left_s <= NEAR_END_SHARE * self.budget_s
+        )
+        return near_end or state.clock() - self.fitted_at >= REFIT_SHARE * self.budget_s
 
     def plan(self, state: State) -> Schedule:
         return Schedule(
@@ -206,6 +252,7 @@ class TimeBudget(Part):
             checkpoint_every=self.checkpoint_every,
             eval_every_epochs=self.evaluator.every_epochs,
             final_eval=self.evaluator.evaluation is not None,
+            epoch_end_pending=state.progress.batch >= self.steps_per_epoch,
         )
 
     def fit(self, state: State, views) -> None:
@@ -230,41 +277,73 @@ class TimeBudget(Part):
         self.watch.eval_estimate = eval_s if self.evaluator.evaluation is not None else 0.0
         timings, plan = self.watch.timings(), self.plan(state)
         self.set_total(state, self._same_for_all(fit_total_steps(self.budget_s, timings, plan)))
+        self.announced = state.total_steps
         if self.accelerator.is_main_process:
             total = state.total_steps
             log.info(choice_line(self.budget_s, total, timings, plan, self.images_per_step))
 
     def refit(self, state: State) -> None:
-        """Steps that have become slower (or faster) than the warm-up's: the total again."""
+        """The total again, from the recent steps and the measured costs; announced when it
+        moved by more than :data:`ANNOUNCE_CHANGE` since the last announcement."""
         timings = self.watch.timings(recent=True)
         total = self._same_for_all(fit_total_steps(self.budget_s, timings, self.plan(state)))
-        current = state.total_steps
-        if abs(total - current) > max(2, REFIT_CHANGE * current):
+        self.set_total(state, total)
+        before = self.announced or total
+        if abs(total - before) > ANNOUNCE_CHANGE * before:
             if self.accelerator.is_main_process:
                 log.info(
                     "time budget: steps now take %.2f s; %s steps in all instead of %s",
-                    timings.step, f"{total:,}", f"{current:,}",
+                    timings.step, f"{total:,}", f"{before:,}",
                 )  # fmt: skip
-            self.set_total(state, total)
+            self.announced = total
 
     def set_total(self, state: State, total: int) -> None:
         """``total`` is already the main process's (every process sets the same)."""
         state.total_steps = state.progress.total_steps = total
+        self.fitted_at = state.clock()
 
     def summary(self, state: State) -> dict[str, float]:
-        return {"time_budget_s": self.budget_s, "command_wall_s": state.clock() - self.started}
+        """The budget, what it went on in this command (setup, training, checkpoints,
+        evaluation, export) and what it used in all (earlier sessions too)."""
+        overhead = {k: sum(v) for k, v in state.timings.items()}
+        setup_s = state.session_start - state.command_start
+        now = state.clock()
+        return {
+            "time_budget_s": self.budget_s,
+            "command_wall_s": now - state.command_start,
+            "budget_used_s": state.budget_used_s(),
+            "budget_setup_s": setup_s,
+            "budget_training_s": now - state.session_start - sum(overhead.values()),
+            "budget_checkpoints_s": overhead["checkpoint"],
+            "budget_evaluation_s": overhead["evaluation"],
+            "budget_export_s": overhead["export"],
+        }
 
     def end_line(self, summary: dict[str, Any]) -> str:
+        """``time budget 10 min: used 9 min 58 s (setup 12 s, trained 9 min 21 s, …)``."""
+        d = format_duration
+        earlier = summary["budget_used_s"] - summary["command_wall_s"]
+        parts = [
+            f"setup {d(summary['budget_setup_s'])}",
+            f"trained {d(summary['budget_training_s'])}",
+            f"checkpoints {d(summary['budget_checkpoints_s'])}",
+            f"evaluation {d(summary['budget_evaluation_s'])}",
+            f"export {d(summary['budget_export_s'])}",
+        ]
+        if earlier >= 0.5:
+            parts.append(f"earlier sessions {d(earlier)}")
         return (
-            f"time budget {format_duration(self.budget_s)}: used "
-            f"{format_duration(summary['command_wall_s'])} (the run, from the start of the command)"
+            f"time budget {d(self.budget_s)}: used {d(summary['budget_used_s'])} "
+            f"({', '.join(parts)})"
         )
 
 
 __all__ = [
+    "ANNOUNCE_CHANGE",
     "MARGIN",
-    "REFIT_CHANGE",
-    "REFIT_EVERY",
+    "NEAR_END_SHARE",
+    "NEAR_END_STEPS",
+    "REFIT_SHARE",
     "BudgetWatch",
     "Schedule",
     "TimeBudget",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -22,21 +23,52 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+from safetensors import SafetensorError
 
 from lowres_ssl import run_layout
 from lowres_ssl.data import SkipLog
 from lowres_ssl.engine.hooks import Part
 from lowres_ssl.engine.state import Progress, State, StepDone
 from lowres_ssl.errors import UserError
+from lowres_ssl.files import disk_full_is_a_user_error, disk_full_message, free_bytes, tree_bytes
 
 
 def save(
     accelerator, run_dir: Path, progress: Progress, keep: int, extra: dict | None = None
 ) -> Path:
     """Save on every process (each writes its own random states), rename on the main one.
-    ``extra`` (JSON values) is stored beside the progress, e.g. other random states."""
+    ``extra`` (JSON values) is stored beside the progress, e.g. other random states. A full
+    disk is a one-line error (the previous checkpoint stays the latest, the partial one is
+    removed), before any byte is written where the last checkpoint's size is not free."""
     final = run_layout.checkpoint_dir(run_dir, progress.step)
     tmp = run_layout.checkpoint_dir(run_dir, progress.step, temporary=True)
+    previous = run_layout.checkpoints(run_dir)
+    needed = tree_bytes(previous[-1]) if previous else None
+    fix = (
+        f"free some space, then continue with --resume --out {run_dir} (the previous checkpoint "
+        "is intact)" if previous else "free some space and start again"
+    )  # fmt: skip
+    what = f"the checkpoint of step {progress.step}"
+    free = free_bytes(run_dir)
+    if needed and free is not None and free < needed:  # every process sees the same disk
+        raise UserError(disk_full_message(tmp, what, needed, fix, free))
+    try:
+        with disk_full_is_a_user_error(tmp, what, needed=needed, fix=fix):
+            _write(accelerator, tmp, final, progress, extra)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if accelerator.is_main_process:
+        for old in run_layout.checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write(accelerator, tmp: Path, final: Path, progress: Progress, extra: dict | None) -> None:
+    """Every process writes its part under ``tmp``; the main one adds the progress and the
+    manifest and renames ``tmp`` to ``final``."""
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -52,15 +84,24 @@ def save(
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a checkpoint)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        for old in run_layout.checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def load(accelerator, checkpoint: Path) -> tuple[Progress, dict]:
-    """Restore model, optimizer, scaler and random states; return the progress and extra."""
-    accelerator.load_state(str(checkpoint))
+    """Restore model, optimizer, scaler and random states; return the progress and extra. A
+    file that is not what the kit saved (e.g. a pickle that would run code, its checksum
+    forged) is a one-line error; nothing in it runs."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (pickle.UnpicklingError, SafetensorError, EOFError, RuntimeError, ValueError) as e:
+        if isinstance(e, pickle.UnpicklingError):  # torch's message suggests weights_only=False
+            cause = "a pickle holding more than plain weights"
+        else:
+            cause = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"--resume: {checkpoint} cannot be loaded ({cause}); it holds a file the kit did not "
+            "write (nothing in it was run): move it away to resume from the checkpoint before, "
+            "or start a new --out"
+        ) from None
     path = Path(checkpoint) / run_layout.STATE_FILE
     values = json.loads(path.read_text(encoding="utf-8"))
     extra = values.pop("extra", {})
@@ -130,6 +171,7 @@ class Checkpointer(Part):
             skips = self.skips()
             extra = {"augment_rng": rng_states, "images": self.images}
             state.progress.wall_s = state.wall_s()
+            state.progress.budget_used_s = state.budget_used_s()
             save(self.accelerator, self.run_dir, state.progress, self.keep, extra)
             if self.accelerator.is_main_process:
                 skips.write(self.run_dir / run_layout.SKIPPED_FILE)

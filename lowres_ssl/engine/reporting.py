@@ -23,7 +23,7 @@ from lowres_ssl.device import peak_memory_gib
 from lowres_ssl.engine.hooks import Part
 from lowres_ssl.engine.state import State, StepDone
 from lowres_ssl.engine.steps import global_mean
-from lowres_ssl.files import write_text_atomic
+from lowres_ssl.files import disk_full_is_a_user_error, write_text_atomic
 from lowres_ssl.models import parameter_count
 
 if TYPE_CHECKING:
@@ -70,7 +70,11 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
+        fix = f"free some space, then continue with --resume --out {self.path.parent}"
+        with (
+            disk_full_is_a_user_error(self.path, "the metrics", fix=fix),
+            open(self.path, "a", encoding="utf-8") as f,
+        ):
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in values.items():

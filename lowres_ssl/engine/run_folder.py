@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -109,8 +110,22 @@ def check_run_folder(run_dir: Path, cfg: Config, resume: bool) -> Path | None:
             f"{run_dir} already holds a run; pass --resume to continue it, or a new --out"
         )
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"{run_dir} is not empty and holds no run; choose a new --out")
+        if not only_leftovers(run_dir):
+            raise UserError(f"{run_dir} is not empty and holds no run; choose a new --out")
+        log.info("%s holds what a start killed before its config left; starting afresh", run_dir)
     return None
+
+
+#: What a run writes into its folder besides ``config.yaml``: a folder holding nothing else and
+#: no complete checkpoint is what a start stopped early left (an older version of the kit
+#: made the folder before its config), not another run.
+LEFTOVERS = {CHECKPOINTS_DIR, METRICS_FILE, run_layout.TENSORBOARD_DIR, run_layout.SKIPPED_FILE}
+
+
+def only_leftovers(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds nothing but :data:`LEFTOVERS` and no complete checkpoint."""
+    names = {p.name for p in run_dir.iterdir()}
+    return names <= LEFTOVERS and not run_layout.checkpoints(run_dir)
 
 
 @contextlib.contextmanager
@@ -160,11 +175,38 @@ def _acquire(run_dir: Path):
 
 
 def create(run_dir: Path, cfg: Config, resuming: bool) -> None:
-    """Make the folder; a new run gets its ``config.yaml`` and no stale metrics."""
-    (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(cfg))
+    """Make the folder. A new run's folder appears whole: built beside it under a temporary
+    name with its ``config.yaml`` and renamed (onto an empty folder too), so a run killed at
+    any moment leaves no folder or one that ``--resume`` continues. A folder that a start
+    stopped early left (:func:`check_run_folder` let it through) gets a new ``config.yaml``
+    and no stale metrics."""
+    if resuming:
+        (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        (run_dir / CHECKPOINTS_DIR).mkdir(exist_ok=True)
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        write_text_atomic(run_dir / CONFIG_FILE, dump_yaml(cfg))
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(run_dir)
+    tmp = run_dir.parent / f".{run_dir.name}.new-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / CHECKPOINTS_DIR).mkdir(parents=True)
+    write_text_atomic(tmp / CONFIG_FILE, dump_yaml(cfg))
+    os.rename(tmp, run_dir)  # onto an empty folder too (POSIX rename)
+
+
+def _remove_stale_builds(run_dir: Path) -> None:
+    """The temporary folders of starts whose process has died."""
+    for p in run_dir.parent.glob(f".{run_dir.name}.new-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -183,6 +225,7 @@ __all__ = [
     "config_differences",
     "create",
     "exclusive",
+    "only_leftovers",
     "read_summary",
     "write_summary",
 ]

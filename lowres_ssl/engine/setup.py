@@ -86,6 +86,17 @@ class Run:
             merged.add(part)
         return merged
 
+    def images_used(self, skips: SkipLog) -> int:
+        """The images of the set that were not skipped while the run read them (files that
+        vanished or broke mid-run; the scan's and the cache build's skips were never in it)."""
+        paths = getattr(self.images, "paths", None)
+        if paths is None and hasattr(self.images, "files"):
+            paths = self.images.files.paths
+        if not paths:
+            return len(self.images)
+        in_set = set(map(str, paths))
+        return len(self.images) - sum(1 for s in skips if s.path in in_set)
+
 
 def precision_in_use(accelerator: Accelerator) -> bool:
     """Whether the network runs under 16-bit autocast."""

@@ -41,6 +41,7 @@ class Progress:
     best_step: int = -1  # ... its step (-1: none yet)
     best_epoch: int = 0
     total_steps: int | None = None  # the total a time budget chose (None: from the config)
+    budget_used_s: float = 0.0  # a time budget's seconds used, all sessions up to this checkpoint
 
     @classmethod
     def from_saved(cls, values: dict) -> Progress:
@@ -71,15 +72,20 @@ class State:
     session_start: float = 0.0
     session_images: int = 0
     base_wall_s: float = 0.0  # training time of the sessions before this one
+    base_budget_s: float = 0.0  # a time budget's seconds used by the sessions before this one
+    command_start: float | None = None  # when the command started (None: the session's start)
     start_step: int = 0
     epoch_loss_mean: float = math.nan  # the last finished epoch's
     timings: dict[str, list[float]] = field(
-        default_factory=lambda: {"checkpoint": [], "evaluation": []}
+        default_factory=lambda: {"checkpoint": [], "evaluation": [], "export": []}
     )
 
     def __post_init__(self) -> None:
         self.session_start = self.clock()
         self.base_wall_s, self.start_step = self.progress.wall_s, self.progress.step
+        if self.command_start is None:
+            self.command_start = self.session_start
+        self.base_budget_s = self.progress.budget_used_s
 
     @property
     def total_known(self) -> bool:
@@ -90,6 +96,11 @@ class State:
         """Training time of the run so far, all sessions."""
         return self.base_wall_s + self.clock() - self.session_start
 
+    def budget_used_s(self) -> float:
+        """A time budget's seconds used so far: every earlier session's, up to the checkpoint
+        this one resumed, and this command's from its start (setup included)."""
+        return self.base_budget_s + self.clock() - self.command_start
+
     def overhead_s(self, kind: str | None = None) -> float:
         """Seconds this session spent on checkpoints and evaluations (or on one ``kind``)."""
         kinds = [kind] if kind else list(self.timings)
@@ -97,7 +108,8 @@ class State:
 
     @contextlib.contextmanager
     def timed(self, kind: str) -> Iterator[None]:
-        """Time a ``"checkpoint"`` or an ``"evaluation"``, apart from the steps."""
+        """Time a ``"checkpoint"``, an ``"evaluation"`` or the ``"export"``, apart from the
+        steps."""
         start = self.clock()
         try:
             yield

@@ -1,4 +1,4 @@
-"""When a run stops early: Ctrl-C (:class:`StopRequest`), losses that stay non-finite
+"""When a run stops early: Ctrl-C or SIGTERM (:class:`StopRequest`), losses that stay non-finite
 (:class:`NonFiniteGuard`), a card out of memory (:func:`out_of_memory_message`)."""
 
 from __future__ import annotations
@@ -15,28 +15,68 @@ from lowres_ssl.errors import UserError
 log = logging.getLogger("lowres_ssl")
 
 
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal after its checkpoint; the command exits with
+    ``128 + signum`` (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a signal."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+#: The signals that stop a run at the next step boundary with a checkpoint: Ctrl-C, and what
+#: a job scheduler, ``kill`` or a shutting-down machine sends.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class StopRequest:
-    """The first Ctrl-C asks the loop to stop at the end of the step (and checkpoint); a
-    second one interrupts at once."""
+    """The first Ctrl-C or SIGTERM asks the loop to stop at the end of the step (and
+    checkpoint); a second one interrupts at once. With several processes, :meth:`agreed` is
+    what the loop asks: a stop that any process heard, on all of them at the same step."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stopping after this step (Ctrl-C again to stop at once)")
+            raise Stopped(signum)
+        self.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: stopping after this step (again to stop at once)", name)
+
+    def agreed(self, accelerator) -> int | None:
+        """The signal that stops the run, the same on every process (a collective where
+        there are several: each step, one integer)."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signum or 0], device=accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        agreed = int(flag.item())
+        if agreed and self.signum is None:
+            self.signum = agreed
+        return agreed or None
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 class NonFiniteGuard(Part):
@@ -80,4 +120,4 @@ def out_of_memory_message(cfg: Config) -> str:
     )
 
 
-__all__ = ["NonFiniteGuard", "StopRequest", "out_of_memory_message"]
+__all__ = ["STOP_SIGNALS", "NonFiniteGuard", "StopRequest", "Stopped", "out_of_memory_message"]

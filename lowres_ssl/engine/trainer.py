@@ -9,7 +9,8 @@
    reporting, the non-finite guard, the caller's ``on_step``, evaluating, checkpointing, the
    time budget; a resumed run's progress;
 3. :func:`run_loop`: per step the learning rate, the task's views, the task's step, then
-   ``hooks.after_step``; at each epoch's end ``hooks.after_epoch``; Ctrl-C stops after a step;
+   ``hooks.after_step``; at each epoch's end ``hooks.after_epoch``; Ctrl-C or SIGTERM stops
+   after a step;
 4. :func:`finish`: the last evaluation and checkpoint, the task's result files,
    ``summary.json``.
 """
@@ -44,7 +45,12 @@ from lowres_ssl.engine.evaluating import Evaluator
 from lowres_ssl.engine.hooks import Hooks, StepCallback
 from lowres_ssl.engine.reporting import Reporter, start_line
 from lowres_ssl.engine.state import UNFITTED, Progress, State, StepDone
-from lowres_ssl.engine.stopping import NonFiniteGuard, StopRequest, out_of_memory_message
+from lowres_ssl.engine.stopping import (
+    NonFiniteGuard,
+    Stopped,
+    StopRequest,
+    out_of_memory_message,
+)
 from lowres_ssl.engine.task import Task
 from lowres_ssl.errors import UserError
 from lowres_ssl.run_layout import SKIPPED_FILE
@@ -127,7 +133,7 @@ def start(
         total = progress.total_steps
     elif budget_s is not None:  # provisional: the warm-up measures, then the budget fits it
         total = UNFITTED  # the budget decides the total: not the epochs, not max_steps
-    state = State(progress, total, clock)
+    state = State(progress, total, clock, command_start=started)
     reporter = Reporter(state, acc, run.run_dir, log_every=t.log_every, skips=run.all_skips,
                         progress_bar=progress_bar)  # fmt: skip
     if run.resume_from is not None:
@@ -142,7 +148,7 @@ def start(
     budget = None
     if budget_s is not None:
         budget = TimeBudget(
-            budget_s, started, state, accelerator=acc, evaluator=evaluator,
+            budget_s, state, accelerator=acc, evaluator=evaluator,
             checkpointer=checkpointer, steps_per_epoch=run.steps_per_epoch,
             checkpoint_every=t.checkpoint_every, images_per_step=t.batch_size * run.world,
         )  # fmt: skip
@@ -152,25 +158,25 @@ def start(
     return state, Parts(reporter, evaluator, checkpointer, budget, Hooks(parts))
 
 
-def run_loop(run: setup.Run, state: State, hooks: Hooks, *, budgeted: bool) -> bool:
+def run_loop(run: setup.Run, state: State, hooks: Hooks, *, budgeted: bool) -> int | None:
     """Train until the total number of steps (or the epochs, without a time budget); returns
-    whether Ctrl-C stopped it. A step that runs out of GPU memory is a one-line error."""
-    p, epochs = state.progress, run.cfg.train.epochs
+    the signal that stopped it (Ctrl-C, SIGTERM: after a step, on every process at the same
+    one), or None. A step that runs out of GPU memory is a one-line error."""
+    p, epochs, acc = state.progress, run.cfg.train.epochs, run.accelerator
     run.model.train()
     with StopRequest() as stop:
         while (budgeted or p.epoch < epochs) and p.step < state.total_steps:
             completed = True
             for batch in run.loader.iterate(p.epoch, start=p.batch):
-                if p.step >= state.total_steps or stop.requested:
+                if p.step >= state.total_steps or stop.agreed(acc):
                     completed = False
                     break
                 lr = run.learning_rate.apply(run.optimizer, p.step, state.total_steps)
                 views = run.task.views(run.augment, batch, run.aug_rng)
                 try:
                     result = run.step(
-                        run.model, run.objective, views,
-                        accelerator=run.accelerator, optimizer=run.optimizer,
-                    )  # fmt: skip
+                        run.model, run.objective, views, accelerator=acc, optimizer=run.optimizer
+                    )
                 except torch.cuda.OutOfMemoryError:
                     raise UserError(out_of_memory_message(run.cfg)) from None
                 done = StepDone(result, lr, batch.images.shape[0] * run.world, views)
@@ -179,30 +185,31 @@ def run_loop(run: setup.Run, state: State, hooks: Hooks, *, budgeted: bool) -> b
             if completed:
                 state.count_epoch()
                 hooks.after_epoch(state)
-            if stop.requested:
+            if stop.agreed(acc):
                 break
-        return stop.requested
+        return stop.signum
 
 
-def finish(run: setup.Run, state: State, parts: Parts, stopped: bool) -> dict[str, Any]:
-    """The last evaluation and checkpoint; a stopped run raises KeyboardInterrupt, a finished
-    one writes the task's result files and ``summary.json`` and returns the summary."""
+def finish(run: setup.Run, state: State, parts: Parts, stopped: int | None) -> dict[str, Any]:
+    """The last evaluation and checkpoint; a run stopped by a signal raises :class:`Stopped`
+    (a KeyboardInterrupt), a finished one writes the task's result files and ``summary.json``
+    and returns the summary."""
     p, main = state.progress, run.accelerator.is_main_process
-    final_eval = not stopped and parts.evaluator.final_due(state)
+    final_eval = stopped is None and parts.evaluator.final_due(state)
     if final_eval:  # the end of the run (saved below, so a resume does not evaluate again)
         parts.evaluator.evaluate(state)
     wall = state.clock() - state.session_start
     if parts.checkpointer.unsaved(state) or final_eval:
         parts.checkpointer.save(state)
     p.wall_s = state.base_wall_s + wall
-    if stopped:
+    if stopped is not None:
         parts.reporter.close()
         if main:
             log.warning(
                 "stopped at step %d; checkpoint saved. Continue with --resume --out %s",
                 p.step, run.run_dir,
             )  # fmt: skip
-        raise KeyboardInterrupt
+        raise Stopped(stopped)
     finished = run_folder.read_summary(run.run_dir) if p.step == state.start_step else None
     if finished is not None:  # resumed a finished run: nothing was trained, keep its files
         parts.reporter.close()
@@ -210,16 +217,18 @@ def finish(run: setup.Run, state: State, parts: Parts, stopped: bool) -> dict[st
             log.info("nothing to train: %s already reached step %d", run.run_dir, p.step)
         return finished
     skips = run.all_skips()
+    with state.timed("export"):
+        if main:
+            unwrapped = run.accelerator.unwrap_model(run.model)
+            run.task.finish(unwrapped, run.run_dir, run.cfg, best_saved=p.best_step >= 0)
     summary = _summary(run, state, parts, wall, skipped=len(skips))
     if main:
-        unwrapped = run.accelerator.unwrap_model(run.model)
-        run.task.finish(unwrapped, run.run_dir, run.cfg, best_saved=p.best_step >= 0)
         skips.write(run.run_dir / SKIPPED_FILE)
         run_folder.write_summary(run.run_dir, summary)
         log.info(
             "done: %d steps, final loss %.4g, %.0f images/s; %s; run folder %s",
             p.step, p.last_loss or math.nan, summary["images_per_s"],
-            skips.summary(used=len(run.images)), run.run_dir,
+            skips.summary(used=run.images_used(skips)), run.run_dir,
         )  # fmt: skip
         if parts.budget is not None:
             log.info(parts.budget.end_line(summary))

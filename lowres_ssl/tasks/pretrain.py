@@ -13,6 +13,7 @@ from torch import nn
 from lowres_ssl.augment import build_augment
 from lowres_ssl.config import Config, to_dict
 from lowres_ssl.data import Batch, open_images
+from lowres_ssl.data.sizes import SMALL_MAX
 from lowres_ssl.engine.evaluating import Evaluation
 from lowres_ssl.engine.steps import accumulation_step, embedding_cache_step, one_pass_step
 from lowres_ssl.engine.task import Task, random_batch
@@ -41,6 +42,8 @@ def augment_options(cfg: Config) -> dict[str, Any]:
     """:func:`lowres_ssl.augment.build_augment`'s view arguments from ``cfg.data.views``."""
     v, size = cfg.data.views, cfg.data.view_size
     large_scale = v.large_scale
+    if large_scale is None and v.photo_large_scale is not None and size > SMALL_MAX:
+        large_scale = v.photo_large_scale  # photos: the preset's crop (docs/benchmarks/photos.md)
     if large_scale is None and v.small_crops:
         large_scale = MULTI_CROP_LARGE_SCALE
     return {

@@ -8,7 +8,7 @@ from .fakes import ManualClock, state
 def test_the_watch_measures_steps_net_of_checkpoints_and_evaluations():
     clock = ManualClock()
     s = state(clock=clock)
-    watch = BudgetWatch(100.0, started=clock(), state=s)
+    watch = BudgetWatch(100.0, state=s)
     clock.advance(9.0)  # the first iteration (allocations): not counted
     watch.end_iteration()
     for _ in range(3):
@@ -48,4 +48,19 @@ def test_fit_counts_evaluations_and_checkpoints():
     assert total == 699
     no_eval = fit_total_steps(1000, t, Schedule(10, 100, 10_000, 0, False))
     assert no_eval > total
-    assert fit_total_steps(10, t, s) == 11  # nothing fits: one more step, no less
+    assert fit_total_steps(10, t, s) == 10  # not one more step fits: the run stops where it is
+
+
+def test_an_epoch_end_still_to_come_is_counted():
+    """Right after an epoch's last step (before its end's evaluation and checkpoint) those are
+    still to pay; once the epoch has ended they are not."""
+    from lowres_ssl.engine.budgeting import Schedule, Timings, overhead_s
+
+    t = Timings(elapsed=0.0, step=1.0, evaluation=30.0, checkpoint=5.0)
+    ended = Schedule(30, 6, 10_000, 1, True)
+    pending = Schedule(30, 6, 10_000, 1, True, epoch_end_pending=True)
+    # One more step: the final evaluation and two saves; pending: also the end of epoch 5.
+    assert overhead_s(31, t, ended) == 30 + 2 * 5
+    assert overhead_s(31, t, pending) == 2 * 30 + 3 * 5
+    # Stopping right there: the pending epoch end's evaluation is the final one.
+    assert overhead_s(30, t, pending) == 30 + 3 * 5

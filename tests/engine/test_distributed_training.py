@@ -116,9 +116,9 @@ def _rank_budget(rank: int, world: int, port: int, values: dict, out: str):
     """A time-budgeted run whose two processes see different step times (2 and 3 s)."""
     _as_launched(rank, world, port)
     from lowres_ssl.tasks import train
-    from tests.tasks.test_finetune import FakeClock
+    from tests.tasks.test_time_budget import Clock
 
-    clock = FakeClock(2.0 + rank)
+    clock = Clock(2.0 + rank)
     summary = train(from_dict(values), out, progress_bar=False, on_step=clock.tick, clock=clock)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(summary, f)

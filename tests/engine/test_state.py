@@ -29,7 +29,7 @@ def test_timed_work_is_kept_apart_and_wall_time_spans_sessions():
         clock.advance(2)
     with s.timed("evaluation"):
         clock.advance(5)
-    assert s.timings == {"checkpoint": [2], "evaluation": [5]}
+    assert s.timings == {"checkpoint": [2], "evaluation": [5], "export": []}
     assert s.overhead_s() == 7 and s.overhead_s("evaluation") == 5
     assert s.wall_s() == 50 + 10 and s.start_step == 7
     assert s.total_known and not State(Progress(), UNFITTED, clock).total_known

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from lowres_ssl.config import from_dict, merge
@@ -17,38 +16,8 @@ from lowres_ssl.predict import predict
 from lowres_ssl.run_layout import CLASSIFIER_LAST_FILE, SUBSET_FILE
 from lowres_ssl.tasks import FineTuning, balanced_subset, train
 from lowres_ssl.weights import load_classifier
-from tests.engine.test_trainer import interrupt_at, tiny
-
-CLASSES = ("blue", "green", "red")
-
-
-def _labeled(root, per_class, seed, broken=False):
-    """Images whose class is their dominant colour (learnable in a few steps), 18 x 20 px."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 90, (18, 20, 3))
-            pixels[..., 2 - c] += 160  # blue → channel 2, green → 1, red → 0
-            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i:02d}.png")
-    if broken:
-        (root / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-    return root
-
-
-@pytest.fixture(scope="module")
-def labeled(tmp_path_factory):
-    """(train, val): 3 classes of 16 and of 6 images; the train set has one corrupt file."""
-    base = tmp_path_factory.mktemp("labeled")
-    return _labeled(base / "train", 16, 0, broken=True), _labeled(base / "val", 6, 1)
-
-
-@pytest.fixture(scope="module")
-def pretrained(labeled, tmp_path_factory):
-    """A tiny self-supervised run on the training images (weights to fine-tune from)."""
-    out = tmp_path_factory.mktemp("pre") / "run"
-    train(tiny(labeled[0], train={"epochs": 1, "batch_size": 8}), out, progress_bar=False)
-    return out
+from tests.engine.test_trainer import interrupt_at
+from tests.tasks.conftest import CLASSES
 
 
 def ft_config(labeled, pretrained=None, **sections):
@@ -207,7 +176,6 @@ def test_predict_writes_a_row_per_good_image_and_lists_the_bad_one(labeled, pret
     val = predict(run, labeled[1], tmp_path / "val.csv")
     assert val["accuracy"] == pytest.approx(summary["best_val_top1"], abs=1e-9)
     feats = predict(pretrained, labeled[1], tmp_path / "f.npy", embeddings=True)
-    import numpy as np
 
     array = np.load(tmp_path / "f.npy")
     assert array.shape == (18, 512) and feats["features"] == 512
@@ -221,92 +189,3 @@ def test_a_backbone_is_not_a_classifier(pretrained, labeled, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match=r"no classifier\.safetensors"):
         predict(pretrained, labeled[1], tmp_path / "p.csv")
-
-
-# ---------------------------------------------------------------------------------------------
-# Time budget
-
-
-class FakeClock:
-    """Seconds that pass only when a step ends (``tick`` is the on_step hook): ``step_s``, or
-    ``later_s`` after step ``slower_after``."""
-
-    def __init__(self, step_s: float, later_s: float | None = None, slower_after: int = 0):
-        self.now, self.step_s = 1000.0, step_s
-        self.later_s, self.slower_after = later_s, slower_after
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, progress, values) -> None:
-        late = self.later_s is not None and progress.step > self.slower_after
-        self.now += self.later_s if late else self.step_s
-
-
-def budget_config(labeled, pretrained, budget):
-    return ft_config(
-        labeled,
-        pretrained,
-        train={"time_budget": budget, "epochs": 1, "checkpoint_every": 1000},
-        finetune={"val_every_epochs": 0},
-    )
-
-
-def test_the_budget_sets_the_total_from_the_measured_step_time(labeled, pretrained, tmp_path):
-    from lowres_ssl.engine.budgeting import MARGIN
-
-    clock = FakeClock(2.0)
-    cfg = budget_config(labeled, pretrained, "30s")
-    summary = train(
-        cfg, tmp_path / "b", task=FineTuning(), progress_bar=False, on_step=clock.tick, clock=clock
-    )
-    # Warm-up: the first step is not measured; step 2 took 2 s, over 5 % of the budget: 4 s
-    # had passed in all. Checkpoints and evaluations take no time on this clock, so the total
-    # is 2 + (30 (1 - 4 %) - 4) / 2 steps: 14, beyond the one epoch (6 steps) the config names.
-    assert summary["steps"] == 2 + int((30 * (1 - MARGIN) - 4) / 2.0) == 14
-    assert summary["time_budget_s"] == 30.0
-    assert summary["command_wall_s"] == 28 <= 30
-    slower = FakeClock(4.0)
-    run = tmp_path / "slow"
-    with pytest.raises(KeyboardInterrupt):
-        train(
-            cfg,
-            run,
-            task=FineTuning(),
-            progress_bar=False,
-            on_step=lambda p, v: (slower.tick(p, v), interrupt_at(5)(p, v)),
-            clock=slower,
-        )
-    last = sorted((run / "checkpoints").glob("step_*"))[-1]
-    state = json.loads((last / "trainer_state.json").read_text())
-    assert state["total_steps"] == 2 + int((30 * (1 - MARGIN) - 8) / 4.0) == 7
-    # A resumed run keeps its total, however fast its steps are now.
-    fast = FakeClock(0.5)
-    done = train(
-        cfg, run, task=FineTuning(), resume=True, progress_bar=False, on_step=fast.tick, clock=fast
-    )
-    assert done["steps"] == 7
-
-
-def test_steps_that_become_slower_shrink_the_total(labeled, pretrained, tmp_path, caplog):
-    import logging
-
-    from lowres_ssl.engine.budgeting import MARGIN
-
-    clock = FakeClock(2.0, later_s=4.0, slower_after=5)
-    caplog.set_level(logging.INFO, logger="lowres_ssl")
-    summary = train(
-        budget_config(labeled, pretrained, "1m"),
-        tmp_path / "r",
-        task=FineTuning(),
-        progress_bar=False,
-        on_step=clock.tick,
-        clock=clock,
-    )
-    # Fitted after step 3 at 2 s a step (6 s elapsed): 3 + 51.6 / 2 = 28 steps. At step 10
-    # (30 s elapsed) the last 9 measured steps took 3.11 s on average: 10 + 27.6 / 3.11 = 18.
-    first = 3 + int((60 * (1 - MARGIN) - 6) / 2.0)
-    refit = 10 + int((60 * (1 - MARGIN) - 30) / ((4 * 2.0 + 5 * 4.0) / 9))
-    assert (first, refit) == (28, 18)
-    assert summary["steps"] == refit
-    assert any("instead of 28" in r.getMessage() for r in caplog.records)
