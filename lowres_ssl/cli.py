@@ -465,18 +465,48 @@ def _positive_flags(args: argparse.Namespace, names: tuple[str, ...]) -> None:
 
 @exits_on_user_errors
 def evaluate_main(argv: list[str] | None = None) -> int:
+    import contextlib
     import json
+    from functools import partial
 
-    from lowres_ssl.eval.evaluate import evaluate, summary_line
-    from lowres_ssl.files import write_text_atomic
+    from lowres_ssl.eval.evaluate import summary_line
+    from lowres_ssl.files import held, write_text_atomic
+    from lowres_ssl.run_layout import report_lock
 
     args = evaluate_parser().parse_args(argv)
     _setup_logging()
     _positive_flags(args, ("size", "k", "temperature", "batch_size"))
+    name = eval_file(args.protocol, args.random_init)
+    folder = Path(args.checkpoint).expanduser() if args.checkpoint else None
+    writes_report = folder is not None and (folder / CONFIG_FILE).is_file()
+    with contextlib.ExitStack() as stack:
+        if writes_report:  # one evaluate.py per report: a second one gets one line
+            stack.enter_context(
+                held(report_lock(folder, name), partial(_report_busy, folder, name))
+            )
+        record = _evaluate(args)
+        run_dir = record.pop("run_dir")
+        if writes_report and run_dir and folder.resolve() == Path(run_dir).resolve():
+            write_text_atomic(Path(run_dir) / name, json.dumps(record, indent=1) + "\n")
+    print(summary_line(args.protocol, record))
+    print(json.dumps(record))
+    return 0
+
+
+def _report_busy(folder: Path, name: str, holder: str) -> str:
+    return (
+        f"{folder / name} is being made by {holder}; wait for it to finish (or stop it), then "
+        "run evaluate.py again"
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from lowres_ssl.eval.evaluate import evaluate
+
     with logging_redirect_tqdm():
-        record = evaluate(
+        return evaluate(
             args.protocol,
             checkpoint=args.checkpoint,
             random_init=args.random_init,
@@ -494,14 +524,6 @@ def evaluate_main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers,
             progress=sys.stderr.isatty(),
         )
-    run_dir = record.pop("run_dir")
-    text = json.dumps(record)
-    if run_dir and Path(args.checkpoint).expanduser().resolve() == Path(run_dir).resolve():
-        name = eval_file(args.protocol, args.random_init)
-        write_text_atomic(Path(run_dir) / name, json.dumps(record, indent=1) + "\n")
-    print(summary_line(args.protocol, record))
-    print(text)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------

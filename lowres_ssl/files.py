@@ -7,6 +7,8 @@ import contextlib
 import errno
 import os
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -105,6 +107,37 @@ def disk_full_is_a_user_error(
         raise
 
 
+@contextlib.contextmanager
+def held(lock: str | Path, busy: Callable[[str], str]) -> Iterator[bool]:
+    """Hold the advisory lock ``lock`` (``flock``: the system releases it when the process
+    dies, so a killed holder blocks nothing) while the block runs; the lock file records who
+    holds it. Taken already: a one-line :class:`UserError` of ``busy(holder)``. Yields whether
+    a lock is held (False where the system has no ``flock``)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield False
+        return
+    path = Path(lock)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 — held until the block ends
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UserError(busy(holder)) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.ctime()}\n")
+        handle.flush()
+        yield True
+    finally:
+        handle.close()  # releases the lock
+
+
 def tree_bytes(path: str | Path) -> int:
     """The bytes of the files under ``path`` (0 where there is none)."""
     p = Path(path)
@@ -118,6 +151,7 @@ __all__ = [
     "disk_full_message",
     "format_bytes",
     "free_bytes",
+    "held",
     "is_disk_full",
     "tree_bytes",
     "write_atomic",

@@ -44,6 +44,11 @@ def eval_file(protocol: str, random_init: bool = False) -> str:
     return f"eval_{protocol}{'_random' if random_init else ''}.json"
 
 
+def report_lock(run_dir: Path, name: str) -> Path:
+    """The lock of one report (``eval_knn.json``) while ``evaluate.py`` makes it."""
+    return Path(run_dir) / f".{name}.lock"
+
+
 def lock_path(run_dir: Path) -> Path:
     """The lock of a run folder: beside it, so a start that fails leaves no folder."""
     return run_dir.parent / f".{run_dir.name}.lock"
@@ -139,4 +144,5 @@ __all__ = [
     "latest_intact",
     "lock_path",
     "manifest",
+    "report_lock",
 ]

@@ -143,6 +143,8 @@ class BudgetWatch:
         self.steps: deque[float] = deque(maxlen=WINDOW)
         self.measured, self.measured_s = 0, 0.0
         self.eval_estimate = 0.0  # before an evaluation ran: from a timed forward pass
+        self.cost_step: float | None = None  # the step time when the costs were measured
+        self._evals_seen = 0
         self._seen_first = False
         self._mark, self._overhead_mark = state.clock(), 0.0
 
@@ -176,12 +178,17 @@ class BudgetWatch:
 
     def timings(self, *, recent: bool = False) -> Timings:
         """What the fit needs: the budget used, the step time (:meth:`step_s`), the slowest
-        evaluation this session measured (else ``eval_estimate``) and the mean checkpoint."""
+        evaluation this session measured (else ``eval_estimate``) and the mean checkpoint. A
+        machine that has slowed down since those costs were measured makes them dearer too:
+        they are scaled by the step time now over the step time then (never below 1)."""
         saves, evals = self.state.timings["checkpoint"], self.state.timings["evaluation"]
+        step = self.step_s(recent=recent)
+        if len(evals) != self._evals_seen or self.cost_step is None:  # costs measured anew
+            self._evals_seen, self.cost_step = len(evals), step
+        slower = max(1.0, step / self.cost_step) if self.cost_step else 1.0
         checkpoint = sum(saves) / len(saves) if saves else 0.0
         evaluation = max(evals) if evals else self.eval_estimate
-        return Timings(self.state.budget_used_s(), self.step_s(recent=recent), evaluation,
-                       checkpoint)  # fmt: skip
+        return Timings(self.state.budget_used_s(), step, evaluation * slower, checkpoint * slower)
 
 
 class TimeBudget(Part):

@@ -13,16 +13,15 @@ import json
 import logging
 import os
 import shutil
-import socket
-import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from lowres_ssl import run_layout
 from lowres_ssl.config import Config, dump_yaml, load_yaml, to_dict
 from lowres_ssl.errors import UserError
-from lowres_ssl.files import write_text_atomic
+from lowres_ssl.files import held, write_text_atomic
 from lowres_ssl.run_layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("lowres_ssl")
@@ -130,48 +129,32 @@ def only_leftovers(run_dir: Path) -> bool:
 
 @contextlib.contextmanager
 def exclusive(run_dir: Path, accelerator=None) -> Iterator[None]:
-    """One training per run folder: the main process holds an advisory lock (``flock``, which
-    the system releases when the process dies, so a killed run leaves nothing stuck) while the
-    block runs. A second training into the folder gets a one-line error naming the process that
-    holds it; the other processes of the same launch share the main process's lock."""
+    """One training per run folder: the main process holds an advisory lock
+    (:func:`lowres_ssl.files.held`: a killed run leaves nothing stuck) while the block runs. A
+    second training into the folder gets a one-line error naming the process that holds it;
+    the other processes of the same launch share the main process's lock."""
     main = accelerator is None or accelerator.is_main_process
-    handle, problem = _acquire(run_dir) if main else (None, None)
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    with contextlib.ExitStack() as stack:
+        problem = None
+        if main:
+            try:
+                stack.enter_context(held(run_layout.lock_path(run_dir), partial(_busy, run_dir)))
+            except UserError as err:
+                problem = str(err)
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
 
-        problem = broadcast_object_list([problem])[0]
-    if problem:
-        raise UserError(problem)
-    try:
+            problem = broadcast_object_list([problem])[0]
+        if problem:
+            raise UserError(problem)
         yield
-    finally:
-        if handle is not None:
-            handle.close()  # releases the lock
 
 
-def _acquire(run_dir: Path):
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        return None, None
-    path = run_layout.lock_path(run_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 — held until the run ends
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        return None, (
-            f"{run_dir} is in use by {holder}; wait for it to finish (or stop it), or choose "
-            "another --out"
-        )
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.ctime()}\n")
-    handle.flush()
-    return handle, None
+def _busy(run_dir: Path, holder: str) -> str:
+    return (
+        f"{run_dir} is in use by {holder}; wait for it to finish (or stop it), or choose "
+        "another --out"
+    )
 
 
 def create(run_dir: Path, cfg: Config, resuming: bool) -> None:

@@ -64,3 +64,30 @@ def test_an_epoch_end_still_to_come_is_counted():
     assert overhead_s(31, t, pending) == 2 * 30 + 3 * 5
     # Stopping right there: the pending epoch end's evaluation is the final one.
     assert overhead_s(30, t, pending) == 30 + 3 * 5
+
+
+def test_costs_measured_on_a_faster_machine_are_scaled_by_the_slowdown():
+    """An evaluation estimated (or measured) while steps took 1 s costs twice as much once they
+    take 2 s; a speed-up does not make it cheaper."""
+    clock = ManualClock()
+    s = state(clock=clock)
+    watch = BudgetWatch(100.0, state=s)
+    watch.end_iteration()  # the first, not counted
+
+    def steps(n, seconds):
+        for _ in range(n):
+            watch.start_iteration()
+            clock.advance(seconds)
+            watch.end_iteration()
+
+    steps(20, 1.0)
+    watch.eval_estimate = 10.0
+    assert watch.timings().evaluation == 10.0  # the fit: the costs' step time is 1 s
+    steps(20, 2.0)
+    t = watch.timings(recent=True)
+    assert (t.step, t.evaluation) == (2.0, 20.0)
+    with s.timed("evaluation"):  # measured now, at 2 s a step
+        clock.advance(30.0)
+    assert watch.timings(recent=True).evaluation == 30.0
+    steps(20, 0.5)
+    assert watch.timings(recent=True).evaluation == 30.0  # faster now: not cheaper

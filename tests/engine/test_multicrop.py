@@ -14,6 +14,7 @@ from torch import nn
 from lowres_ssl import run_layout
 from lowres_ssl.augment import build_augment, forward_groups
 from lowres_ssl.engine.steps import StepResult, embedding_cache_step, global_mean, one_pass_step
+from lowres_ssl.errors import UserError
 from lowres_ssl.losses import SFRIKLoss, SimCLRLoss, ViewLayout
 from lowres_ssl.models import build_model
 from lowres_ssl.tasks import train
@@ -163,3 +164,24 @@ def test_a_run_with_crops_resumes_exactly(folder, tmp_path):
     two = tmp_path / "two"
     train(tiny(folder, train={"epochs": 1, "micro_batch_size": 3}), two, progress_bar=False)
     assert losses(two)[1] != losses(whole)[1]
+
+
+def test_the_crop_area_of_the_large_views(folder):
+    """``large_scale`` set: that; unset with crops: the multi-crop (0.14, 1); unset on photos
+    with ``photo_large_scale``: that (not on small images); else the recipe's."""
+    from lowres_ssl.fit import resolve_view_size
+    from lowres_ssl.tasks.pretrain import MULTI_CROP_LARGE_SCALE, augment_options
+
+    def scale(load_size, **views):
+        cfg = tiny(folder, data={"load_size": load_size, "views": views})
+        return augment_options(resolve_view_size(cfg)[0])["large_scale"]
+
+    assert scale(96, small=0) is None  # the recipe's (0.08, 1)
+    assert scale(96, small=2) == tuple(MULTI_CROP_LARGE_SCALE)
+    assert scale(96, small=0, photo_large_scale=[0.25, 1.0]) == (0.25, 1.0)
+    assert scale(32, small=0, photo_large_scale=[0.25, 1.0]) is None  # small images keep theirs
+    assert scale(96, small=0, large_scale=[0.5, 1.0], photo_large_scale=[0.25, 1.0]) == (0.5, 1.0)
+    with pytest.raises(UserError, match="photo_large_scale"):
+        from lowres_ssl.config import validate
+
+        validate(tiny(folder, data={"views": {"photo_large_scale": [0.5, 0.2]}}))
