@@ -101,12 +101,22 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "sfrik"  # sfrik, vicreg, barlow_twins, uniformity, simclr
+    name: str = "sfrik"  # sfrik, vicreg, barlow_twins, uniformity, simclr; auto: see name_for
+    photo_name: str = "sfrik"  # name auto: the loss on photos (views over 64 px)
     lam: float | None = None  # SFRIK's λ; None: follows q as the official recipes (q/4000 to 8192)
     kernel_weights: list[float] = field(default_factory=lambda: [1.0, 40.0, 40.0])  # b_1..b_L
     mmd_path: str = "auto"  # auto, dense, blocked, moments
     reg_small: bool = False  # multi-crop: the regulariser on every view, not the anchors only
     options: dict[str, Any] = field(default_factory=dict)  # other keyword arguments
+
+    def name_for(self, view_size: int) -> str:
+        """The objective at views of ``view_size`` px: ``name``, or for ``auto`` (a preset's
+        measured choice) ``photo_name`` on photos and SFRIK on small images."""
+        from lowres_ssl.data.sizes import SMALL_MAX
+
+        if self.name != "auto":
+            return self.name
+        return self.photo_name if view_size > SMALL_MAX else "sfrik"
 
 
 @dataclass
@@ -382,7 +392,8 @@ def validate(cfg: Config) -> Config:
         )
     _choice("model.backbone", m.backbone, list(BACKBONES))
     projector_out_dim(m.projector)
-    _choice("loss.name", lo.name, list(OBJECTIVES))
+    _choice("loss.name", lo.name, [*OBJECTIVES, "auto"])
+    _choice("loss.photo_name", lo.photo_name, list(OBJECTIVES))
     _choice("loss.mmd_path", lo.mmd_path, ("auto", "dense", "blocked", "moments"))
     _positive("loss.lam", lo.lam)
     if any(w < 0 for w in lo.kernel_weights) or not lo.kernel_weights:
@@ -402,8 +413,8 @@ def validate(cfg: Config) -> Config:
     # Loss settings that cannot work. The hardware (fp16 needs a GPU) is checked when training
     # starts, so that a config for another machine can be read and --dry-run here.
     objective_from_settings(
-        lo.name, lam=lo.lam, kernel_weights=lo.kernel_weights, mmd_path=lo.mmd_path,
-        options=lo.options,
+        lo.photo_name if lo.name == "auto" else lo.name, lam=lo.lam,
+        kernel_weights=lo.kernel_weights, mmd_path=lo.mmd_path, options=lo.options,
     )  # fmt: skip
     for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))

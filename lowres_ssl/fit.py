@@ -45,6 +45,9 @@ def keep_saved(cfg: Config, saved: dict[str, Any]) -> Config:
     small = data.get("views", {}).get("small", "auto")
     if cfg.data.views.small == "auto" and isinstance(small, int):
         cfg = _replace(cfg, "data", views=dataclasses.replace(cfg.data.views, small=small))
+    loss = saved.get("loss", {}).get("name", "auto")
+    if cfg.loss.name == "auto" and loss != "auto":
+        cfg = _replace(cfg, "loss", name=loss)
     micro = saved.get("train", {}).get("micro_batch_size", "auto")
     if cfg.train.micro_batch_size == "auto" and micro != "auto":
         cfg = _replace(cfg, "train", micro_batch_size=micro)
@@ -52,10 +55,10 @@ def keep_saved(cfg: Config, saved: dict[str, Any]) -> Config:
 
 
 def resolve_view_size(cfg: Config) -> tuple[Config, str | None]:
-    """``data.load_size: auto`` chosen from the images, and ``data.recipe: auto`` and
-    ``data.views.small: auto`` from the view size (up to 64 px: ``cifar`` and no small crops;
-    above, photos: ``vicreg`` and ``data.views.photo_small`` crops); (config, the line saying
-    so)."""
+    """``data.load_size: auto`` chosen from the images, and ``data.recipe: auto``,
+    ``data.views.small: auto`` and ``loss.name: auto`` from the view size (up to 64 px:
+    ``cifar``, no small crops, SFRIK; above, photos: ``vicreg``, ``data.views.photo_small`` crops
+    and ``loss.photo_name``); (config, the line saying so)."""
     from lowres_ssl.data.sizes import SMALL_MAX, choose_view_size
 
     note = None
@@ -66,6 +69,8 @@ def resolve_view_size(cfg: Config) -> tuple[Config, str | None]:
     photos = cfg.data.view_size > SMALL_MAX
     if cfg.data.recipe == "auto":
         cfg = _replace(cfg, "data", recipe="vicreg" if photos else "cifar")
+    if cfg.loss.name == "auto":
+        cfg = _replace(cfg, "loss", name=cfg.loss.name_for(cfg.data.view_size))
     views = cfg.data.views
     if views.small == "auto":
         small = views.crops_for(cfg.data.view_size)

@@ -314,7 +314,8 @@ class Setting:
 
         micro = micro_batch_size or cfg.train.micro_batch_size
         degree = None
-        if cfg.loss.name == "sfrik":
+        loss = cfg.loss.name_for(cfg.data.view_size)
+        if loss == "sfrik":
             degree = SFRIKKernel(list(cfg.loss.kernel_weights)).degree
         v = cfg.data.views
         crops = v.crops_for(cfg.data.view_size)
@@ -331,7 +332,7 @@ class Setting:
             checkpointing=cfg.model.grad_checkpointing,
             optimizer=cfg.optim.name,
             state_bits=cfg.optim.state_bits,
-            loss=cfg.loss.name,
+            loss=loss,
             mmd_path=cfg.loss.mmd_path,
             kernel_degree=degree,
             cached_images=cached_images,

@@ -49,6 +49,7 @@ FIRST_PRESET = ["train.precision=fp32", "optim.state_bits=8", "data.views.photo_
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "random": ("the same backbone at random init", []),
     "cpu": ("the cpu preset as it is (the README's command)", []),
+    "cpu-sfrik": ("the cpu preset with SFRIK on photos", ["loss.name=sfrik"]),
     "cpu-simclr": ("the cpu preset with SimCLR (τ = 0.2)", ["loss.name=simclr"]),
     "cpu-vicreg": ("the cpu preset with VICReg", ["loss.name=vicreg"]),
     "cpu-first": ("the cpu preset until 2026-12-04: fp32, 8-bit state, crops of 8–100 %", []),
@@ -110,7 +111,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }  # fmt: skip
 
 #: Variants measured on the first cpu preset: they run on :data:`FIRST_PRESET` (their rows say so).
-ON_THE_FIRST_PRESET = set(VARIANTS) - {"random", "cpu", "cpu-simclr", "cpu-vicreg"}
+ON_THE_FIRST_PRESET = set(VARIANTS) - {"random", "cpu", "cpu-sfrik", "cpu-simclr", "cpu-vicreg"}
 
 
 def variant_sets(name: str) -> list[str]:

@@ -55,6 +55,19 @@ def test_auto_sizes_resolve_and_a_set_size_is_kept(tmp_path):
     assert (resolved.data.load_size, resolved.data.recipe, note) == (48, "cifar", None)
 
 
+def test_the_loss_auto_is_the_photo_loss_on_photos_and_sfrik_on_small_images(tmp_path):
+    photos = str(folder(tmp_path / "photos", (640, 480)))
+    loss = {"name": "auto", "photo_name": "simclr"}
+    on_photos, _ = fit.resolve_view_size(validate(from_dict({"data": {"path": photos},
+                                                             "loss": loss})))  # fmt: skip
+    assert on_photos.loss.name == "simclr"
+    small = validate(from_dict({"data": {"path": "cifar10"}, "loss": loss}))
+    assert fit.resolve_view_size(small)[0].loss.name == "sfrik"
+    assert fit.keep_saved(small, {"loss": {"name": "vicreg"}}).loss.name == "vicreg"  # resume
+    with pytest.raises(UserError, match=r"loss\.photo_name"):
+        validate(from_dict({"loss": {"name": "auto", "photo_name": "byol"}}))
+
+
 def gpu_config(**train):
     values = {"data": {"path": "cifar10", "load_size": 32}, "model": {"projector": "2048-16384"}}
     values["train"] = {"batch_size": 1024, **train}
