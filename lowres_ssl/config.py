@@ -365,12 +365,29 @@ def _positive_or_auto(key: str, value: int | str | None, *, allow_zero: bool = F
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
+def _validate_sides(d: DataConfig) -> None:
+    for key in ("load_size", "photo_size", "image_size"):
+        side = getattr(d, key)
+        if isinstance(side, int) and side > MAX_VIEW_SIDE:
+            raise UserError(
+                f"config key data.{key} is {side} px; views are at most {MAX_VIEW_SIDE} px "
+                "(a low-resolution kit: photos train at 96–128 px)"
+            )
+
+
+#: Limits that catch a slip of the keyboard before it asks for hundreds of GB: the largest
+#: view side and projector width a run may have.
+MAX_VIEW_SIDE = 1024
+MAX_PROJECTOR_WIDTH = 131_072
+
+
 def validate(cfg: Config) -> Config:
     """Check choices, ranges and the data path; return ``cfg`` (raises :class:`UserError`)."""
     from lowres_ssl.augment import RECIPES
     from lowres_ssl.data import CACHE_CHOICES, DATASETS
     from lowres_ssl.losses import OBJECTIVES
     from lowres_ssl.models import BACKBONES, projector_out_dim
+    from lowres_ssl.models.projector import parse_projector_spec
     from lowres_ssl.optim import OPTIMIZERS
 
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
@@ -380,6 +397,7 @@ def validate(cfg: Config) -> Config:
     for key in ("photo_size", "min_size", "max_pixels"):
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.image_size", d.image_size)
+    _validate_sides(d)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _validate_views(d.views)
     if d.path.lower() in DATASETS:
@@ -392,6 +410,11 @@ def validate(cfg: Config) -> Config:
         )
     _choice("model.backbone", m.backbone, list(BACKBONES))
     projector_out_dim(m.projector)
+    if max(parse_projector_spec(m.projector)) > MAX_PROJECTOR_WIDTH:
+        raise UserError(
+            f"config key model.projector {m.projector!r} has a layer wider than "
+            f"{MAX_PROJECTOR_WIDTH:,} (q = 32,768 is the largest preset's)"
+        )
     _choice("loss.name", lo.name, [*OBJECTIVES, "auto"])
     _choice("loss.photo_name", lo.photo_name, list(OBJECTIVES))
     _choice("loss.mmd_path", lo.mmd_path, ("auto", "dense", "blocked", "moments"))

@@ -238,7 +238,7 @@ def _run_rows(results: list[dict]) -> list[list]:
         [r["date"], r["cpu"], f"`{r['variant']}`", r.get("steps") or "–", f"{r['knn_top1']:.3f}",
          f"{r['linear_top1']:.3f}" if r.get("linear_top1") is not None else "–",
          # Records before the field: every variant then ran the preset's fp32.
-         {"no": "fp32"}.get(r.get("precision", "no"), r.get("precision")),
+         {"no": "fp32", None: "–"}.get(r.get("precision", "no"), r.get("precision")),
          "–" if r.get("load_before") is None else f"{r['load_before']:.2f}",
          "transcribed" if r.get("transcribed") else "recorded"]
         for r in results

@@ -67,6 +67,9 @@ def describe_views(cfg: Config) -> str:
         text += f" + {v.small_crops} × {opts['small_size']} px"
     if v.small_crops or v.layout == "obow":
         text += f" ({v.layout}{', reg_small' if cfg.loss.reg_small else ''})"
+    if opts["large_scale"] is not None:
+        low, high = opts["large_scale"]
+        text += f", crops of {100 * low:.0f}–{100 * high:.0f} % of the image"
     return text
 
 
@@ -201,7 +204,7 @@ class Pretraining(Task):
     def describe(self, cfg: Config, model: nn.Module) -> str:
         return (
             f"{cfg.model.backbone} + projector {cfg.model.projector} (q={model.q}), "
-            f"views {describe_views(cfg)}"
+            f"views {describe_views(cfg)}, loss {cfg.loss.name}"
         )
 
     def summary(self, model: nn.Module) -> dict[str, Any]:
