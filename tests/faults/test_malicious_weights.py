@@ -11,14 +11,10 @@ import pickle
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lowres_ssl import cli, run_layout
-from lowres_ssl.tasks import train
-from tests.engine.test_trainer import tiny
 
 
 class Payload:
@@ -52,22 +48,6 @@ def _forge(checkpoint, name, data):
     state["files"][name] = [len(data), hashlib.sha256(data).hexdigest()]
     state_file.write_text(json.dumps(state))
     assert run_layout.damage(checkpoint) is None  # the forgery passes the checksum check
-
-
-@pytest.fixture(scope="module")
-def setting(folder, tmp_path_factory):
-    """A finished tiny run, a labeled folder of two classes, the payload files."""
-    base = tmp_path_factory.mktemp("malicious")
-    run = base / "run"
-    train(tiny(folder, train={"max_steps": 3}), run, progress_bar=False)
-    labeled = base / "labeled"
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (labeled / c).mkdir(parents=True)
-        for i in range(4):
-            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(labeled / c / f"{i}.png")
-    return run, labeled
 
 
 def _commands(bad, images, labeled, out):
@@ -105,8 +85,8 @@ COMMANDS = list(_commands("x", "x", "x", Path("x")))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_a_pickle_with_a_payload_is_never_run(setting, folder, tmp_path, capsys, command):
-    labeled = setting[1]
+def test_a_pickle_with_a_payload_is_never_run(finished, folder, tmp_path, capsys, command):
+    labeled = finished[1]
     marker = tmp_path / "payload-ran"
     for name, bad in _plant(tmp_path, marker).items():
         out = tmp_path / f"out-{name}"
@@ -117,10 +97,10 @@ def test_a_pickle_with_a_payload_is_never_run(setting, folder, tmp_path, capsys,
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_a_payload_planted_in_a_checkpoint_folder_is_never_run(
-    setting, folder, tmp_path, capsys, command
+    finished, folder, tmp_path, capsys, command
 ):
     """The checkpoint's weights replaced by a pickle, its manifest forged to match."""
-    run, labeled = setting
+    run, labeled = finished
     marker = tmp_path / "payload-ran"
     checkpoint = tmp_path / "step_00000003"
     shutil.copytree(run_layout.latest(run), checkpoint)
@@ -132,10 +112,10 @@ def test_a_payload_planted_in_a_checkpoint_folder_is_never_run(
     assert not marker.exists(), "the payload ran"
 
 
-def test_resume_with_a_payload_in_the_optimizer_state_never_runs_it(setting, tmp_path, capsys):
+def test_resume_with_a_payload_in_the_optimizer_state_never_runs_it(finished, tmp_path, capsys):
     """``--resume`` reads the optimizer state (``torch.load(weights_only=True)``): a zipped
     pickle with a payload there, its checksum forged, is refused in one line."""
-    run, _ = setting
+    run, _ = finished
     marker = tmp_path / "payload-ran"
     copy = shutil.copytree(run, tmp_path / "run")
     checkpoint = run_layout.latest(copy)

@@ -8,29 +8,7 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-from PIL import Image
-
 from lowres_ssl import cli, run_layout
-from lowres_ssl.tasks import train
-from tests.engine.test_trainer import tiny
-
-
-@pytest.fixture(scope="module")
-def finished(folder, tmp_path_factory):
-    """A finished tiny run and a labeled folder of two classes to evaluate it on."""
-    base = tmp_path_factory.mktemp("writers")
-    run = base / "run"
-    train(tiny(folder, train={"max_steps": 3}), run, progress_bar=False)
-    labeled = base / "labeled"
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
-        (labeled / c).mkdir(parents=True)
-        for i in range(6):
-            pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(labeled / c / f"{i}.png")
-    return run, labeled
 
 
 def _hold(lock_code: str, path) -> subprocess.Popen:
