@@ -62,6 +62,12 @@ class Batch:
     images: Tensor  # uint8 (B, 3, S, S)
     indices: Tensor
     labels: Tensor | None = None
+    position: int = 0  # the batch's number in its epoch (where a resume continues after it)
+
+
+MIN_TRAIN_BATCH = 2
+"""Fewest images a training step takes: BatchNorm and the losses need two. A batch that bad
+files left smaller than this is skipped (its files are listed) rather than trained on."""
 
 
 def default_num_workers() -> int:
@@ -151,7 +157,9 @@ class ImageLoader:
     def __len__(self) -> int:
         return len(self.order)
 
-    def iterate(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+    def iterate(self, epoch: int, start: int = 0, keep_empty: bool = False) -> Iterator[Batch]:
+        """The batches of ``epoch`` from number ``start`` on. A batch whose files were all bad
+        is left out, unless ``keep_empty`` (training: every process sees every number)."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Batch]:
@@ -195,10 +203,10 @@ class FolderLoader(ImageLoader):
             worker_init_fn=ignore_stop_signals,
         )
 
-    def iterate(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+    def iterate(self, epoch: int, start: int = 0, keep_empty: bool = False) -> Iterator[Batch]:
         self._batches.epoch, self._batches.start = epoch, start
         delivered = 0
-        for decoded in self._loader:
+        for position, decoded in enumerate(self._loader, start):
             self.skip_log.add(decoded.skipped)
             if decoded.skipped and folder_gone(self.images.files):
                 raise UserError(
@@ -206,7 +214,7 @@ class FolderLoader(ImageLoader):
                     "deleted mid-run): bring it back, then continue with --resume; the last "
                     "checkpoint is kept"
                 )
-            if len(decoded.indices) == 0:
+            if len(decoded.indices) == 0 and not keep_empty:
                 continue
             delivered += len(decoded.indices)
             labels = None if self._labels is None else self._labels[decoded.indices]
@@ -214,6 +222,7 @@ class FolderLoader(ImageLoader):
                 decoded.images.to(self.device, non_blocking=True),
                 decoded.indices,
                 None if labels is None else labels.to(self.device, non_blocking=True),
+                position,
             )
         if delivered == 0 and start == 0 and len(self.order) > 0:
             files = self.images.files
@@ -230,38 +239,39 @@ class ArrayLoader(ImageLoader):
         self.prefetch = prefetch
         skip_log.add(images.skipped)
 
-    def _gather(self, idx: Tensor) -> Batch:
+    def _gather(self, idx: Tensor, position: int) -> Batch:
         a = self.images
         on_device = a.images.device == self.device
         rows = a.images[idx.to(a.images.device)] if on_device else a.images[idx]
         labels = None if a.labels is None else a.labels[idx.to(a.labels.device)]
         if not on_device and self.device.type == "cuda":
             rows = rows.pin_memory()
-        return Batch(rows, idx, labels)
+        return Batch(rows, idx, labels, position)
 
     def _to_device(self, b: Batch) -> Batch:
         return Batch(
             b.images.to(self.device, non_blocking=True),
             b.indices,
             None if b.labels is None else b.labels.to(self.device, non_blocking=True),
+            b.position,
         )
 
-    def iterate(self, epoch: int, start: int = 0) -> Iterator[Batch]:
-        batches = self.order.batches(epoch, start)
+    def iterate(self, epoch: int, start: int = 0, keep_empty: bool = False) -> Iterator[Batch]:
+        batches = list(enumerate(self.order.batches(epoch, start), start))
         if self.images.images.device == self.device or self.prefetch == 0:
-            for idx in batches:
-                yield self._to_device(self._gather(idx))
+            for position, idx in batches:
+                yield self._to_device(self._gather(idx, position))
             return
         yield from self._threaded(batches)
 
-    def _threaded(self, batches: list[Tensor]) -> Iterator[Batch]:
+    def _threaded(self, batches: list[tuple[int, Tensor]]) -> Iterator[Batch]:
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
         def work():
             try:
-                for idx in batches:
-                    item = self._gather(idx)
+                for position, idx in batches:
+                    item = self._gather(idx, position)
                     while not stop.is_set():
                         try:
                             q.put(item, timeout=0.1)

@@ -130,6 +130,10 @@ class State:
         else:
             p.bad_steps += 1
 
+    def skip_batch(self, position: int) -> None:
+        """A batch left too small by bad files was passed over: a resume starts after it."""
+        self.progress.batch = position + 1
+
     def count_epoch(self) -> None:
         """An epoch has ended: its mean loss, and the next epoch from its first batch."""
         p = self.progress

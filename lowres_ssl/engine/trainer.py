@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from lowres_ssl.config import Config
+from lowres_ssl.data.loader import MIN_TRAIN_BATCH
 from lowres_ssl.device import (
     card_memory_gib,
     peak_memory_gib,
@@ -167,10 +168,13 @@ def run_loop(run: setup.Run, state: State, hooks: Hooks, *, budgeted: bool) -> i
     with StopRequest() as stop:
         while (budgeted or p.epoch < epochs) and p.step < state.total_steps:
             completed = True
-            for batch in run.loader.iterate(p.epoch, start=p.batch):
+            for batch in run.loader.iterate(p.epoch, start=p.batch, keep_empty=True):
                 if p.step >= state.total_steps or stop.agreed(acc):
                     completed = False
                     break
+                if too_small(batch, acc):
+                    state.skip_batch(batch.position)
+                    continue
                 lr = run.learning_rate.apply(run.optimizer, p.step, state.total_steps)
                 views = run.task.views(run.augment, batch, run.aug_rng)
                 try:
@@ -188,6 +192,24 @@ def run_loop(run: setup.Run, state: State, hooks: Hooks, *, budgeted: bool) -> i
             if stop.agreed(acc):
                 break
         return stop.signum
+
+
+def too_small(batch, accelerator) -> bool:
+    """Whether a batch that bad files left with fewer than two images (on any process: a
+    collective where there are several) is skipped: BatchNorm and the losses need two."""
+    short = batch.images.shape[0] < MIN_TRAIN_BATCH
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(short)], device=accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        short = bool(flag.item())
+    if short and accelerator.is_main_process:
+        log.warning(
+            "batch %d of the epoch has %d usable image(s) (its other files are bad, listed in "
+            "skipped_files.txt): skipped", batch.position, batch.images.shape[0],
+        )  # fmt: skip
+    return short
 
 
 def finish(run: setup.Run, state: State, parts: Parts, stopped: int | None) -> dict[str, Any]:

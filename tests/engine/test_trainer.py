@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -190,6 +191,16 @@ def test_non_finite_losses_skip_steps_then_stop(folder, tmp_path, monkeypatch):
     # step 6 (periodic; the parameters of step 5) is the last: the failure wrote none.
     assert sorted(losses(run)) == [1, 4, 5]
     assert run_layout.latest(run).name == "step_00000006"
+    # ... kept whole and good: intact by its checksums, every weight finite, and a resume
+    # (the objective healthy again) trains on from it.
+    kept, passed = run_layout.latest_intact(run)
+    assert kept == run_layout.latest(run) and passed == []
+    weights = load_file(str(kept / "model.safetensors"))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    monkeypatch.undo()
+    summary = train(tiny(folder, train={"max_bad_steps": 3}), run, resume=True,
+                    progress_bar=False)  # fmt: skip
+    assert summary["steps"] == 16 and math.isfinite(summary["final_loss"])
 
 
 def test_a_folder_holding_a_run_is_not_overwritten(folder, tmp_path):

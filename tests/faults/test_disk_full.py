@@ -4,6 +4,7 @@ the previous checkpoint, and ``--resume`` after freeing space continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -164,14 +165,73 @@ def _mount_tmpfs(where: Path, size_mb: int) -> bool:
     return done.returncode == 0
 
 
+@contextlib.contextmanager
+def small_disk(where: Path, size_mb: int):
+    """A real disk of ``size_mb`` at ``where`` (a tmpfs), unmounted afterwards; the test
+    skips where the machine does not let it mount one (it needs root)."""
+    if shutil.which("mount") is None or not _mount_tmpfs(where, size_mb):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file on ``disk`` until not one byte more fits."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        chunk = 2**20
+        while chunk:
+            try:
+                os.write(fd, b"\0" * chunk)
+            except OSError as err:
+                assert is_disk_full(err)
+                chunk //= 2
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.slow
+def test_metrics_on_a_small_real_disk(folder, tmp_path):
+    """For real: the disk fills (another program's file) after the checkpoint at the end of
+    the first epoch (step 16); metrics.jsonl then grows past its first 4 KB page at about
+    step 18, before the next checkpoint (step 20), and finds no room. One line; with the
+    file gone, --resume ends like a run never stopped."""
+    sections = {"train": {"epochs": 4, "checkpoint_every": 10}}
+    whole = tmp_path / "whole"
+    train(tiny(folder, **sections), whole, progress_bar=False)
+    with small_disk(tmp_path / "disk", 200) as disk:
+        cut, filler = disk / "run", []
+        with pytest.raises(UserError, match="could not write the metrics") as e:
+            train(tiny(folder, **sections), cut, progress_bar=False,
+                  on_step=lambda p, v: p.step == 17 and filler.append(fill(disk)))  # fmt: skip
+        assert f"--resume --out {cut}" in one_line(e)
+        assert run_layout.latest_intact(cut)[0].name == "step_00000016"
+        filler[0].unlink()
+        train(tiny(folder, **sections), cut, resume=True, progress_bar=False)
+        assert_same_run(whole, cut, steps=32)
+
+
+@pytest.mark.slow
+def test_the_decoded_cache_on_a_small_real_disk(folder, tmp_path):
+    """For real: a decoded cache of 3 MB asked for on a disk of 1 MB is one line, before a
+    byte is decoded, and leaves nothing on that disk."""
+    with small_disk(tmp_path / "disk", 1) as disk:
+        cfg = tiny(folder, data={"cache": "disk", "cache_dir": str(disk), "load_size": 128})
+        with pytest.raises(UserError, match="could not write the decoded images") as e:
+            train(cfg, tmp_path / "run", progress_bar=False)
+        assert "data.cache=none" in one_line(e)
+        assert list(disk.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_a_run_on_a_small_real_disk(folder, tmp_path):
     """For real, where the machine lets the test mount a tmpfs (root): a disk that holds one
     checkpoint but not two. The run stops with one line; moved to a larger disk, it resumes."""
-    disk = tmp_path / "disk"
-    if shutil.which("mount") is None or not _mount_tmpfs(disk, 110):
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with small_disk(tmp_path / "disk", 110) as disk:
         run = disk / "run"
         cfg = tiny(folder, train={"keep_checkpoints": 2})
         with pytest.raises(UserError) as e:
@@ -183,7 +243,5 @@ def test_a_run_on_a_small_real_disk(folder, tmp_path):
         assert not list((run / "checkpoints").glob(".tmp-*"))
         moved = tmp_path / "moved"
         shutil.copytree(run, moved)
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
     summary = train(cfg, moved, resume=True, progress_bar=False)
     assert summary["steps"] == 16 and torch.isfinite(torch.tensor(summary["final_loss"]))

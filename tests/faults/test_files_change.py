@@ -13,7 +13,7 @@ import pytest
 from lowres_ssl import run_layout
 from lowres_ssl.errors import UserError
 from lowres_ssl.tasks import train
-from tests.engine.test_trainer import tiny
+from tests.engine.test_trainer import assert_same_run, interrupt_at, tiny
 
 
 @pytest.fixture
@@ -82,3 +82,42 @@ def test_an_emptied_mount_point_is_the_folder_gone(images, tmp_path):
 
     with pytest.raises(UserError, match="is gone"):
         train(tiny(images), run, progress_bar=False, on_step=at_step(4, unmount))
+
+
+def leave_one_image_in_batch(images, cfg, position: int) -> list[str]:
+    """Break every file of epoch 0's batch ``position`` but one good image (as files damaged
+    while the run is away would); the broken files' paths."""
+    from lowres_ssl.data.loader import EpochOrder, open_images
+
+    files = open_images(images, load_size=16, cache="none", progress=False).files
+    order = EpochOrder(len(files), cfg.train.batch_size, seed=cfg.train.seed)
+    names = [files.paths[i] for i in order.batches(0)[position].tolist()]
+    good = [n for n in names if n != "part0/broken.png"]
+    broken = good[1:]
+    for name in broken:
+        (images / name).write_text("damaged")
+    return broken
+
+
+def test_a_batch_left_with_one_image_is_skipped_and_resume_stays_exact(images, tmp_path, caplog):
+    """Bad files that leave one image in a batch (BatchNorm and the losses need two): the
+    batch is passed over with one line, the run goes on, and a resume after it continues at
+    the next batch — the same steps as a run never stopped."""
+    cfg = tiny(images)
+    broken = leave_one_image_in_batch(images, cfg, position=3)
+    caplog.set_level(logging.INFO, logger="lowres_ssl")
+    whole = tmp_path / "whole"
+    summary = train(cfg, whole, progress_bar=False)
+    assert summary["steps"] == 15  # 8 + 8 batches, one of them skipped
+    said = [r.getMessage() for r in caplog.records if "usable image" in r.getMessage()]
+    assert said == ["batch 3 of the epoch has 1 usable image(s) (its other files are bad, "
+                    "listed in skipped_files.txt): skipped"]  # fmt: skip
+    listed = (whole / run_layout.SKIPPED_FILE).read_text()
+    assert all(name in listed for name in broken)
+
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, cut, progress_bar=False, on_step=interrupt_at(5))  # after the skip
+    assert run_layout.latest(cut).name == "step_00000005"
+    train(cfg, cut, resume=True, progress_bar=False)
+    assert_same_run(whole, cut, 15)
