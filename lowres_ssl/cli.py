@@ -553,7 +553,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 @exits_on_user_errors
 def export_main(argv: list[str] | None = None) -> int:
-    from lowres_ssl.weights import export, load_weights
+    from lowres_ssl.weights import export, library_constructor, load_line, load_weights
 
     args = export_parser().parse_args(argv)
     weights = load_weights(args.checkpoint)
@@ -563,13 +563,10 @@ def export_main(argv: list[str] | None = None) -> int:
     extra = f" (and {sidecar.name})" if sidecar.is_file() and out.suffix != ".safetensors" else ""
     print(f"exported {spec.describe()} from {weights.file} to {out}{extra}")
     if out.suffix != ".safetensors":
-        print(f"load: model = torchvision.models.{spec.backbone}(); model.fc = torch.nn.Identity()")
-        if spec.cifar_stem:
-            print(
-                "      model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
-                "model.maxpool = torch.nn.Identity()"
-            )
-        print(f"      model.load_state_dict(torch.load('{out.name}', weights_only=True))")
+        print("load: " + "; ".join(load_line(spec, out.name).split("; ")).replace("; ", "\n      "))
+    elif spec.library:
+        print(f"load: {library_constructor(spec).rstrip('; ')}".replace("; ", "\n      "))
+        print(f"      model.load_state_dict(safetensors.torch.load_file('{out.name}'))")
     return 0
 
 

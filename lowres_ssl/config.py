@@ -386,7 +386,7 @@ def validate(cfg: Config) -> Config:
     from lowres_ssl.augment import RECIPES
     from lowres_ssl.data import CACHE_CHOICES, DATASETS
     from lowres_ssl.losses import OBJECTIVES
-    from lowres_ssl.models import BACKBONES, projector_out_dim
+    from lowres_ssl.models import check_backbone_name, projector_out_dim
     from lowres_ssl.models.projector import parse_projector_spec
     from lowres_ssl.optim import OPTIMIZERS
 
@@ -408,7 +408,9 @@ def validate(cfg: Config) -> Config:
         raise UserError(
             f"data.path {d.path} is not a folder; pass a folder of images or one of {names}"
         )
-    _choice("model.backbone", m.backbone, list(BACKBONES))
+    if not isinstance(m.backbone, str):
+        raise UserError(f"model.backbone must be a name, got {m.backbone!r}")
+    check_backbone_name(m.backbone)
     projector_out_dim(m.projector)
     if max(parse_projector_spec(m.projector)) > MAX_PROJECTOR_WIDTH:
         raise UserError(

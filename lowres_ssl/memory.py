@@ -118,7 +118,8 @@ def loss_bytes(
 class ActivationProfile:
     """Bytes autograd saves per image (one view), by part of the network.
 
-    ``per_stage``: the stem, ``layer1``..``layer4`` and ``head`` (pool + projector);
+    ``per_stage``: the stem, each stage (ResNet's ``layer1``..``layer4``, a library model's
+    checkpointed units) and ``head`` (what follows the last stage: pool + projector);
     ``stage_inputs``: what checkpointing keeps of each stage (its input); ``largest``: the
     largest single saved tensor per image (backward holds a gradient of its size or two).
     """
@@ -130,12 +131,12 @@ class ActivationProfile:
     def per_image(self, checkpointing: bool) -> float:
         if not checkpointing:
             return sum(self.per_stage.values())
-        stages = [v for k, v in self.per_stage.items() if k.startswith("layer")]
-        outside = sum(v for k, v in self.per_stage.items() if not k.startswith("layer"))
+        stages = [v for k, v in self.per_stage.items() if k not in _OUTSIDE]
+        outside = sum(v for k, v in self.per_stage.items() if k in _OUTSIDE)
         return outside + self.stage_inputs + max(stages, default=0.0)
 
 
-_STAGES = ("layer1", "layer2", "layer3", "layer4")
+_OUTSIDE = ("stem", "head")
 
 
 @contextmanager
@@ -150,14 +151,14 @@ def _counting(model: nn.Module, n: int) -> Iterator[dict]:
     def enter(name):
         def hook(module, args):
             current[0] = name
-            if name in _STAGES:
-                record["inputs"] += args[0].untyped_storage().nbytes()
+            record["inputs"] += args[0].untyped_storage().nbytes()
 
         return hook
 
-    for name in _STAGES:
-        hooks.append(getattr(backbone, name).register_forward_pre_hook(enter(name)))
-    hooks.append(backbone.avgpool.register_forward_pre_hook(enter("head")))
+    stages = backbone.stages()
+    for name, stage in stages:
+        hooks.append(stage.register_forward_pre_hook(enter(name)))
+    hooks.append(stages[-1][1].register_forward_hook(lambda *_: current.__setitem__(0, "head")))
 
     def pack(t: torch.Tensor):
         # Activations only: a tensor of the batch's leading size. The 16-bit weight copies

@@ -35,7 +35,15 @@ from torch import Tensor
 
 from lowres_ssl.errors import UserError
 from lowres_ssl.files import write_atomic, write_text_atomic
-from lowres_ssl.models import BACKBONES, CIFAR_STEM_MAX_SIZE, ResNetBackbone, SSLModel
+from lowres_ssl.models import (
+    BACKBONES,
+    CIFAR_STEM_MAX_SIZE,
+    LibraryBackbone,
+    ResNetBackbone,
+    SSLModel,
+    build_backbone,
+    is_library_name,
+)
 from lowres_ssl.run_layout import (
     BACKBONE_FILE,
     CHECKPOINT_MODEL_FILE,
@@ -62,18 +70,30 @@ class BackboneSpec:
     cifar_stem: bool
     out_dim: int
     config: dict[str, Any] | None = None  # the training config, where known
+    kwargs: dict[str, Any] = field(default_factory=dict)  # a timm/torchvision constructor's
 
     @property
     def stem(self) -> str:
         return "cifar" if self.cifar_stem else "imagenet"
 
+    @property
+    def library(self) -> bool:
+        """Whether the backbone is a timm or torchvision model (not a built-in ResNet)."""
+        return is_library_name(self.backbone)
+
     def describe(self) -> str:
         stem = "CIFAR stem" if self.cifar_stem else "ImageNet stem"
+        if self.library:
+            stem = "stride-1 stem" if self.cifar_stem else "its own stem"
+            stem += "".join(f", {k}={v}" for k, v in sorted(self.kwargs.items()))
         return f"{self.backbone} ({stem}, {self.image_size} px, {self.out_dim} features)"
 
-    def build(self) -> ResNetBackbone:
+    def build(self):
         """The architecture, randomly initialised (seed it before calling for a fixed init)."""
-        return ResNetBackbone(self.backbone, image_size=self.image_size, cifar_stem=self.cifar_stem)
+        return build_backbone(
+            self.backbone, image_size=self.image_size, cifar_stem=self.cifar_stem,
+            kwargs=self.kwargs or None,
+        )  # fmt: skip
 
 
 @dataclass
@@ -225,17 +245,75 @@ def _view_size(config: dict[str, Any] | None) -> int | None:
     return int(size) if size else None
 
 
-def load_weights(path: str | Path, flag: str = "--checkpoint") -> Weights:
-    """The backbone weights behind ``path`` (see :func:`find_weights`), with their spec."""
+def load_weights(
+    path: str | Path, flag: str = "--checkpoint", expected: BackboneSpec | None = None
+) -> Weights:
+    """The backbone weights behind ``path`` (see :func:`find_weights`), with their spec.
+    ``expected``: the timm/torchvision backbone a plain library state dict (no metadata, no
+    run folder: ImageNet weights, say) is taken to be."""
     file, run_dir = find_weights(path, flag)
     state, meta = read_state(file, flag)
-    return _weights_of(file, run_dir, state, meta, flag)
+    return _weights_of(file, run_dir, state, meta, flag, expected)
+
+
+def _library_claim(meta: dict, config: dict | None) -> str | None:
+    """The timm/torchvision backbone a file's metadata or run config names, if any."""
+    claimed = meta.get("backbone") or ((config or {}).get("model") or {}).get("backbone")
+    return claimed if isinstance(claimed, str) and is_library_name(claimed) else None
+
+
+def _library_weights(
+    file: Path, run_dir: Path | None, state: dict[str, Tensor], meta: dict,
+    config: dict | None, name: str, expected: BackboneSpec | None,
+) -> Weights:  # fmt: skip
+    """The :class:`Weights` of a timm/torchvision backbone: its spec from the metadata (or
+    the run config, or ``expected`` for a plain library file)."""
+    if any(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    backbone, projector = state, {}
+    if any(k.startswith("backbone.") for k in state):
+        backbone = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
+        projector = {k[10:]: v for k, v in state.items() if k.startswith("projector.")}
+    try:
+        kwargs = json.loads(meta["kwargs"]) if meta.get("kwargs") else None
+    except json.JSONDecodeError:
+        kwargs = None
+    size = int(meta["image_size"]) if meta.get("image_size") else _view_size(config)
+    if expected is not None and expected.backbone == name:
+        size = size or expected.image_size
+        kwargs = expected.kwargs if kwargs is None else kwargs
+        stem = meta.get("stem", expected.stem) == "cifar"
+    else:
+        stem = meta.get("stem") == "cifar"
+    size = size or 224
+    spec = BackboneSpec(name, size, stem, 0, config, dict(kwargs or {}))
+    if meta.get("out_dim"):
+        spec.out_dim = int(meta["out_dim"])
+    else:  # a checkpoint or a plain file: the width of the model it makes (built on meta)
+        with torch.device("meta"):
+            built = spec.build()
+        spec.out_dim, spec.kwargs = built.out_dim, dict(built.kwargs)
+    return Weights(file, backbone, spec, projector, run_dir)
 
 
 def _weights_of(
-    file: Path, run_dir: Path | None, state: dict[str, Tensor], meta: dict, flag: str
-) -> Weights:
-    """The :class:`Weights` of a file's tensors and metadata (architecture from the tensors)."""
+    file: Path, run_dir: Path | None, state: dict[str, Tensor], meta: dict, flag: str,
+    expected: BackboneSpec | None = None,
+) -> Weights:  # fmt: skip
+    """The :class:`Weights` of a file's tensors and metadata (a ResNet's architecture from
+    its tensors; a timm/torchvision model's from the metadata or run config)."""
+    config = None
+    if meta.get("config"):
+        try:
+            config = json.loads(meta["config"])
+        except json.JSONDecodeError:
+            config = None
+    config = config or _run_config(run_dir)
+    library = _library_claim(meta, config)
+    if library is None and expected is not None and expected.library:
+        library = expected.backbone  # a plain state dict given for a library backbone
+    if library is not None:
+        return _library_weights(file, run_dir, state, meta, config, library, expected)
     backbone, projector = _split_state(state)
     try:
         name, cifar_stem = infer_architecture(backbone)
@@ -247,13 +325,6 @@ def _weights_of(
             f"{flag} {file}: its metadata says {claimed} but its tensors are a {name}; the file "
             "was changed after export"
         )
-    config = None
-    if meta.get("config"):
-        try:
-            config = json.loads(meta["config"])
-        except json.JSONDecodeError:
-            config = None
-    config = config or _run_config(run_dir)
     size = int(meta["image_size"]) if meta.get("image_size") else _view_size(config)
     if size is None:  # a plain torchvision file: the usual size for its stem
         size = 32 if cifar_stem else 224
@@ -261,9 +332,11 @@ def _weights_of(
     return Weights(file, backbone, spec, projector, run_dir)
 
 
-def _mismatch(flag: str, file: Path, have: BackboneSpec, want: ResNetBackbone) -> str | None:
+def _mismatch(flag: str, file: Path, have: BackboneSpec, want) -> str | None:
     if have.backbone != want.name:
         return f"backbone {have.backbone} in the file, {want.name} asked for"
+    if isinstance(want, LibraryBackbone):
+        return None  # its keys and shapes say the rest (load_library_state)
     if have.cifar_stem != want.cifar_stem:
         a = "CIFAR (3x3 conv1)" if have.cifar_stem else "ImageNet (7x7 conv1)"
         b = "CIFAR" if want.cifar_stem else "ImageNet"
@@ -274,9 +347,12 @@ def _mismatch(flag: str, file: Path, have: BackboneSpec, want: ResNetBackbone) -
     return None
 
 
-def load_into(backbone: ResNetBackbone, weights: Weights, flag: str = "--checkpoint") -> None:
+def load_into(backbone, weights: Weights, flag: str = "--checkpoint") -> None:
     """Load ``weights`` into ``backbone`` (strict); another architecture is a one-line error."""
     problem = _mismatch(flag, weights.file, weights.spec, backbone)
+    if problem is None and isinstance(backbone, LibraryBackbone):
+        backbone.load_library_state(weights.backbone, f"{flag} {weights.file}")
+        return
     if problem is None:
         try:
             backbone.load_state_dict(weights.backbone)
@@ -293,6 +369,7 @@ def load_backbone(path: str | Path, flag: str = "--checkpoint") -> tuple[ResNetB
     with torch.random.fork_rng(devices=[]):  # building draws an init; keep the caller's RNG
         backbone = weights.spec.build()
     load_into(backbone, weights, flag)
+    weights.spec.out_dim = backbone.out_dim
     return backbone, weights
 
 
@@ -307,7 +384,7 @@ def random_backbone(spec: BackboneSpec, seed: int = 0) -> ResNetBackbone:
 def load_init(model: SSLModel, path: str | Path) -> str:
     """Start training from saved weights: a whole model (backbone and projector, when the
     projector's shapes match) or a backbone. Returns what was loaded, for the log."""
-    weights = load_weights(path, "--init")
+    weights = load_weights(path, "--init", expected=spec_of(model.backbone, 0, None))
     load_into(model.backbone, weights, "--init")
     own = model.projector.state_dict()
     projector = weights.projector
@@ -321,8 +398,12 @@ def load_init(model: SSLModel, path: str | Path) -> str:
 # Writing
 
 
-def spec_of(backbone: ResNetBackbone, image_size: int, config: dict | None) -> BackboneSpec:
-    return BackboneSpec(backbone.name, image_size, backbone.cifar_stem, backbone.out_dim, config)
+def spec_of(backbone, image_size: int, config: dict | None) -> BackboneSpec:
+    """The spec of a built backbone (a timm/torchvision model's constructor arguments too)."""
+    kwargs = dict(getattr(backbone, "kwargs", None) or {})
+    return BackboneSpec(
+        backbone.name, image_size, backbone.cifar_stem, backbone.out_dim, config, kwargs
+    )
 
 
 def _metadata(spec: BackboneSpec) -> dict[str, str]:
@@ -333,6 +414,8 @@ def _metadata(spec: BackboneSpec) -> dict[str, str]:
         "stem": spec.stem,
         "out_dim": str(spec.out_dim),
     }
+    if spec.library:
+        meta["kwargs"] = json.dumps(spec.kwargs)
     if spec.config is not None:
         meta["config"] = json.dumps(spec.config)
     return meta
@@ -363,7 +446,41 @@ def save_torchvision(state: dict[str, Tensor], spec: BackboneSpec, path: Path) -
                  needed=_nbytes(plain))  # fmt: skip
     meta: dict[str, Any] = _metadata(spec)
     meta.update(image_size=spec.image_size, out_dim=spec.out_dim, config=spec.config)
-    meta["load"] = (
+    meta["load"] = load_line(spec, path.name)
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
+    return path
+
+
+def library_constructor(spec: BackboneSpec) -> str:
+    """Python that builds a timm/torchvision backbone the way the kit trained it."""
+    from lowres_ssl.models.library import split_name
+
+    library, model = split_name(spec.backbone)
+    args = "".join(f", {k}={v!r}" for k, v in sorted(spec.kwargs.items()))
+    if library == "timm":
+        text = f"model = timm.create_model({model!r}, num_classes=0{args}); "
+    else:
+        with torch.device("meta"):
+            head = build_backbone(spec.backbone, image_size=spec.image_size).head
+        text = (
+            f"model = torchvision.models.get_model({model!r}, weights=None{args}); "
+            f"model.set_submodule({head!r}, torch.nn.Identity()); "
+        )
+    if spec.cifar_stem:
+        text += (
+            "first = next(m for m in model.conv1.modules() if isinstance(m, torch.nn.Conv2d)); "
+            "first.stride = (1, 1); model.maxpool = torch.nn.Identity(); "
+        )
+    return text
+
+
+def load_line(spec: BackboneSpec, name: str) -> str:
+    """Python that builds the backbone of ``spec`` and loads a torch file ``name`` into it."""
+    if spec.library:
+        return library_constructor(spec) + (
+            f"model.load_state_dict(torch.load('{name}', weights_only=True))"
+        )
+    return (
         f"model = torchvision.models.{spec.backbone}(); model.fc = torch.nn.Identity(); "
         + (
             "model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
@@ -371,10 +488,8 @@ def save_torchvision(state: dict[str, Tensor], spec: BackboneSpec, path: Path) -
             if spec.cifar_stem
             else ""
         )
-        + f"model.load_state_dict(torch.load('{path.name}', weights_only=True))"
+        + f"model.load_state_dict(torch.load('{name}', weights_only=True))"
     )
-    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,10 +610,12 @@ __all__ = [
     "export",
     "find_weights",
     "infer_architecture",
+    "library_constructor",
     "load_backbone",
     "load_classifier",
     "load_init",
     "load_into",
+    "load_line",
     "load_weights",
     "random_backbone",
     "read_state",

@@ -53,6 +53,11 @@ CPU_CASES = [
     (96, "1024-2048", 32, 0, False, 6),  # the cpu preset on photos with 6 crops
 ]
 
+#: The same measurement per backbone: timm and torchvision models beside ResNet-18 (96 px,
+#: batch 32, projector 512-1024), checkpointing off and on.
+BACKBONE_CASES = ["resnet18", "timm/resnet10t", "timm/convnext_atto", "timm/mobilenetv3_large_100",
+                  "timm/vit_tiny_patch16_224", "torchvision/mobilenet_v3_small"]  # fmt: skip
+
 
 def measure(setting, steps: int) -> dict:
     """Run ``steps`` real training steps of ``setting`` (a :class:`lowres_ssl.memory.Setting`)
@@ -156,6 +161,34 @@ def cpu_cases(steps: int) -> list[str]:
              f"{r['estimated_gib']:.3f}", f"{r['measured_gib']:.3f}", f"{ratio:.2f}"]
         )  # fmt: skip
         print(bench.markdown_row(rows[-1]), flush=True)
+    return bench.markdown_table(header, rows)
+
+
+def backbone_cases(steps: int) -> list[str]:
+    """The estimate against the measured RSS growth per backbone (:data:`BACKBONE_CASES`)."""
+    import importlib.util
+
+    header = ["backbone", "checkpointing", "estimated GiB", "measured GiB", "measured / estimated"]
+    rows = []
+    for backbone in BACKBONE_CASES:
+        if backbone.startswith("timm/") and importlib.util.find_spec("timm") is None:
+            rows.append([f"`{backbone}`", "–", "timm not installed (pip install -e '.[timm]')"])
+            continue
+        for checkpointing in (False, True):
+            s = Setting(
+                backbone=backbone, projector="512-1024", view_size=96, load_size=96,
+                batch_size=32, mixed=False, cuda=False, state_bits=32, loss="simclr",
+                checkpointing=checkpointing, kernel_degree=None,
+            )  # fmt: skip
+            r = run_isolated(s, steps, env={"OMP_NUM_THREADS": "1"})
+            ck = "on" if checkpointing else "off"
+            if "error" in r:
+                rows.append([f"`{backbone}`", ck, r["error"]])
+                continue
+            ratio = r["measured_gib"] / r["estimated_gib"]
+            rows.append([f"`{backbone}`", ck, f"{r['estimated_gib']:.3f}",
+                         f"{r['measured_gib']:.3f}", f"{ratio:.2f}"])  # fmt: skip
+            print(bench.markdown_row(rows[-1]), flush=True)
     return bench.markdown_table(header, rows)
 
 
@@ -267,6 +300,12 @@ def main() -> int:
             "before). The CPU's heap and oneDNN overhead in the estimate is calibrated on these.",
             "",
             *cpu_cases(steps),
+            "",
+            "Per backbone (2 × 96 px, projector 512-1024, batch 32, SimCLR, fp32, 32-bit LARS; "
+            "the same measurement): the activations of a timm or torchvision model are counted "
+            "the same way, by running it once on the CPU, stage by stage.",
+            "",
+            *backbone_cases(steps),
             "",
             "Not measured here: the GPU. The CUDA context (600 MiB) and the allocator's slack "
             "(10 %) are assumptions until `--device cuda` runs on a GPU.",

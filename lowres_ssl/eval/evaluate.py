@@ -31,12 +31,20 @@ from lowres_ssl.eval.features import (
 from lowres_ssl.eval.knn import knn_evaluate
 from lowres_ssl.eval.linear import linear_probe
 from lowres_ssl.eval.monitor import default_sets
-from lowres_ssl.models import BACKBONES, CIFAR_STEM_MAX_SIZE, ResNetBackbone
+from lowres_ssl.models import (
+    BACKBONES,
+    CIFAR_STEM_MAX_SIZE,
+    ResNetBackbone,
+    build_backbone,
+    check_backbone_name,
+    is_library_name,
+)
 from lowres_ssl.weights import (
     BackboneSpec,
     Weights,
     load_backbone,
     random_backbone,
+    spec_of,
     state_sha256,
 )
 
@@ -214,9 +222,12 @@ def _backbone_to_evaluate(
     if random_init and backbone:
         if not size:
             raise UserError("--random-init --backbone needs --size (the image side in pixels)")
-        if backbone not in BACKBONES:
-            raise UserError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-        spec = BackboneSpec(backbone, size, size <= CIFAR_STEM_MAX_SIZE, BACKBONES[backbone])
+        check_backbone_name(backbone)
+        if is_library_name(backbone):  # its feature width and size rules: from the model
+            with torch.device("meta"):
+                spec = spec_of(build_backbone(backbone, image_size=size), size, None)
+        else:
+            spec = BackboneSpec(backbone, size, size <= CIFAR_STEM_MAX_SIZE, BACKBONES[backbone])
         return random_backbone(spec, seed), spec, None
     raise UserError(
         "pass --checkpoint (a run folder, checkpoint or weights file), or --random-init "

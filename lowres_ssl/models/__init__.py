@@ -1,4 +1,5 @@
-"""Models: ResNet backbones for small images, the projector MLP, and the two joined.
+"""Models: backbones (ResNets for small images; timm and torchvision models), the projector
+MLP, and the two joined.
 
 >>> from lowres_ssl.models import build_model
 >>> model = build_model("resnet18", "2048-2048-8192", image_size=32)
@@ -16,8 +17,10 @@ from .backbones import (
     CIFAR_STEM_MAX_SIZE,
     ResNetBackbone,
     build_backbone,
+    check_backbone_name,
     frozen_bn_statistics,
 )
+from .library import LibraryBackbone, is_library_name
 from .projector import build_projector, parse_projector_spec, projector_out_dim
 
 
@@ -92,6 +95,7 @@ def build_model(
     *,
     image_size: int,
     grad_checkpointing: bool = False,
+    backbone_kwargs: dict | None = None,
 ) -> SSLModel:
     """The :class:`SSLModel` with backbone ``backbone`` (see :data:`BACKBONES`) and projector
     spec ``projector`` (e.g. ``"2048-2048-8192"``) for ``image_size``-pixel images.
@@ -99,7 +103,10 @@ def build_model(
     Both names are checked before anything is built, so a bad projector spec fails fast.
     """
     q = projector_out_dim(projector)
-    net = build_backbone(backbone, image_size=image_size, grad_checkpointing=grad_checkpointing)
+    net = build_backbone(
+        backbone, image_size=image_size, grad_checkpointing=grad_checkpointing,
+        kwargs=backbone_kwargs,
+    )  # fmt: skip
     return SSLModel(net, build_projector(net.out_dim, projector), q)
 
 
@@ -113,12 +120,15 @@ __all__ = [
     "BACKBONES",
     "CIFAR_STEM_MAX_SIZE",
     "Classifier",
+    "LibraryBackbone",
     "ResNetBackbone",
     "SSLModel",
     "build_backbone",
     "build_model",
     "build_projector",
+    "check_backbone_name",
     "frozen_bn_statistics",
+    "is_library_name",
     "parameter_count",
     "parse_projector_spec",
     "projector_out_dim",

@@ -167,6 +167,14 @@ class ResNetBackbone(nn.Module):
                 x = stage(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
+    def stages(self) -> list[tuple[str, nn.Module]]:
+        """The checkpointed units, ``layer1`` … ``layer4``."""
+        return [(name, getattr(self, name)) for name in _STAGES]
+
+    def library_state(self) -> dict[str, Tensor]:
+        """The state dict: torchvision's ResNet keys without ``fc.*``."""
+        return self.state_dict()
+
     def extra_repr(self) -> str:
         return (
             f"out_dim={self.out_dim}, cifar_stem={self.cifar_stem}, "
@@ -180,15 +188,40 @@ def build_backbone(
     image_size: int,
     grad_checkpointing: bool = False,
     zero_init_residual: bool = True,
-) -> ResNetBackbone:
-    """The backbone ``name`` (see :data:`BACKBONES`) for ``image_size``-pixel images.
+    cifar_stem: bool | None = None,
+    kwargs: dict | None = None,
+) -> nn.Module:
+    """The backbone ``name`` for ``image_size``-pixel images, randomly initialised: one of
+    :data:`BACKBONES` (a :class:`ResNetBackbone`), or ``timm/<model>`` / ``torchvision/<model>``
+    (a :class:`~lowres_ssl.models.library.LibraryBackbone`, built with ``kwargs``).
 
-    Randomly initialised (``weights=None``). Maps (B, 3, H, W) → (B, out_dim); see
-    :class:`ResNetBackbone` for the stem choice and gradient checkpointing.
+    Maps (B, 3, H, W) → (B, out_dim); every backbone has ``name``, ``out_dim``,
+    ``cifar_stem``, a switchable ``grad_checkpointing``, ``stages()`` and ``library_state()``.
     """
+    from .library import LibraryBackbone, is_library_name
+
+    if is_library_name(name):
+        return LibraryBackbone(
+            name, image_size=image_size, grad_checkpointing=grad_checkpointing,
+            cifar_stem=cifar_stem, kwargs=kwargs,
+        )  # fmt: skip
     return ResNetBackbone(
         name,
         image_size=image_size,
         grad_checkpointing=grad_checkpointing,
         zero_init_residual=zero_init_residual,
+        cifar_stem=cifar_stem,
     )
+
+
+def check_backbone_name(name: str) -> None:
+    """A one-line error when ``name`` is no backbone (builds nothing)."""
+    from .library import LIBRARIES, check_name, is_library_name
+
+    if is_library_name(name):
+        check_name(name)
+    elif name not in BACKBONES:
+        raise UserError(
+            f"unknown model.backbone {name!r}; choose one of {', '.join(BACKBONES)}, or "
+            f"{'/<model> or '.join(LIBRARIES)}/<model>"
+        )

@@ -27,7 +27,7 @@ from lowres_ssl.engine.task import Task, random_batch
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.features import align_classes, extract_all, open_labeled, take_rows
 from lowres_ssl.files import write_text_atomic
-from lowres_ssl.models import Classifier, build_backbone
+from lowres_ssl.models import Classifier, build_backbone, is_library_name
 from lowres_ssl.optim import parameter_groups
 from lowres_ssl.run_layout import CLASSIFIER_FILE, CLASSIFIER_LAST_FILE, SUBSET_FILE
 from lowres_ssl.tasks.pretrain import make_optimizer, open_task_images
@@ -161,10 +161,16 @@ class FineTuning(Task):
         self, cfg: Config, images, init, resuming: bool
     ) -> tuple[nn.Module, str | None]:
         f = cfg.finetune
+        if f.checkpoint and self.weights is None and is_library_name(cfg.model.backbone):
+            self.weights = load_weights(f.checkpoint, "--checkpoint")
+        built = {}  # a timm/torchvision model is rebuilt as it was trained (its patch, stem)
+        if self.weights is not None and self.weights.spec.library:
+            built = {"kwargs": self.weights.spec.kwargs, "cifar_stem": self.weights.spec.cifar_stem}
         backbone = build_backbone(
             cfg.model.backbone,
             image_size=cfg.data.view_size,
             grad_checkpointing=cfg.model.grad_checkpointing,
+            **built,
         )
         note = "random init"
         if f.checkpoint and not f.random_init and not resuming:  # a resumed run has its own

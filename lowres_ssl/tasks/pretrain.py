@@ -56,6 +56,19 @@ def augment_options(cfg: Config) -> dict[str, Any]:
     }
 
 
+def check_view_sizes(cfg: Config, backbone: nn.Module) -> None:
+    """A one-line error when multi-crop's small views are smaller than the backbone takes
+    (a timm/torchvision model that divides the side by 32 leaves them nothing)."""
+    smallest = augment_options(cfg)["small_size"] if cfg.data.views.small_crops else None
+    least = getattr(backbone, "min_image_size", 0)
+    if smallest is not None and smallest < least:
+        raise UserError(
+            f"data.views.small_size: {backbone.name} leaves {smallest}-px crops less than a "
+            f"2x2 feature map (it needs {least} px); set data.views.small_size={least} or more, "
+            "or data.views.small_crops=0"
+        )
+
+
 def describe_views(cfg: Config) -> str:
     """The views in a few words: ``2 × 96 px`` or ``2 × 96 px + 6 × 48 px (swav)``."""
     v, opts = cfg.data.views, augment_options(cfg)
@@ -170,6 +183,7 @@ class Pretraining(Task):
             image_size=cfg.data.view_size,
             grad_checkpointing=cfg.model.grad_checkpointing,
         )
+        check_view_sizes(cfg, model.backbone)
         note = load_init(model, init) if init and not resuming else None
         return model, note
 
