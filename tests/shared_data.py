@@ -17,8 +17,17 @@ PROJECT = Path(__file__).resolve().parents[1]
 ARCHIVE = PROJECT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
+#: Where the shared images are extracted (once per machine); tests/conftest.py sets it before
+#: it points the kit's caches at a folder of the session.
+SHARED_DIR_VARIABLE = "LOWRES_SSL_TEST_SHARED"
+
+
 def extract_dir() -> Path:
-    base = os.environ.get("LOWRES_SSL_CACHE") or Path.home() / ".cache" / "lowres_ssl"
+    base = (
+        os.environ.get(SHARED_DIR_VARIABLE)
+        or os.environ.get("LOWRES_SSL_CACHE")
+        or Path.home() / ".cache" / "lowres_ssl"
+    )
     return Path(base) / "shared-cifar10"
 
 

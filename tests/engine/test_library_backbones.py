@@ -1,12 +1,18 @@
-"""A timm or torchvision backbone through the whole kit: training, an exact resume, the
-export loaded strictly back into the library, --init from a library state dict, kNN
-evaluation, fine-tuning and predictions — on tiny models and the 16 px test folder."""
+"""A timm or torchvision backbone through the whole kit: training, an exact resume (after
+Ctrl-C and after SIGKILL), the export loaded strictly back into the library, --init from a
+library state dict, multi-crop and the embedding cache, kNN evaluation, fine-tuning and
+predictions — on tiny models and the 16 px test folder."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from lowres_ssl import run_layout
 from lowres_ssl.cli import finetune_main, predict_main
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.evaluate import evaluate
@@ -27,6 +34,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 TIMM = {"backbone": "timm/resnet10t"}
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +63,26 @@ def test_a_timm_backbone_resumes_exactly_and_exports_for_timm(folder, timm_run, 
     model.conv1[0].stride = (1, 1)  # the stride-1 stem the record names
     model.maxpool = nn.Identity()
     model.load_state_dict(load_file(str(file)), strict=True)
+
+
+def test_a_timm_backbone_killed_after_a_checkpoint_resumes_exactly(folder, timm_run, tmp_path):
+    run = tmp_path / "killed"
+    code = (
+        "from pathlib import Path\n"
+        "from tests.engine.test_trainer import tiny\n"
+        "from lowres_ssl.tasks import train\n"
+        f"train(tiny(Path({str(folder)!r}), model={TIMM!r}), Path({str(run)!r}), "
+        "progress_bar=False)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while run_layout.latest(run) is None:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    train(tiny(folder, model=TIMM), run, resume=True, progress_bar=False)
+    assert_same_run(timm_run, run, 16)
 
 
 def test_a_torchvision_backbone_trains_and_exports_for_torchvision(folder, tmp_path):
@@ -111,3 +139,22 @@ def test_knn_finetune_and_predict_rebuild_it_from_the_run(folder, timm_run, tmp_
                          "--num-workers", "0"]) == 0  # fmt: skip
     rows = list(csv.reader(out.open()))
     assert len(rows) == 1 + 64
+
+
+def test_multi_crop_and_the_embedding_cache_with_a_vit(folder, tmp_path):
+    """A timm ViT at 16 px (2-px patches, 8 x 8 of them) with 8-px crops (its dynamic image
+    size) and the full-batch regulariser in micro-batches of 4: finite steps."""
+    cfg = tiny(
+        folder, model={"backbone": "timm/vit_tiny_patch16_224"},
+        data={"views": {"small": 2}}, train={"max_steps": 2, "micro_batch_size": 4},
+    )  # fmt: skip
+    summary = train(cfg, tmp_path / "run", progress_bar=False)
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
+def test_crops_smaller_than_the_backbone_takes_are_one_line(folder, tmp_path):
+    cfg = tiny(folder, model={"backbone": "timm/convnext_atto"},
+               data={"load_size": 64, "views": {"small": 2}})  # fmt: skip
+    with pytest.raises(UserError, match=r"data.views.small_size: .* 32-px crops .* 64 px") as e:
+        train(cfg, tmp_path / "run", progress_bar=False)
+    assert "\n" not in str(e.value)
