@@ -158,3 +158,24 @@ def test_crops_smaller_than_the_backbone_takes_are_one_line(folder, tmp_path):
     with pytest.raises(UserError, match=r"data.views.small_size: .* 32-px crops .* 64 px") as e:
         train(cfg, tmp_path / "run", progress_bar=False)
     assert "\n" not in str(e.value)
+
+
+def test_the_micro_batch_is_fitted_to_the_card_for_a_library_backbone():
+    """``train.micro_batch_size: auto`` (and so --autofit's start) from the estimator, which
+    counts a timm model's activations by its stages."""
+    from lowres_ssl import fit
+    from lowres_ssl.config import from_dict, validate
+
+    def fitted(backbone: str, card: float):
+        cfg = validate(from_dict({
+            "data": {"path": "cifar10", "load_size": 96},
+            "model": {"backbone": backbone, "projector": "2048-16384"},
+            "train": {"batch_size": 1024, "micro_batch_size": "auto"},
+        }))  # fmt: skip
+        return fit.resolve_micro_batch(cfg, torch.device("cuda"), card=card)[0].train
+
+    small, large = fitted("timm/convnext_atto", 4), fitted("timm/convnext_atto", 48)
+    assert small.batch_size == large.batch_size == 1024
+    assert small.micro_batch_size < 1024 and large.micro_batch_size is None
+    # A lighter model fits larger micro-batches on the same card.
+    assert fitted("timm/resnet10t", 4).micro_batch_size >= small.micro_batch_size
