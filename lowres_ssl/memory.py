@@ -138,6 +138,10 @@ class ActivationProfile:
 
 _OUTSIDE = ("stem", "head")
 
+#: The batch the activations are counted on: prime, so that a saved tensor whose leading size
+#: is a multiple of it is an activation (weights are 2^k or 1,000 wide, not 7·k).
+PROFILE_BATCH = 7
+
 
 @contextmanager
 def _counting(model: nn.Module, n: int) -> Iterator[dict]:
@@ -161,9 +165,11 @@ def _counting(model: nn.Module, n: int) -> Iterator[dict]:
     hooks.append(stages[-1][1].register_forward_hook(lambda *_: current.__setitem__(0, "head")))
 
     def pack(t: torch.Tensor):
-        # Activations only: a tensor of the batch's leading size. The 16-bit weight copies
-        # autocast saves (and any other constant) are counted with the weights.
-        if t.dim() == 0 or t.shape[0] != record["n"]:
+        # Activations only: a tensor whose leading size is the batch's, or a multiple of it
+        # (tokens flattened into rows, as a Linear on (B, N, C) saves them: B·N rows). The
+        # 16-bit weight copies autocast saves (and any other constant) are counted with the
+        # weights: with a batch of 7, no weight's leading size is a multiple of it.
+        if t.dim() == 0 or t.shape[0] % record["n"] or (t.is_leaf and t.requires_grad):
             return t
         storage = t.untyped_storage()
         key = storage.data_ptr()
@@ -191,9 +197,10 @@ def activation_profile(
     model_size: int | None = None,
 ) -> ActivationProfile:
     """Count the activations of ``backbone`` + ``projector`` at ``image_size`` px (CPU, a
-    batch of 4 under autocast to ``dtype``, or fp32); cached per arguments. ``model_size``:
-    the view size the model is built for (its stem), when the input is smaller — multi-crop's
-    small crops run through the model of the large views (default ``image_size``).
+    batch of :data:`PROFILE_BATCH` under autocast to ``dtype``, or fp32); cached per
+    arguments. ``model_size``: the view size the model is built for (its stem), when the
+    input is smaller — multi-crop's small crops run through the model of the large views
+    (default ``image_size``).
 
     fp16 runs are counted under bf16: the same bytes per value.
     """
@@ -202,7 +209,7 @@ def activation_profile(
     with _fork_rng():
         torch.manual_seed(0)
         model = build_model(backbone, projector, image_size=model_size or image_size).train()
-    n = 4
+    n = PROFILE_BATCH
     x = torch.randn(n, 3, image_size, image_size)
     autocast = dtype in (torch.bfloat16, torch.float16)
     with (
