@@ -563,7 +563,7 @@ def export_main(argv: list[str] | None = None) -> int:
     extra = f" (and {sidecar.name})" if sidecar.is_file() and out.suffix != ".safetensors" else ""
     print(f"exported {spec.describe()} from {weights.file} to {out}{extra}")
     if out.suffix != ".safetensors":
-        print("load: " + "; ".join(load_line(spec, out.name).split("; ")).replace("; ", "\n      "))
+        print("load: " + load_line(spec, out.name).replace("; ", "\n      "))
     elif spec.library:
         print(f"load: {library_constructor(spec).rstrip('; ')}".replace("; ", "\n      "))
         print(f"      model.load_state_dict(safetensors.torch.load_file('{out.name}'))")

@@ -193,16 +193,22 @@ def read_state(file: Path, flag: str = "--checkpoint") -> tuple[dict[str, Tensor
     return dict(obj), {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-def _split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """(backbone, projector) parts of a whole model's, a backbone's or torchvision's dict."""
+def _split_state(
+    state: dict[str, Tensor], head: str | None = "fc."
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(backbone, projector) parts of a whole model's, a backbone's or torchvision's dict;
+    a plain dict loses the classifier's ``head`` keys (None: keep them all, for a library
+    model, whose own loader knows its head)."""
     if any(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("backbone.") for k in state):
         backbone = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
         projector = {k[10:]: v for k, v in state.items() if k.startswith("projector.")}
         return backbone, projector
+    if head is None:
+        return dict(state), {}
     # A torchvision classifier's head is not part of the representation.
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}, {}
+    return {k: v for k, v in state.items() if not k.startswith(head)}, {}
 
 
 def infer_architecture(state: dict[str, Tensor]) -> tuple[str, bool]:
@@ -268,12 +274,7 @@ def _library_weights(
 ) -> Weights:  # fmt: skip
     """The :class:`Weights` of a timm/torchvision backbone: its spec from the metadata (or
     the run config, or ``expected`` for a plain library file)."""
-    if any(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    backbone, projector = state, {}
-    if any(k.startswith("backbone.") for k in state):
-        backbone = {k[9:]: v for k, v in state.items() if k.startswith("backbone.")}
-        projector = {k[10:]: v for k, v in state.items() if k.startswith("projector.")}
+    backbone, projector = _split_state(state, head=None)
     try:
         kwargs = json.loads(meta["kwargs"]) if meta.get("kwargs") else None
     except json.JSONDecodeError:
@@ -369,7 +370,6 @@ def load_backbone(path: str | Path, flag: str = "--checkpoint") -> tuple[ResNetB
     with torch.random.fork_rng(devices=[]):  # building draws an init; keep the caller's RNG
         backbone = weights.spec.build()
     load_into(backbone, weights, flag)
-    weights.spec.out_dim = backbone.out_dim
     return backbone, weights
 
 

@@ -22,10 +22,9 @@ another on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_photos import _python, photos  # noqa: E402
+from bench_photos import _python, photos, read_results, run_facts  # noqa: E402
 
 from lowres_ssl import bench, run_layout  # noqa: E402
 
@@ -47,8 +46,6 @@ DEFAULT = ["resnet18", "timm/resnet10t", "timm/convnext_atto", "timm/mobilenetv3
 def _estimate(backbone: str, data: Path, log: Path) -> float | None:
     """The memory estimator's peak for the run (``--dry-run``), in GiB."""
     with log.open("w") as out:
-        import subprocess
-
         done = subprocess.run(
             [sys.executable, str(REPO / "scripts/train.py"), "--preset", "cpu", "--data",
              str(data / "train"), "--set", f"model.backbone={backbone}", "--dry-run"],
@@ -91,18 +88,8 @@ def run_backbone(backbone: str, budget: str, runs: Path, data: Path) -> dict:
         "precision": summary.get("precision"),
         "knn_top1": knn["knn_top1"],
         "random_knn_top1": random["knn_top1"],
-        "load_before": load,
-        "wall_s": round(time.time() - started),
-        "date": datetime.date.today().isoformat(),
-        "cpu": bench.cpu_model(),
-        "cores": os.cpu_count(),
+        **run_facts(load, started),
     }
-
-
-def read_results() -> list[dict]:
-    if not RESULTS.is_file():
-        return []
-    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
 
 
 def report_lines(results: list[dict]) -> list[str]:
@@ -163,7 +150,7 @@ def main() -> int:
             with RESULTS.open("a") as f:
                 f.write(json.dumps(result) + "\n")
             print(json.dumps(result), flush=True)
-    REPORT.write_text("\n".join(report_lines(read_results())))
+    REPORT.write_text("\n".join(report_lines(read_results(RESULTS))))
     print(f"wrote {REPORT}")
     return 0
 

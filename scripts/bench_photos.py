@@ -180,6 +180,14 @@ def run_variant(name: str, index: int, budget: str, runs: Path, data: Path) -> d
         "knn_top1": knn["knn_top1"],
         "knn20_top1": knn.get("knn20_top1"),
         "linear_top1": linear.get("top1"),
+        **run_facts(load, started),
+    }
+
+
+def run_facts(load: float | None, started: float) -> dict:
+    """Where and when a run ran, for its result line: the load before it, its wall time, the
+    date and the machine."""
+    return {
         "load_before": load,
         "wall_s": round(time.time() - started),
         "date": datetime.date.today().isoformat(),
@@ -188,10 +196,11 @@ def run_variant(name: str, index: int, budget: str, runs: Path, data: Path) -> d
     }
 
 
-def read_results() -> list[dict]:
-    if not RESULTS.is_file():
+def read_results(path: Path = RESULTS) -> list[dict]:
+    """The result lines of a ``*_runs.jsonl`` file (none yet: an empty list)."""
+    if not path.is_file():
         return []
-    return [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _spread(values: list[float]) -> str:

@@ -33,6 +33,17 @@ class Stopped(KeyboardInterrupt):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def largest_over_processes(accelerator, value: int) -> int:
+    """The largest of every process's ``value`` (a collective: each process must call it at
+    the same point)."""
+    import torch
+    import torch.distributed as dist
+
+    flag = torch.tensor([value], device=accelerator.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
 class StopRequest:
     """The first Ctrl-C or SIGTERM asks the loop to stop at the end of the step (and
     checkpoint); a second one interrupts at once. With several processes, :meth:`agreed` is
@@ -64,12 +75,7 @@ class StopRequest:
         there are several: each step, one integer)."""
         if accelerator.num_processes == 1:
             return self.signum
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([self.signum or 0], device=accelerator.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        agreed = int(flag.item())
+        agreed = largest_over_processes(accelerator, self.signum or 0)
         if agreed and self.signum is None:
             self.signum = agreed
         return agreed or None
@@ -120,4 +126,11 @@ def out_of_memory_message(cfg: Config) -> str:
     )
 
 
-__all__ = ["STOP_SIGNALS", "NonFiniteGuard", "StopRequest", "Stopped", "out_of_memory_message"]
+__all__ = [
+    "STOP_SIGNALS",
+    "NonFiniteGuard",
+    "StopRequest",
+    "Stopped",
+    "largest_over_processes",
+    "out_of_memory_message",
+]

@@ -50,6 +50,7 @@ from lowres_ssl.engine.stopping import (
     NonFiniteGuard,
     Stopped,
     StopRequest,
+    largest_over_processes,
     out_of_memory_message,
 )
 from lowres_ssl.engine.task import Task
@@ -199,11 +200,7 @@ def too_small(batch, accelerator) -> bool:
     collective where there are several) is skipped: BatchNorm and the losses need two."""
     short = batch.images.shape[0] < MIN_TRAIN_BATCH
     if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(short)], device=accelerator.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        short = bool(flag.item())
+        short = bool(largest_over_processes(accelerator, int(short)))
     if short and accelerator.is_main_process:
         log.warning(
             "batch %d of the epoch has %d usable image(s) (its other files are bad, listed in "

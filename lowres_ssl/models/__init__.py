@@ -95,7 +95,6 @@ def build_model(
     *,
     image_size: int,
     grad_checkpointing: bool = False,
-    backbone_kwargs: dict | None = None,
 ) -> SSLModel:
     """The :class:`SSLModel` with backbone ``backbone`` (see :data:`BACKBONES`) and projector
     spec ``projector`` (e.g. ``"2048-2048-8192"``) for ``image_size``-pixel images.
@@ -103,10 +102,7 @@ def build_model(
     Both names are checked before anything is built, so a bad projector spec fails fast.
     """
     q = projector_out_dim(projector)
-    net = build_backbone(
-        backbone, image_size=image_size, grad_checkpointing=grad_checkpointing,
-        kwargs=backbone_kwargs,
-    )  # fmt: skip
+    net = build_backbone(backbone, image_size=image_size, grad_checkpointing=grad_checkpointing)
     return SSLModel(net, build_projector(net.out_dim, projector), q)
 
 

@@ -65,7 +65,7 @@ def check_view_sizes(cfg: Config, backbone: nn.Module) -> None:
         raise UserError(
             f"data.views.small_size: {backbone.name} leaves {smallest}-px crops less than a "
             f"2x2 feature map (it needs {least} px); set data.views.small_size={least} or more, "
-            "or data.views.small_crops=0"
+            "or data.views.small=0"
         )
 
 

@@ -8,11 +8,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +15,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from lowres_ssl import run_layout
 from lowres_ssl.cli import finetune_main, predict_main
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.evaluate import evaluate
@@ -28,13 +22,13 @@ from lowres_ssl.models import build_model
 from lowres_ssl.tasks import train
 from lowres_ssl.weights import load_init
 from tests.engine.test_trainer import assert_same_run, interrupt_at, tiny
+from tests.faults.test_stops import kill_after_first_checkpoint, spawn_training
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("timm") is None, reason="timm not installed (pip install -e '.[timm]')"
 )
 
 TIMM = {"backbone": "timm/resnet10t"}
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +61,7 @@ def test_a_timm_backbone_resumes_exactly_and_exports_for_timm(folder, timm_run, 
 
 def test_a_timm_backbone_killed_after_a_checkpoint_resumes_exactly(folder, timm_run, tmp_path):
     run = tmp_path / "killed"
-    code = (
-        "from pathlib import Path\n"
-        "from tests.engine.test_trainer import tiny\n"
-        "from lowres_ssl.tasks import train\n"
-        f"train(tiny(Path({str(folder)!r}), model={TIMM!r}), Path({str(run)!r}), "
-        "progress_bar=False)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while run_layout.latest(run) is None:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(spawn_training(folder, run, sections={"model": TIMM}), run)
     train(tiny(folder, model=TIMM), run, resume=True, progress_bar=False)
     assert_same_run(timm_run, run, 16)
 

@@ -61,16 +61,29 @@ def test_the_command_exits_with_the_signals_code(monkeypatch, capsys):
     assert cli.exits_on_user_errors(stopped)(None) == 143
 
 
-def _spawn(folder: Path, run: Path, resume: bool = False) -> subprocess.Popen:
-    """A training in a child process, as a user's command runs it."""
+def spawn_training(
+    folder: Path, run: Path, resume: bool = False, sections: dict | None = None
+) -> subprocess.Popen:
+    """A training of ``tiny(folder, **sections)`` in a child process, as a user's command
+    runs it."""
     code = (
         "import sys; from pathlib import Path\n"
         "from tests.engine.test_trainer import tiny\n"
         "from lowres_ssl.tasks import train\n"
-        f"train(tiny(Path({str(folder)!r})), Path({str(run)!r}), resume={resume},"
-        " progress_bar=False)\n"
+        f"train(tiny(Path({str(folder)!r}), **{sections or {}!r}), Path({str(run)!r}), "
+        f"resume={resume}, progress_bar=False)\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.DEVNULL)
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, run: Path) -> None:
+    """SIGKILL the child training into ``run`` once its first checkpoint exists."""
+    deadline = time.monotonic() + 300
+    while run_layout.latest(run) is None:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def _kill_after(proc: subprocess.Popen, seconds: float) -> None:
@@ -92,7 +105,7 @@ def _continue(folder: Path, run: Path) -> None:
 def test_killed_before_it_wrote_anything(folder, tmp_path):
     """SIGKILL in the first second (imports, setup): no folder, or one both ways continue."""
     run = tmp_path / "early"
-    _kill_after(_spawn(folder, run), 1.0)
+    _kill_after(spawn_training(folder, run), 1.0)
     if run.exists():  # never a folder that --resume and a new start both refuse
         assert (run / run_layout.CONFIG_FILE).is_file() or not any(run.iterdir())
     train(tiny(folder, train={"max_steps": 2}), run, progress_bar=False, resume=run.exists())
@@ -110,13 +123,7 @@ def test_a_folder_left_without_its_config_is_taken(folder, tmp_path):
 
 def test_killed_after_the_first_checkpoint_resumes_exactly(folder, whole, tmp_path):
     run = tmp_path / "cut"
-    proc = _spawn(folder, run)
-    deadline = time.monotonic() + 300
-    while run_layout.latest(run) is None:
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_first_checkpoint(spawn_training(folder, run), run)
     _continue(folder, run)
     assert_same_run(whole, run, steps=16)
 
@@ -131,7 +138,7 @@ def test_killed_at_random_moments_resumes_exactly(folder, whole, tmp_path):
         kills = 0
         while not (run / run_layout.SUMMARY_FILE).is_file() and kills < 6:
             resume = (run / run_layout.CONFIG_FILE).is_file()
-            _kill_after(_spawn(folder, run, resume=resume), rng.uniform(0.5, 12.0))
+            _kill_after(spawn_training(folder, run, resume=resume), rng.uniform(0.5, 12.0))
             kills += 1
         _continue(folder, run)
         assert_same_run(whole, run, steps=16)
