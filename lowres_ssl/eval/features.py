@@ -36,7 +36,7 @@ from lowres_ssl.data import open_images as _open_images
 from lowres_ssl.data.cache import default_cache_dir, fingerprint
 from lowres_ssl.errors import UserError
 
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2  # 2: the rows of the set that were found are stored
 KEEP_FEATURE_FILES = 16
 
 
@@ -66,7 +66,9 @@ def split_spec(spec: str, default_split: str = "train") -> tuple[str, str | None
 
 @dataclass
 class LabeledSet:
-    """Labeled images at the evaluation size. ``labels`` index ``classes`` (CPU, int64)."""
+    """Images at the evaluation size. ``labels`` index ``classes`` (CPU, int64); a set opened
+    without labels (:func:`open_set` with ``labeled=False``) has every label -1 and no
+    classes."""
 
     name: str
     images: ArrayImages | FolderImages
@@ -76,6 +78,15 @@ class LabeledSet:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.classes)
+
+    def paths(self) -> list[str] | None:
+        """The file of every row, relative to the folder (None for a dataset by name)."""
+        images = self.images
+        return images.paths if isinstance(images, ArrayImages) else list(images.files.paths)
 
 
 def evenly_spaced(n: int, limit: int | None) -> Tensor | None:
@@ -109,10 +120,17 @@ def take_rows(images: ArrayImages | FolderImages, rows: Tensor) -> ArrayImages |
     )
 
 
-def open_labeled(
+def open_labeled(spec: str, *, size: int, **kwargs) -> LabeledSet:
+    """The labeled set ``spec`` (see :func:`split_spec`) with images of side ``size``;
+    ``max_images`` takes an evenly spaced subset. The keywords are :func:`open_set`'s."""
+    return open_set(spec, size=size, labeled=True, **kwargs)
+
+
+def open_set(
     spec: str,
     *,
     size: int,
+    labeled: bool,
     default_split: str = "train",
     cache: str = "disk",
     cache_dir: str | Path | None = None,
@@ -121,13 +139,13 @@ def open_labeled(
     max_images: int | None = None,
     progress: bool = True,
 ) -> LabeledSet:
-    """The labeled set ``spec`` (see :func:`split_spec`) with images of side ``size``;
-    ``max_images`` takes an evenly spaced subset."""
+    """The set ``spec`` with images of side ``size``: labeled (an ImageFolder tree or a
+    dataset name) or, with ``labeled=False``, every image under a folder with label -1."""
     source, split = split_spec(spec, default_split)
     images = _open_images(
         source,
         load_size=size,
-        labeled=True,
+        labeled=labeled,
         split=split or "train",
         cache=cache,
         cache_dir=cache_dir,
@@ -135,7 +153,7 @@ def open_labeled(
         num_workers=num_workers,
         progress=progress,
     )
-    if images.labels is None or images.classes is None:
+    if labeled and (images.labels is None or images.classes is None):
         raise UserError(f"{spec} has no labels; evaluation needs a labeled set (e.g. stl10:train)")
     if split is not None:  # a dataset by name: its files never change
         key = f"{source}:{split}:{size}"
@@ -147,8 +165,13 @@ def open_labeled(
     if rows is not None:
         images = take_rows(images, rows)
         key += f":rows{len(rows)}"
-    labels = images.labels.cpu()
-    return LabeledSet(str(spec), images, labels, list(images.classes), key)
+    if not labeled:  # the same files opened both ways: the cached labels differ
+        key += ":unlabeled"
+    if labeled:
+        labels, classes = images.labels.cpu(), list(images.classes)
+    else:
+        labels, classes = torch.full((len(images),), -1, dtype=torch.long), []
+    return LabeledSet(str(spec), images, labels, classes, key)
 
 
 def align_classes(train: list[str], test: list[str], test_labels: Tensor, name: str) -> Tensor:
@@ -295,6 +318,7 @@ class Features:
     skipped: SkipLog
     from_cache: bool
     seconds: float  # extraction time (0 when read from the cache)
+    rows: Tensor | None = None  # (n,) int64: the rows of the set these are (None: all, in order)
 
 
 def features_dir(cache_dir: str | Path | None = None) -> Path:
@@ -319,6 +343,7 @@ def _read_cached(path: Path, name: str) -> Features | None:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             features, labels = f.get_tensor("features"), f.get_tensor("labels")
+            rows = f.get_tensor("rows")
         classes = json.loads(meta["classes"])
         skipped = [Skip(*s) for s in json.loads(meta["skipped"])]
     except (SafetensorError, OSError, KeyError, ValueError):
@@ -326,7 +351,7 @@ def _read_cached(path: Path, name: str) -> Features | None:
     log = SkipLog(name)
     log.add(skipped)
     os.utime(path)  # most recently used
-    return Features(features, labels, classes, log, True, 0.0)
+    return Features(features, labels, classes, log, True, 0.0, rows)
 
 
 def _write_cached(path: Path, result: Features) -> None:
@@ -336,7 +361,8 @@ def _write_cached(path: Path, result: Features) -> None:
         "skipped": json.dumps([[s.path, s.kind, s.detail] for s in result.skipped]),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({"features": result.features, "labels": result.labels}, str(tmp), metadata=meta)
+    tensors = {"features": result.features, "labels": result.labels, "rows": result.rows}
+    save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)
     kept = sorted(path.parent.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in kept[KEEP_FEATURE_FILES:]:
@@ -373,6 +399,7 @@ def cached_features(
         skips,
         False,
         time.perf_counter() - start,
+        torch.nonzero(found).flatten(),
     )
     if use_cache:
         _write_cached(path, result)
@@ -390,6 +417,7 @@ __all__ = [
     "feature_key",
     "features_dir",
     "open_labeled",
+    "open_set",
     "split_spec",
     "take_rows",
     "to_input",

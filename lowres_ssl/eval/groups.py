@@ -47,18 +47,47 @@ def nearest(features: Tensor, k: int, *, queries: Tensor | None = None, block: i
     return torch.cat(sims), torch.cat(idx)
 
 
-def near_duplicates(features: Tensor, threshold: float, *, block: int = 1024) -> list:
-    """Every pair (i, j, similarity) with i < j and cosine ≥ ``threshold``, most similar
-    first."""
+def near_duplicates(
+    features: Tensor, threshold: float, *, limit: int | None = None, block: int = 1024
+) -> tuple[list[tuple[int, int, float]], int]:
+    """(pairs, total): the ``limit`` most similar pairs (i, j, similarity) with i < j and
+    cosine ≥ ``threshold``, most similar first (all of them with no limit), and how many pairs
+    are above the threshold in all. Memory stays bounded when nearly every pair is above it
+    (an untrained backbone): each block keeps its ``limit`` best."""
     base = normalised(features)
-    found = []
-    for start in range(0, base.shape[0], block):
+    n = base.shape[0]
+    values = torch.zeros(0, device=base.device)
+    rows_kept = torch.zeros(0, dtype=torch.long, device=base.device)
+    cols_kept = torch.zeros(0, dtype=torch.long, device=base.device)
+    total = 0
+    for start in range(0, n, block):
         s = base[start : start + block] @ base.T
-        rows, cols = torch.nonzero(s >= threshold, as_tuple=True)
-        keep = cols > rows + start
-        for r, c in zip(rows[keep].tolist(), cols[keep].tolist(), strict=True):
-            found.append((start + r, c, float(s[r, c])))
-    return sorted(found, key=lambda t: -t[2])
+        upper = (
+            torch.arange(n, device=s.device)[None, :]
+            > (torch.arange(start, start + s.shape[0], device=s.device)[:, None])
+        )
+        s = s.masked_fill(~upper | (s < threshold), -math.inf)
+        above = int(torch.isfinite(s).sum())
+        if above == 0:
+            continue
+        total += above
+        flat = s.flatten()
+        if limit is not None and above > limit:
+            top = flat.topk(limit)
+            v, where = top.values, top.indices
+        else:
+            where = torch.nonzero(torch.isfinite(flat)).flatten()
+            v = flat[where]
+        values = torch.cat([values, v])
+        rows_kept = torch.cat([rows_kept, where // n + start])
+        cols_kept = torch.cat([cols_kept, where % n])
+        if limit is not None and values.numel() > limit:
+            keep = values.topk(limit).indices
+            values, rows_kept, cols_kept = values[keep], rows_kept[keep], cols_kept[keep]
+    order = values.argsort(descending=True, stable=True)
+    pairs = zip(rows_kept[order].tolist(), cols_kept[order].tolist(), values[order].tolist(),
+                strict=True)  # fmt: skip
+    return [(int(i), int(j), float(v)) for i, j, v in pairs], total
 
 
 def _assign(x: Tensor, centres: Tensor, block: int) -> tuple[Tensor, Tensor]:
@@ -93,32 +122,46 @@ def _seed(x: Tensor, k: int, gen: torch.Generator, sample: int) -> Tensor:
 
 def kmeans(
     features: Tensor, k: int, *, steps: int = 100, batch: int = 4096, seed: int = 0,
-    block: int = 4096,
+    block: int = 4096, restarts: int = 3,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Spherical mini-batch k-means: (group of every row, cosine to its centre, centres).
 
-    Every row ends in exactly one group (the final assignment is over all rows); memory is
-    bounded by ``batch`` and ``block`` rows at a time.
+    ``restarts`` runs from different seeds; the one whose rows are closest to their centres on
+    average is kept. Every row ends in exactly one group (the final assignment is over all
+    rows); memory is bounded by ``batch`` and ``block`` rows at a time.
     """
     x = normalised(features)
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be between 1 and the number of rows ({n}), got {k}")
-    gen = torch.Generator().manual_seed(seed)
+    best = None
+    for attempt in range(max(1, restarts)):
+        gen = torch.Generator().manual_seed(seed + 7919 * attempt)
+        centres = _fit(x, k, steps, batch, gen)
+        groups, sims = _assign(x, centres, block)
+        if best is None or float(sims.mean()) > float(best[1].mean()):
+            best = groups, sims, centres
+    return best
+
+
+def _fit(x: Tensor, k: int, steps: int, batch: int, gen: torch.Generator) -> Tensor:
+    """The centres after ``steps`` mini-batches: each centre is the running mean of every row
+    assigned to it so far (rate = its rows in this batch / all its rows), renormalised."""
+    n = x.shape[0]
     centres = _seed(x, k, gen, sample=min(n, max(20 * k, 2048)))
     counts = torch.zeros(k, device=x.device)
     for _ in range(steps):
         rows = torch.randint(n, (min(batch, n),), generator=gen).to(x.device)
         xb = x[rows]
         groups = (xb @ centres.T).argmax(dim=1)
-        for g in groups.unique().tolist():
-            members = xb[groups == g]
-            counts[g] += members.shape[0]
-            rate = members.shape[0] / counts[g]  # the mean of every row seen, as it grows
-            centres[g] = (1 - rate) * centres[g] + rate * members.mean(dim=0)
-        centres = normalised(centres)
-    groups, sims = _assign(x, centres, block)
-    return groups, sims, centres
+        here = torch.bincount(groups, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, groups, xb)
+        counts += here
+        rate = (here / counts.clamp_min(1))[:, None]
+        means = sums / here.clamp_min(1)[:, None]
+        centres = normalised(torch.where(here[:, None] > 0, (1 - rate) * centres + rate * means,
+                                         centres))  # fmt: skip
+    return centres
 
 
 def _comb2(t: Tensor) -> Tensor:

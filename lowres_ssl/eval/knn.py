@@ -57,6 +57,7 @@ def knn_scores(
     temperature: float = 0.07,
     num_classes: int | None = None,
     max_chunk_bytes: int = 256 * 2**20,
+    leave_one_out: bool = False,
 ) -> dict[int, Tensor]:
     """Class scores of the weighted kNN classifier, for each k in ``ks``.
 
@@ -68,6 +69,8 @@ def knn_scores(
         temperature: T in the vote weight exp(s / T).
         num_classes: C; default max(train_labels) + 1.
         max_chunk_bytes: bound on the chunk × n_train similarity block.
+        leave_one_out: the test rows are the train rows (one labeled set, no split): each
+            row is classified by the others, never by itself (k capped at n_train − 1).
 
     Returns:
         {k: (n_test, C) scores} on the features' device, float64 for float64 features and
@@ -90,6 +93,10 @@ def knn_scores(
             f"{test_features.device}; move both to one device"
         )
     ks = _check_ks(ks)
+    if leave_one_out and test_features is not train_features:
+        raise UserError("leave_one_out classifies the train rows: pass them as the test rows")
+    if leave_one_out and train_features.shape[0] < 2:
+        raise UserError("leave-one-out kNN needs at least two rows")
     if not (math.isfinite(temperature) and temperature > 0):
         raise UserError(f"temperature must be a positive number, got {temperature}")
     if max_chunk_bytes < 1:
@@ -101,7 +108,8 @@ def knn_scores(
     dtype = torch.promote_types(train_features.dtype, test_features.dtype)
     dtype = torch.float64 if dtype == torch.float64 else torch.float32
     n_train, n_test = train_features.shape[0], test_features.shape[0]
-    k_max = min(max(ks), n_train)
+    candidates = n_train - 1 if leave_one_out else n_train
+    k_max = min(max(ks), candidates)
     # Scores are the sums the protocol defines, so they must not overflow: k·exp(1/T) < max.
     max_exponent = math.log(torch.finfo(dtype).max) - math.log(k_max) - 1.0
     if 1.0 / temperature > max_exponent:
@@ -117,11 +125,15 @@ def knn_scores(
         for start in range(0, n_test, chunk):
             rows = slice(start, start + chunk)
             test_unit = F.normalize(test_features[rows].to(dtype), dim=1)
-            similarity, neighbour = (test_unit @ train_unit.T).topk(k_max, dim=1)
+            block = test_unit @ train_unit.T
+            if leave_one_out:  # a row is not its own neighbour
+                own = torch.arange(start, start + block.shape[0], device=device)
+                block[own - start, own] = -math.inf
+            similarity, neighbour = block.topk(k_max, dim=1)
             weight = torch.exp(similarity / temperature)
             votes = train_labels[neighbour]
             for k in ks:
-                used = min(k, n_train)
+                used = min(k, candidates)
                 scores[k][rows].scatter_add_(1, votes[:, :used], weight[:, :used])
     return scores
 
@@ -136,13 +148,14 @@ def knn_evaluate(
     temperature: float = 0.07,
     num_classes: int | None = None,
     max_chunk_bytes: int = 256 * 2**20,
+    leave_one_out: bool = False,
 ) -> dict[int, KNNResult]:
     """Top-1 and top-5 accuracy of the weighted kNN classifier, for each k in ``ks``.
 
     Args:
         train_features: (n_train, d); train_labels: (n_train,) integers.
         test_features: (n_test, d); test_labels: (n_test,) integers; n_test ≥ 1.
-        ks, temperature, max_chunk_bytes: as in :func:`knn_scores`.
+        ks, temperature, max_chunk_bytes, leave_one_out: as in :func:`knn_scores`.
         num_classes: C; default the largest label of train and test, plus one.
 
     Returns:
@@ -164,13 +177,14 @@ def knn_evaluate(
         temperature=temperature,
         num_classes=num_classes,
         max_chunk_bytes=max_chunk_bytes,
+        leave_one_out=leave_one_out,
     )
     n_train, n_test = train_features.shape[0], test_features.shape[0]
     results = {}
     for k, score in scores.items():
         correct = topk_correct(score, test_labels, ks=(1, 5))
         results[k] = KNNResult(
-            k=min(k, n_train),
+            k=min(k, n_train - 1 if leave_one_out else n_train),
             top1=correct[1] / n_test,
             top5=correct[5] / n_test,
             n_train=n_train,

@@ -45,11 +45,25 @@ def test_near_duplicates_are_every_pair_above_the_threshold():
     x = _features(200)
     x[50] = x[10] * 3 + 1e-3  # a copy (scaled, nearly the same direction)
     x[120] = x[10]
-    pairs = near_duplicates(x, 0.6, block=37)
+    pairs, total = near_duplicates(x, 0.6, block=37)
     full = _cosines(x)
     want = {(i, j) for i, j in itertools.combinations(range(200), 2) if full[i, j] >= 0.6}
-    assert {(i, j) for i, j, _ in pairs} == want
+    assert {(i, j) for i, j, _ in pairs} == want and total == len(want)
     assert pairs[0][2] >= pairs[-1][2] and (10, 120) in {(i, j) for i, j, _ in pairs}
+
+
+def test_near_duplicates_with_a_limit_keep_the_most_similar_pairs_and_count_them_all():
+    x = _features(150, d=4)  # in 4 dimensions many pairs are above 0.5
+    full = _cosines(x)
+    above = sorted(
+        ((float(full[i, j]), i, j) for i, j in itertools.combinations(range(150), 2)
+         if full[i, j] >= 0.5),
+        reverse=True,
+    )  # fmt: skip
+    assert len(above) > 1000
+    pairs, total = near_duplicates(x, 0.5, limit=25, block=16)
+    assert total == len(above) and len(pairs) == 25
+    assert [(i, j) for i, j, _ in pairs] == [(i, j) for _, i, j in above[:25]]
 
 
 def test_kmeans_finds_well_separated_groups_and_puts_every_row_in_one():

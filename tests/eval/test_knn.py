@@ -200,3 +200,20 @@ def test_bad_input_is_a_user_error(change, message):
     args.update(change)
     with pytest.raises(UserError, match=message):
         knn_evaluate(**args)
+
+
+def test_leave_one_out_is_each_row_classified_by_the_others_alone():
+    gen = np.random.default_rng(3)
+    feats, labels = gen.normal(size=(40, 6)), gen.integers(0, 4, size=40)
+    x = torch.from_numpy(feats)
+    got = knn_scores(x, torch.from_numpy(labels), x, ks=(5, 100), leave_one_out=True, num_classes=4)
+    for i in range(40):
+        others = np.delete(np.arange(40), i)
+        for k in (5, 100):  # k = 100 is capped at the 39 others
+            want = reference_scores(feats[others], labels[others], feats[i : i + 1], k, 0.07, 4)
+            np.testing.assert_allclose(got[k][i].numpy(), want[0], rtol=1e-12)
+    result = knn_evaluate(x, torch.from_numpy(labels), x, torch.from_numpy(labels), ks=(100,),
+                          leave_one_out=True)  # fmt: skip
+    assert result[100].k == 39
+    with pytest.raises(UserError, match="pass them as the test rows"):
+        knn_scores(x, torch.from_numpy(labels), x.clone(), leave_one_out=True)
