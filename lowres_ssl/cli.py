@@ -141,7 +141,7 @@ def default_out(cfg: Config) -> str:
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("accelerate", "torch", "PIL"):
+    for noisy in ("accelerate", "torch", "PIL", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # bitsandbytes warns at import, on every CPU run, that its 4-bit matmul kernels are not
     # installed; the kit uses only its 8-bit optimizers, whose own fallback logs one line.
@@ -599,9 +599,153 @@ def plot_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# explore.py
+
+EXPLORE_EXAMPLES = """\
+examples:
+  python scripts/explore.py runs/photos ~/photos --out runs/photos/explore
+  python scripts/explore.py runs/photos ~/photos --out ex --groups 20 --link-into ~/sorted
+  python scripts/explore.py runs/photos ~/photos --out ex --query ~/one.jpg --duplicates 0.9
+  python scripts/explore.py resnet18 --size 96 ~/photos --out ex_random   (an untrained one)
+
+Open <out>/index.html in a browser: every sheet, CSV and figure (docs/explore.md).
+"""
+
+
+def explore_parser() -> argparse.ArgumentParser:
+    from lowres_ssl.eval.evaluate import PRECISIONS
+    from lowres_ssl.explore.embeddings import LABEL_MODES
+    from lowres_ssl.explore.neighbours import BACKENDS
+
+    p = argparse.ArgumentParser(
+        prog="explore.py",
+        description="What a backbone learned about a folder of images: nearest neighbours, "
+        "groups, near-duplicates and a 2-D map, as sheets, CSVs and one static page.",
+        epilog=EXPLORE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        help="a run folder, checkpoint or weights file; or a backbone name "
+        "(resnet18, timm/<model>) for an untrained one (with --size)",
+    )
+    p.add_argument("folder", help="the folder of images (recursive; class subfolders = labels)")
+    p.add_argument("--out", required=True, help="the folder to write (index.html and the rest)")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="the checkpoint's architecture untrained (--seed): the baseline",
+    )
+    p.add_argument("--size", type=int, help="image side in pixels (default: the training size)")
+    p.add_argument(
+        "--groups",
+        type=int,
+        help="k-means groups (default: the number of class "
+        "folders, else √(images/2) between 2 and 100)",
+    )
+    p.add_argument("--k", type=int, default=8, help="neighbours on each sheet row")
+    p.add_argument("--queries", type=int, default=12, help="sampled images on neighbours.png")
+    p.add_argument(
+        "--query",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="an image (anywhere) to find the neighbours of; repeat for more",
+    )
+    p.add_argument(
+        "--duplicates",
+        type=float,
+        default=0.95,
+        metavar="COSINE",
+        help="near-duplicate threshold on cosine similarity",
+    )
+    p.add_argument("--max-pairs", type=int, default=10_000, help="pairs listed in duplicates.csv")
+    p.add_argument(
+        "--link-into",
+        metavar="DIR",
+        help="a new folder: a subfolder per group of links to its images",
+    )
+    p.add_argument(
+        "--labels",
+        choices=LABEL_MODES,
+        default="auto",
+        help="class subfolders as labels: auto (when laid out so), folders, none",
+    )
+    p.add_argument(
+        "--neighbours",
+        choices=BACKENDS,
+        default="auto",
+        help="faiss (when installed) or exact blocked products in torch",
+    )
+    p.add_argument("--no-tsne", action="store_true", help="PCA map only")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="of everything random: untrained weights, sampled queries, k-means, the maps' samples",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument(
+        "--cache",
+        choices=("disk", "none"),
+        default="disk",
+        help="decode the folder once into the decoded cache, or on every read",
+    )
+    p.add_argument("--cache-dir", help="feature and decoded caches (default ~/.cache/lowres_ssl)")
+    p.add_argument("--no-feature-cache", action="store_true", help="always extract features")
+    p.add_argument("--num-workers", type=int, help="decoding processes")
+    return p
+
+
+@exits_on_user_errors
+def explore_main(argv: list[str] | None = None) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from lowres_ssl.explore import explore, summary_line
+
+    args = explore_parser().parse_args(argv)
+    _setup_logging()
+    _positive_flags(args, ("size", "groups", "k", "queries", "max_pairs", "batch_size"))
+    with logging_redirect_tqdm():
+        summary = explore(
+            args.model,
+            args.folder,
+            args.out,
+            random_init=args.random_init,
+            size=args.size,
+            groups=args.groups,
+            k=args.k,
+            queries=args.queries,
+            query=args.query,
+            duplicates=args.duplicates,
+            max_pairs=args.max_pairs,
+            link_into=args.link_into,
+            labels=args.labels,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            cache=args.cache,
+            cache_dir=args.cache_dir,
+            feature_cache=not args.no_feature_cache,
+            neighbours=args.neighbours,
+            tsne=not args.no_tsne,
+            seed=args.seed,
+            progress=sys.stderr.isatty(),
+        )
+    print(summary_line(summary))
+    print(f"open {Path(args.out) / 'index.html'}")
+    return 0
+
+
 __all__ = [
     "evaluate_main",
     "evaluate_parser",
+    "explore_main",
+    "explore_parser",
     "export_main",
     "finetune_main",
     "finetune_parser",

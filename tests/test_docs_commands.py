@@ -36,6 +36,7 @@ PARSERS = {
     "predict": cli.predict_parser,
     "export": cli.export_parser,
     "plot": cli.plot_parser,
+    "explore": cli.explore_parser,
 }
 #: Flags whose value is a folder of images (or a dataset name) that the config checks exists.
 FOLDER_FLAGS = ("--data", "--train", "--val", "--test")

@@ -52,42 +52,74 @@ def near_duplicates(
 ) -> tuple[list[tuple[int, int, float]], int]:
     """(pairs, total): the ``limit`` most similar pairs (i, j, similarity) with i < j and
     cosine ≥ ``threshold``, most similar first (all of them with no limit), and how many pairs
-    are above the threshold in all. Memory stays bounded when nearly every pair is above it
-    (an untrained backbone): each block keeps its ``limit`` best."""
+    are above the threshold in all.
+
+    Each block of rows is compared with the rows from its own first one on (the upper
+    triangle: half the products of the full matrix), into one buffer reused for every block;
+    memory stays bounded when nearly every pair is above the threshold (an untrained
+    backbone): each block keeps its ``limit`` best."""
     base = normalised(features)
     n = base.shape[0]
-    values = torch.zeros(0, device=base.device)
-    rows_kept = torch.zeros(0, dtype=torch.long, device=base.device)
-    cols_kept = torch.zeros(0, dtype=torch.long, device=base.device)
-    total = 0
+    values: list[Tensor] = []
+    rows_kept: list[Tensor] = []
+    cols_kept: list[Tensor] = []
+    kept, total = 0, 0
+    buffer = torch.empty(min(block, n) * n, device=base.device)
     for start in range(0, n, block):
-        s = base[start : start + block] @ base.T
-        upper = (
-            torch.arange(n, device=s.device)[None, :]
-            > (torch.arange(start, start + s.shape[0], device=s.device)[:, None])
-        )
-        s = s.masked_fill(~upper | (s < threshold), -math.inf)
-        above = int(torch.isfinite(s).sum())
+        stop = min(n, start + block)
+        b, width = stop - start, n - start
+        s = buffer[: b * width].view(b, width)
+        torch.mm(base[start:stop], base[start:].T, out=s)
+        lower = torch.ones(b, b, dtype=torch.bool, device=s.device).tril_()
+        s[:, :b].masked_fill_(lower, -math.inf)  # j ≤ i
+        hit = s >= threshold
+        above = int(hit.sum())
         if above == 0:
             continue
         total += above
-        flat = s.flatten()
         if limit is not None and above > limit:
-            top = flat.topk(limit)
-            v, where = top.values, top.indices
+            v, where = _top_of_block(s.masked_fill_(~hit, -math.inf), limit)
         else:
-            where = torch.nonzero(torch.isfinite(flat)).flatten()
-            v = flat[where]
-        values = torch.cat([values, v])
-        rows_kept = torch.cat([rows_kept, where // n + start])
-        cols_kept = torch.cat([cols_kept, where % n])
-        if limit is not None and values.numel() > limit:
-            keep = values.topk(limit).indices
-            values, rows_kept, cols_kept = values[keep], rows_kept[keep], cols_kept[keep]
-    order = values.argsort(descending=True, stable=True)
-    pairs = zip(rows_kept[order].tolist(), cols_kept[order].tolist(), values[order].tolist(),
-                strict=True)  # fmt: skip
+            where = torch.nonzero(hit.view(-1)).flatten()
+            v = s.view(-1)[where]
+        values.append(v)
+        rows_kept.append(where // width + start)
+        cols_kept.append(where % width + start)
+        kept += v.numel()
+        if limit is not None and kept > 2 * limit:  # prune now and then, not every block
+            values, rows_kept, cols_kept = _best(values, rows_kept, cols_kept, limit)
+            kept = limit
+    values, rows_kept, cols_kept = _best(values, rows_kept, cols_kept, limit)
+    pairs = zip(rows_kept[0].tolist(), cols_kept[0].tolist(), values[0].tolist(), strict=True)
     return [(int(i), int(j), float(v)) for i, j, v in pairs], total
+
+
+def _top_of_block(s: Tensor, limit: int, chunk: int = 2**22) -> tuple[Tensor, Tensor]:
+    """The ``limit`` largest values of ``s`` and their flat indices, ``chunk`` elements at a
+    time: a top-k over the whole block would allocate indices for all of it (1.2 GB for
+    1,024 × 100,000)."""
+    flat = s.view(-1)
+    values, where = [], []
+    for start in range(0, flat.numel(), chunk):
+        part = flat[start : start + chunk]
+        top = part.topk(min(limit, part.numel()))
+        values.append(top.values)
+        where.append(top.indices + start)
+    v, i = torch.cat(values), torch.cat(where)
+    top = v.topk(min(limit, v.numel()))
+    return top.values, i[top.indices]
+
+
+def _best(values: list[Tensor], rows: list[Tensor], cols: list[Tensor], limit: int | None):
+    """The kept pairs as one tensor each, most similar first, at most ``limit``."""
+    if not values:
+        empty = torch.zeros(0, dtype=torch.long)
+        return [torch.zeros(0)], [empty], [empty]
+    v, r, c = torch.cat(values), torch.cat(rows), torch.cat(cols)
+    order = v.argsort(descending=True, stable=True)
+    if limit is not None:
+        order = order[:limit]
+    return [v[order]], [r[order]], [c[order]]
 
 
 def _assign(x: Tensor, centres: Tensor, block: int) -> tuple[Tensor, Tensor]:

@@ -98,3 +98,12 @@ def test_the_adjusted_rand_index_is_the_pair_counting_definition(seed):
     b = torch.randint(5, (40,), generator=gen)
     assert adjusted_rand_index(a, b) == pytest.approx(_ari_by_pairs(a.tolist(), b.tolist()))
     assert adjusted_rand_index(a, (a + 3) % 7) == pytest.approx(1.0)  # names do not matter
+
+
+def test_the_top_of_a_block_in_chunks_is_the_top_of_the_whole():
+    from lowres_ssl.eval.groups import _top_of_block
+
+    s = torch.randn(13, 17, generator=torch.Generator().manual_seed(4))
+    v, where = _top_of_block(s, 20, chunk=7)  # chunks that do not divide 221
+    ref = s.flatten().topk(20)
+    assert torch.equal(v, ref.values) and torch.equal(where, ref.indices)
