@@ -428,7 +428,7 @@ the folder as eval_knn.json / eval_linear.json (eval_knn_random.json with --rand
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    from lowres_ssl.eval.evaluate import PRECISIONS, PROTOCOLS
+    from lowres_ssl.eval.evaluate import PROTOCOLS
 
     p = argparse.ArgumentParser(
         prog="evaluate.py",
@@ -447,13 +447,20 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="image side in pixels (default: the training size)")
     p.add_argument("--k", type=int, default=200, help="neighbours (k = 20 is reported too)")
     p.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
+    _extraction_flags(p)
+    return p
+
+
+def _extraction_flags(p: argparse.ArgumentParser) -> None:
+    """How the frozen backbone's features are computed and cached (evaluate.py, explore.py)."""
+    from lowres_ssl.eval.evaluate import PRECISIONS
+
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--cache-dir", help="feature and decoded caches (default ~/.cache/lowres_ssl)")
     p.add_argument("--no-feature-cache", action="store_true", help="always extract features")
     p.add_argument("--num-workers", type=int, help="decoding processes")
-    return p
 
 
 def _positive_flags(args: argparse.Namespace, names: tuple[str, ...]) -> None:
@@ -614,7 +621,6 @@ Open <out>/index.html in a browser: every sheet, CSV and figure (docs/explore.md
 
 
 def explore_parser() -> argparse.ArgumentParser:
-    from lowres_ssl.eval.evaluate import PRECISIONS
     from lowres_ssl.explore.embeddings import LABEL_MODES
     from lowres_ssl.explore.neighbours import BACKENDS
 
@@ -685,18 +691,13 @@ def explore_parser() -> argparse.ArgumentParser:
         default=0,
         help="of everything random: untrained weights, sampled queries, k-means, the maps' samples",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument(
         "--cache",
         choices=("disk", "none"),
         default="disk",
         help="decode the folder once into the decoded cache, or on every read",
     )
-    p.add_argument("--cache-dir", help="feature and decoded caches (default ~/.cache/lowres_ssl)")
-    p.add_argument("--no-feature-cache", action="store_true", help="always extract features")
-    p.add_argument("--num-workers", type=int, help="decoding processes")
+    _extraction_flags(p)
     return p
 
 

@@ -22,7 +22,7 @@ FLOORS = [
     ["config", "presets", "memory"],
     ["weights", "eval", "fit", "plots", "predict"],
     ["engine"],
-    ["tasks", "bench"],
+    ["tasks", "bench", "explore"],
     ["cli"],
 ]
 MAX_FUNCTION_LINES = 80  # docstring excluded

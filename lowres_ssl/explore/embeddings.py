@@ -23,6 +23,7 @@ from lowres_ssl.eval.evaluate import Extraction, features_of
 from lowres_ssl.eval.features import LabeledSet, open_set, to_input
 from lowres_ssl.files import write_text_atomic
 from lowres_ssl.predict import write_npy
+from lowres_ssl.run_layout import SKIPPED_FILE
 
 LABEL_MODES = ("auto", "folders", "none")
 
@@ -137,7 +138,7 @@ def write_embeddings(out: Path, embedded: Embedded) -> list[str]:
     write_npy(out / "embeddings.npy", embedded.features)
     write_text_atomic(out / "paths.txt", "".join(p + "\n" for p in embedded.paths))
     written = ["embeddings.npy", "paths.txt"]
-    listing = out / "skipped_files.txt"
+    listing = out / SKIPPED_FILE
     if len(embedded.skipped):
         embedded.skipped.write(listing)
         written.append(listing.name)

@@ -334,6 +334,28 @@ def _check_settings(duplicates: float, **positive: int | None) -> None:
             raise UserError(f"--{flag.replace('_', '-')} must be ≥ 1, got {value}")
 
 
+def _extraction(spec, device: str, precision: str, **settings) -> Extraction:
+    """How the features are computed: the device, its precision for this backbone (fp32 on
+    the CPU), batching and caching (``settings``: :class:`Extraction`'s other fields)."""
+    dev = resolve_device(device)
+    return Extraction(device=dev, precision=eval_precision(precision, dev, spec.config),
+                      **settings)  # fmt: skip
+
+
+def _about(e: Embedded, spec, source: str, size: int, untrained: bool) -> dict[str, Any]:
+    """The head of the summary: the model, the folder and its features."""
+    return {
+        "model": {"source": source, "backbone": spec.backbone, "size": size,
+                  "random_init": bool(untrained)},
+        "folder": str(e.root),
+        "images": len(e),
+        "skipped": len(e.skipped),
+        "features": int(e.features.shape[1]),
+        "from_cache": e.from_cache,
+        "extract_seconds": e.seconds,
+    }  # fmt: skip
+
+
 def explore(
     model: str,
     folder: str | Path,
@@ -369,16 +391,9 @@ def explore(
     using = backend(neighbours)
     net, spec, source = _model(model, random_init, size, seed)
     size = size or spec.image_size
-    dev = resolve_device(device)
-    extraction = Extraction(
-        device=dev,
-        precision=eval_precision(precision, dev, spec.config),
-        batch_size=batch_size,
-        cache_dir=cache_dir,
-        use_cache=feature_cache,
-        num_workers=num_workers,
-        progress=progress,
-    )
+    extraction = _extraction(spec, device, precision, batch_size=batch_size,
+                             cache_dir=cache_dir, use_cache=feature_cache,
+                             num_workers=num_workers, progress=progress)  # fmt: skip
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     clock = StepClock()
@@ -391,16 +406,8 @@ def explore(
     n_groups = min(groups, len(e)) if groups else default_groups(len(e), len(e.classes))
     thumbs = Thumbnails(e)
     log.info("explore: %s images, %d groups, neighbours by %s", f"{len(e):,}", n_groups, using)
-    summary: dict[str, Any] = {
-        "model": {"source": str(source), "backbone": spec.backbone, "size": size,
-                  "random_init": bool(random_init or not Path(model).expanduser().exists())},
-        "folder": str(e.root),
-        "images": len(e),
-        "skipped": len(e.skipped),
-        "features": int(e.features.shape[1]),
-        "from_cache": e.from_cache,
-        "extract_seconds": e.seconds,
-    }  # fmt: skip
+    untrained = random_init or not Path(model).expanduser().exists()
+    summary = _about(e, spec, str(source), size, untrained)
     with clock.step("neighbours"):
         summary["neighbours"] = neighbour_sheets(e, thumbs, out, k=k, queries=queries,
                                                  using=using, seed=seed)  # fmt: skip
