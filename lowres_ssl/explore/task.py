@@ -196,6 +196,8 @@ def link_groups(e: Embedded, found: Tensor, into: Path) -> str:
         folder = into / f"group_{g:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / e.paths[i].replace("/", "__")
+        if target.exists() or target.is_symlink():  # a/b__c.jpg and a__b/c.jpg: keep both
+            target = target.with_name(f"{target.stem}__{i}{target.suffix}")
         try:
             os.symlink(e.file(i), target)
         except OSError:

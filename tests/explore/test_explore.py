@@ -204,3 +204,15 @@ def test_the_seed_makes_a_run_repeatable(labeled, weights, tmp_path):
     assert read["a"] == read["b"] and read["a"] != read["c"]
     clusters = [(tmp_path / n / "clusters.csv").read_text() for n in "ab"]
     assert clusters[0] == clusters[1]
+
+
+def test_links_whose_flattened_names_collide_are_both_kept(weights, tmp_path):
+    folder = tmp_path / "album"
+    write_images(folder / "a", ["b__c.png"], seed=1)
+    write_images(folder / "a__b", ["c.png"], seed=2)
+    write_images(folder, ["d.png"], seed=3)
+    s = explore(str(weights), folder, tmp_path / "out", groups=1, link_into=tmp_path / "links",
+                cache_dir=tmp_path / "c", num_workers=0, tsne=False)  # fmt: skip
+    links = sorted(p for p in (tmp_path / "links").rglob("*") if not p.is_dir())
+    assert s["images"] == 3 and len(links) == 3
+    assert {p.resolve() for p in links} == {p.resolve() for p in folder.rglob("*.png")}
