@@ -463,6 +463,19 @@ def _extraction_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, help="decoding processes")
 
 
+def _extraction_settings(args: argparse.Namespace) -> dict:
+    """The flags of :func:`_extraction_flags` as the keywords evaluate() and explore() take."""
+    return {
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "precision": args.precision,
+        "cache_dir": args.cache_dir,
+        "feature_cache": not args.no_feature_cache,
+        "num_workers": args.num_workers,
+        "progress": sys.stderr.isatty(),
+    }
+
+
 def _positive_flags(args: argparse.Namespace, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(args, name)
@@ -523,13 +536,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
             size=args.size,
             k=args.k,
             temperature=args.temperature,
-            batch_size=args.batch_size,
-            device=args.device,
-            precision=args.precision,
-            cache_dir=args.cache_dir,
-            feature_cache=not args.no_feature_cache,
-            num_workers=args.num_workers,
-            progress=sys.stderr.isatty(),
+            **_extraction_settings(args),
         )
 
 
@@ -725,17 +732,11 @@ def explore_main(argv: list[str] | None = None) -> int:
             max_pairs=args.max_pairs,
             link_into=args.link_into,
             labels=args.labels,
-            device=args.device,
-            precision=args.precision,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
             cache=args.cache,
-            cache_dir=args.cache_dir,
-            feature_cache=not args.no_feature_cache,
             neighbours=args.neighbours,
             tsne=not args.no_tsne,
             seed=args.seed,
-            progress=sys.stderr.isatty(),
+            **_extraction_settings(args),
         )
     print(summary_line(summary))
     print(f"open {Path(args.out) / 'index.html'}")
