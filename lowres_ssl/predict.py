@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from lowres_ssl.data import FolderImages, SkipLog, make_loader, scan_folder
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.features import to_input
-from lowres_ssl.files import write_text_atomic
+from lowres_ssl.files import write_atomic, write_text_atomic
 from lowres_ssl.weights import load_backbone, load_classifier
 
 log = logging.getLogger("lowres_ssl")
@@ -44,11 +44,13 @@ def write_npy(path: Path, array: torch.Tensor) -> None:
     header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple(a.shape)}, }}"
     pad = 64 - (10 + len(header) + 1) % 64
     header = header + " " * pad + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1"))
-        f.write(a.numpy().tobytes() if a.numel() else b"")
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin1"))
+            f.write(a.numpy().tobytes() if a.numel() else b"")
+
+    write_atomic(path, write)
 
 
 def _batches(images: FolderImages, device, batch_size: int, num_workers, skips: SkipLog):

@@ -6,7 +6,6 @@ points (matplotlib) and as a scatter of thumbnails (Pillow)."""
 from __future__ import annotations
 
 import importlib.util
-import logging
 from pathlib import Path
 
 import torch
@@ -14,8 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from lowres_ssl.eval.groups import normalised
-
-log = logging.getLogger("lowres_ssl")
+from lowres_ssl.files import write_atomic
 
 TSNE_SAMPLE = 3000
 
@@ -93,11 +91,10 @@ def scatter_png(
     ax.set_xlabel(axes[0])
     ax.set_ylabel(axes[1])
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def thumbnail_map(
@@ -112,10 +109,7 @@ def thumbnail_map(
     for (x, y), i in zip(((p - lo) * scale).tolist(), rows.tolist(), strict=True):
         im = thumbnail(i).resize((tile, tile), Image.Resampling.BILINEAR)
         canvas.paste(im, (int(x), int(side - tile - y)))
-    tmp = path.with_name(f".{path.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 __all__ = ["TSNE_SAMPLE", "has_tsne", "pca_2d", "scatter_png", "thumbnail_map", "tsne_2d"]

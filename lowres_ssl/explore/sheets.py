@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lowres_ssl.data.cache import ArrayImages
 from lowres_ssl.data.folders import BadImage, decode_image
+from lowres_ssl.files import write_atomic
 
 TILE = 96
 PAD = 6
@@ -96,10 +97,7 @@ def draw_sheet(rows: list[list[Tile]], path: Path, *, title: str = "", tile: int
                 draw.rectangle([x - 2, y - 2, x + tile + 1, y + tile + 1], outline=t.frame, width=3)
             for n, line in enumerate(t.caption.split("\n")[:2]):
                 draw.text((x, y + tile + 2 + 12 * n), line, fill=(40, 40, 40), font=small)
-    tmp = path.with_name(f".{path.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 __all__ = ["TILE", "Thumbnails", "Tile", "draw_sheet", "short"]

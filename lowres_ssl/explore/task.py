@@ -35,14 +35,14 @@ from lowres_ssl.eval.evaluate import (
 )
 from lowres_ssl.eval.groups import adjusted_rand_index, kmeans, near_duplicates, purity
 from lowres_ssl.eval.knn import knn_evaluate
-from lowres_ssl.files import write_text_atomic
+from lowres_ssl.files import write_atomic, write_text_atomic
 
 from .clock import StepClock
 from .embeddings import Embedded, embed_folder, embed_image, write_embeddings
 from .maps import TSNE_SAMPLE, has_tsne, pca_2d, scatter_png, thumbnail_map, tsne_2d
 from .neighbours import backend, search
 from .page import write_page
-from .sheets import Thumbnails, Tile, draw_sheet, short
+from .sheets import QUERY_FRAME, Thumbnails, Tile, draw_sheet, short
 
 log = logging.getLogger("lowres_ssl")
 
@@ -62,13 +62,13 @@ def default_groups(n: int, classes: int) -> int:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    tmp.replace(path)
-    return path
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+
+    return write_atomic(path, write)
 
 
 def _caption(e: Embedded, i: int, sim: float | None = None) -> str:
@@ -102,7 +102,7 @@ def neighbour_sheets(
     sims, idx = search(e.features, k, rows=picked, using=using)
     rows, lines = [], []
     for n_q, q in enumerate(picked.tolist()):
-        row = [Tile(thumbs(q), _caption(e, q), frame=(220, 60, 20))]
+        row = [Tile(thumbs(q), _caption(e, q), frame=QUERY_FRAME)]
         pairs = zip(idx[n_q].tolist(), sims[n_q].tolist(), strict=True)
         for rank, (j, s) in enumerate(pairs, 1):
             row.append(Tile(thumbs(j), _caption(e, j, s)))
@@ -137,9 +137,7 @@ def query_sheets(
         q = embed_image(net, path, size=size, extraction=extraction)
         sims, idx = search(e.features, k, queries=q[None], using=using)
         row = [
-            Tile(
-                thumbs.of_file(Path(path).expanduser()), short(Path(path).name), frame=(220, 60, 20)
-            )
+            Tile(thumbs.of_file(Path(path).expanduser()), short(Path(path).name), frame=QUERY_FRAME)
         ]
         row += [
             Tile(thumbs(j), _caption(e, j, s))
@@ -306,17 +304,17 @@ def label_scores(e: Embedded, found: Tensor) -> dict | None:
 
 
 def _model(model: str, random_init: bool, size: int | None, seed: int):
-    """(network, spec, what it is): a run folder, checkpoint or weights file; or a backbone
+    """(network, spec, untrained): a run folder, checkpoint or weights file; or a backbone
     name (resnet18, timm/…, torchvision/…), which is a random init at ``size``."""
     if Path(model).expanduser().exists():
-        return (*backbone_to_evaluate(model, random_init, None, size, seed)[:2], model)
+        return (*backbone_to_evaluate(model, random_init, None, size, seed)[:2], random_init)
     if not model.startswith(("resnet", "timm/", "torchvision/")):
         raise UserError(
             f"{model} does not exist, and it is not a backbone name either (resnet18, "
             "timm/<model>, torchvision/<model>); pass a run folder, checkpoint or weights file"
         )
     net, spec, _ = backbone_to_evaluate(None, True, model, size, seed)
-    return net, spec, model
+    return net, spec, True
 
 
 def _check_link_folder(link_into: str | Path | None) -> Path | None:
@@ -391,7 +389,7 @@ def explore(
     _check_settings(duplicates, k=k, queries=queries, max_pairs=max_pairs, groups=groups)
     into = _check_link_folder(link_into)
     using = backend(neighbours)
-    net, spec, source = _model(model, random_init, size, seed)
+    net, spec, untrained = _model(model, random_init, size, seed)
     size = size or spec.image_size
     extraction = _extraction(spec, device, precision, batch_size=batch_size,
                              cache_dir=cache_dir, use_cache=feature_cache,
@@ -408,8 +406,7 @@ def explore(
     n_groups = min(groups, len(e)) if groups else default_groups(len(e), len(e.classes))
     thumbs = Thumbnails(e)
     log.info("explore: %s images, %d groups, neighbours by %s", f"{len(e):,}", n_groups, using)
-    untrained = random_init or not Path(model).expanduser().exists()
-    summary = _about(e, spec, str(source), size, untrained)
+    summary = _about(e, spec, str(model), size, untrained)
     with clock.step("neighbours"):
         summary["neighbours"] = neighbour_sheets(e, thumbs, out, k=k, queries=queries,
                                                  using=using, seed=seed)  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +132,7 @@ def test_a_second_run_reads_the_features_back_until_the_folder_changes(labeled, 
     assert np.array_equal(a, b)
     assert (tmp_path / "a" / "paths.txt").read_text() == (tmp_path / "b" / "paths.txt").read_text()
     changed = tmp_path / "changed"
-    os.system(f"cp -r {labeled} {changed}")
+    shutil.copytree(labeled, changed)
     write_images(changed / "dog", ["new.png"], seed=5)
     third = explore(str(weights), changed, tmp_path / "c", **common)
     assert not third["from_cache"] and third["images"] == N + 1
