@@ -131,17 +131,20 @@ def query_sheets(
     extraction: Extraction,
     using: str,
 ) -> list[dict]:
-    """A sheet per ``--query`` image (a file anywhere): it and its k nearest in the folder."""
+    """A sheet per ``--query`` image (a file anywhere): it and its k nearest in the folder,
+    found for all the queries in one search (one pass over the features, one faiss index)."""
+    if not images:
+        return []
+    queries = torch.stack([embed_image(net, p, size=size, extraction=extraction) for p in images])
+    sims, idx = search(e.features, k, queries=queries, using=using)
     made = []
     for n, path in enumerate(images):
-        q = embed_image(net, path, size=size, extraction=extraction)
-        sims, idx = search(e.features, k, queries=q[None], using=using)
         row = [
             Tile(thumbs.of_file(Path(path).expanduser()), short(Path(path).name), frame=QUERY_FRAME)
         ]
         row += [
             Tile(thumbs(j), _caption(e, j, s))
-            for j, s in zip(idx[0].tolist(), sims[0].tolist(), strict=True)
+            for j, s in zip(idx[n].tolist(), sims[n].tolist(), strict=True)
         ]
         name = f"query_{n:02d}_{Path(path).stem[:40]}.png"
         draw_sheet([row], out / name, title=f"{path} and its {idx.shape[1]} nearest")

@@ -216,3 +216,24 @@ def test_links_whose_flattened_names_collide_are_both_kept(weights, tmp_path):
     links = sorted(p for p in (tmp_path / "links").rglob("*") if not p.is_dir())
     assert s["images"] == 3 and len(links) == 3
     assert {p.resolve() for p in links} == {p.resolve() for p in folder.rglob("*.png")}
+
+
+def test_each_query_gets_its_own_neighbours(labeled, weights, tmp_path, monkeypatch):
+    """Two --query images found in one search: each sheet's first neighbour is the folder's
+    copy of that query (cosine 1), of its class."""
+    import lowres_ssl.explore.task as task
+
+    copies = []
+    for c, i in (("cat", 0), ("eel", 2)):
+        copies.append(tmp_path / f"{c}_copy.png")
+        copies[-1].write_bytes((labeled / c / f"{i}.png").read_bytes())
+    drawn = {}
+    monkeypatch.setattr(
+        task, "draw_sheet", lambda rows, path, **kw: drawn.setdefault(path.name, rows)
+    )
+    explore(str(weights), labeled, tmp_path / "out", query=[str(p) for p in copies], k=2,
+            cache_dir=tmp_path / "c", num_workers=0, tsne=False)  # fmt: skip
+    for n, c in enumerate(("cat", "eel")):
+        (row,) = drawn[f"query_{n:02d}_{c}_copy.png"]
+        similarity, label = row[1].caption.split("\n")
+        assert float(similarity) > 0.9999 and label == c
