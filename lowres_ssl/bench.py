@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from lowres_ssl.device import available_cores
+from lowres_ssl.files import write_text_atomic
 
 KIB = 1024
 GIB = 2**30
@@ -288,7 +289,7 @@ def machine_lines(device: str) -> list[str]:
         f"- CPU: {cpu_model()}, {os.cpu_count()} logical cores ({available_cores()} usable, torch "
         f"threads: {torch.get_num_threads()}), {ram:.1f} GiB RAM",
     ]
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(0)
         lines.append(
             f"- GPU: {props.name}, {props.total_memory / 2**30:.1f} GiB, compute capability "
@@ -324,14 +325,25 @@ def markdown_table(
     return lines
 
 
+def _report_text(report: str | Sequence[str]) -> str:
+    text = report if isinstance(report, str) else "\n".join(report)
+    return text.rstrip("\n") + "\n"
+
+
+def save_report(report: str | Sequence[str], output: Path) -> Path:
+    """Write a markdown report (text, or its lines) to ``output`` without printing it (its
+    folder made, one newline at the end). A benchmark saves its report after every case, so
+    that a run killed part-way keeps what it measured; the rename means a kill mid-write
+    leaves the previous version, never half of one."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(output, _report_text(report))
+
+
 def write_report(report: str | Sequence[str], output: Path) -> Path:
     """Print a markdown report (text, or its lines) and write it to ``output`` (its folder
     made, one newline at the end); the path written goes to stderr."""
-    text = report if isinstance(report, str) else "\n".join(report)
-    text = text.rstrip("\n") + "\n"
-    print(text, end="", flush=True)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(text, encoding="utf-8")
+    print(_report_text(report), end="", flush=True)
+    save_report(report, output)
     print(f"wrote {output}", file=sys.stderr, flush=True)
     return output
 
@@ -400,7 +412,7 @@ def step_rig(setting, *, load_side: int | None = None, seed: int = 0) -> StepRig
     from accelerate import Accelerator
 
     from lowres_ssl.augment import build_augment
-    from lowres_ssl.device import MIXED_DTYPES, card_memory_gib, cuda_mixed_precision
+    from lowres_ssl.device import MIXED_DTYPES, cuda_mixed_precision, emulate_card
     from lowres_ssl.engine.steps import embedding_cache_step, one_pass_step
     from lowres_ssl.losses import ViewLayout, objective_from_settings
     from lowres_ssl.models import build_model
@@ -409,7 +421,7 @@ def step_rig(setting, *, load_side: int | None = None, seed: int = 0) -> StepRig
     s = setting
     precision = "no"
     if s.cuda:
-        card_memory_gib(0)
+        emulate_card(0)
         precision = cuda_mixed_precision() if s.mixed else "no"
     accelerator = Accelerator(mixed_precision=precision, cpu=not s.cuda)
     device = accelerator.device

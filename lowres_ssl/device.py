@@ -109,29 +109,116 @@ def use_the_cores(world: int) -> str | None:
     return f"one process on the CPU: using its {cores} cores (accelerate launch had set 1 thread)"
 
 
-#: Set to a number of GiB to emulate a smaller CUDA card on a larger one: the allocator is
-#: capped there (``torch.cuda.set_per_process_memory_fraction``) and every automatic choice
-#: (``--preset auto``, ``micro_batch_size: auto``) sizes for it. For benchmarks and tests.
+#: Set to a number of GiB to emulate a smaller CUDA card on a larger one: every automatic
+#: choice (``--preset auto``, ``micro_batch_size: auto``) sizes for the memory such a card
+#: reports, and :func:`emulate_card` caps the allocator at what such a card could hold
+#: (``docs/training.md``, "An emulated card"). For benchmarks and tests.
 CARD_ENV = "LOWRES_SSL_GPU_GIB"
 
+#: What a card sold as N GB reports to CUDA, as a share of N GiB: the driver keeps the rest
+#: (an "8 GB" card reports 7.6–7.8 GiB, a "12 GB" one about 11.7 GiB).
+REPORTED_SHARE = 0.97
 
-def card_memory_gib(device: torch.device | int | None = None) -> float:
-    """The CUDA card's memory in GiB: the emulated size where ``LOWRES_SSL_GPU_GIB`` is set
-    (the allocator is then capped there), else the card's total."""
-    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+#: What the CUDA context takes outside PyTorch's allocator (driver, cuBLAS/cuDNN handles and
+#: workspaces, lazily loaded kernels): typical CUDA 12 figures, 0.3–0.6 GiB. The estimator
+#: counts it, and an emulated card leaves at least this much outside its allocator.
+CUDA_CONTEXT_BYTES = 600 * 2**20
+
+
+def canonical_device(device: torch.device | str | int) -> torch.device:
+    """``device`` with its index made explicit, so that two names of one device compare equal.
+
+    ``torch.device("cuda")`` (what Accelerate's ``accelerator.device`` is on one GPU) and
+    ``cuda:0`` (what a tensor moved there reports) are different objects that ``==`` calls
+    unequal, as are ``cpu`` and ``cpu:0``. Here an accelerator without an index gets the
+    current one, an integer is that CUDA card, and the CPU (and ``meta``) has no index.
+    Compare devices only through :func:`same_device` (``tests/test_layers.py`` checks it).
+    """
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    d = torch.device(device)
+    if d.type in ("cpu", "meta"):
+        return torch.device(d.type)
+    if d.index is not None:
+        return d
+    if d.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    current = getattr(getattr(torch, d.type, None), "current_device", None)
+    return torch.device(d.type, current() if current is not None else 0)
+
+
+def same_device(a: torch.device | str | int, b: torch.device | str | int) -> bool:
+    """Whether ``a`` and ``b`` name the same device (``cuda`` and ``cuda:0`` on card 0 do)."""
+    return canonical_device(a) == canonical_device(b)
+
+
+def cuda_index(device: torch.device | str | int | None = None) -> int:
+    """The index of a CUDA ``device`` (None: the current card)."""
+    d = canonical_device("cuda" if device is None else device)
+    if d.type != "cuda":
+        raise ValueError(f"{d} is not a CUDA device")
+    return d.index  # type: ignore[return-value]
+
+
+def _emulated_gib(total_gib: float) -> float | None:
+    """The nominal size of the emulated card (``LOWRES_SSL_GPU_GIB``), or None."""
     wanted = os.environ.get(CARD_ENV)
     if not wanted:
-        return total
+        return None
     try:
         gib = float(wanted)
     except ValueError:
         raise UserError(
             f"{CARD_ENV}={wanted!r}: give the emulated card size in GiB, e.g. 8"
         ) from None
-    if not 0 < gib <= total:
-        raise UserError(f"{CARD_ENV}={wanted}: must be between 0 and the card's {total:.1f} GiB")
-    torch.cuda.set_per_process_memory_fraction(gib / total, device)
+    if not 0 < gib * REPORTED_SHARE <= total_gib:
+        raise UserError(
+            f"{CARD_ENV}={wanted}: must be above 0 and at most the card's {total_gib:.1f} GiB"
+        )
     return gib
+
+
+def card_memory_gib(device: torch.device | str | int | None = None) -> float:
+    """The CUDA card's memory in GiB, as the kit sizes runs for it: what the card reports
+    (``total_memory``), or where ``LOWRES_SSL_GPU_GIB`` is set, what a card of that nominal
+    size reports (:data:`REPORTED_SHARE` of it). Reads only; :func:`emulate_card` caps."""
+    index = cuda_index(device)
+    total = torch.cuda.get_device_properties(index).total_memory / 2**30
+    nominal = _emulated_gib(total)
+    return total if nominal is None else nominal * REPORTED_SHARE
+
+
+def emulate_card(device: torch.device | str | int | None = None) -> str | None:
+    """Where ``LOWRES_SSL_GPU_GIB`` is set, cap the allocator of ``device`` at what the
+    emulated card could hold, and return the line to log (None where it is not set).
+
+    The cap is the memory such a card reports (:func:`card_memory_gib`) less the CUDA context,
+    which lives outside the allocator on a real card too: this process's context as measured
+    on the card (used memory the allocator does not hold), and at least
+    :data:`CUDA_CONTEXT_BYTES` (cuBLAS and cuDNN add to it later). Call it once per process,
+    after the process's card is chosen (``Accelerator()`` sets it under ``accelerate
+    launch``) and before training allocates; ``device`` must name that card, with or without
+    an index.
+    """
+    if not os.environ.get(CARD_ENV):
+        return None
+    index = cuda_index(device)
+    free, total = torch.cuda.mem_get_info(index)  # creates this process's context on it
+    measured = max(0, total - free - torch.cuda.memory_reserved(index))
+    context = max(measured, CUDA_CONTEXT_BYTES)
+    reported = card_memory_gib(index)
+    cap = reported * 2**30 - context
+    if cap <= 0:
+        raise UserError(
+            f"{CARD_ENV}={os.environ[CARD_ENV]}: an emulated card of {reported:.2f} GiB has no "
+            f"room beside the CUDA context ({context / 2**30:.2f} GiB); emulate a larger one"
+        )
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
+    return (
+        f"emulated {os.environ[CARD_ENV]} GB card on cuda:{index}: reports {reported:.2f} GiB; "
+        f"allocator capped at {cap / 2**30:.2f} GiB, the CUDA context's {context / 2**30:.2f} "
+        f"GiB outside it (measured {measured / 2**30:.2f})"
+    )
 
 
 def process_age_s() -> float:
@@ -170,13 +257,19 @@ def peak_memory_gib(device: torch.device) -> dict[str, float]:
 __all__ = [
     "CARD_ENV",
     "CPU_BF16_VARIABLE",
+    "CUDA_CONTEXT_BYTES",
     "MIXED_DTYPES",
+    "REPORTED_SHARE",
     "available_cores",
+    "canonical_device",
     "card_memory_gib",
     "cpu_has_native_bf16",
+    "cuda_index",
     "cuda_mixed_precision",
+    "emulate_card",
     "peak_memory_gib",
     "ram_gib",
     "resolve_precision",
+    "same_device",
     "use_the_cores",
 ]

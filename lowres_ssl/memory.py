@@ -42,12 +42,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowres_ssl.device import CUDA_CONTEXT_BYTES
+
 GIB = 2**30
 MIB = 2**20
 
-#: What the CUDA context takes outside PyTorch's allocator (driver, cuBLAS/cuDNN handles and
-#: workspaces, lazily loaded kernels): an assumption of typical CUDA 12 figures, not measured.
-CUDA_CONTEXT_BYTES = 600 * MIB
 #: The caching allocator reserves more than it hands out (block rounding, fragmentation).
 ALLOCATOR_SLACK = 0.10
 #: On the CPU, glibc's heap and oneDNN's workspaces and caches: measured on a 2-core x86

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowres_ssl.device import canonical_device
 from lowres_ssl.errors import UserError
 
 __all__ = [
@@ -463,9 +464,9 @@ def _probe_devices(params: list[torch.Tensor]) -> list[torch.device]:
     The trainer builds the optimizer before Accelerate moves the model to the GPU, so CPU
     parameters on a machine with CUDA are probed on the current CUDA device too.
     """
-    devices = {p.device for p in params}
+    devices = {canonical_device(p.device) for p in params}
     if torch.cuda.is_available() and all(d.type == "cpu" for d in devices):
-        devices.add(torch.device("cuda", torch.cuda.current_device()))
+        devices.add(canonical_device("cuda"))
     return sorted(devices, key=str)
 
 

@@ -153,9 +153,60 @@ def test_the_engine_never_imports_a_task():
     assert not [m for m, ts in engine.items() if any(t.startswith("lowres_ssl.tasks") for t in ts)]
 
 
+def _names_a_device(node: ast.AST) -> bool:
+    """Whether an expression reads as a device: ``x.device``, ``device``, ``self.device``,
+    ``train_device``, ``torch.device(...)``."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "device" or node.attr.endswith("_device")
+    if isinstance(node, ast.Name):
+        return node.id == "device" or node.id.endswith("_device")
+    if isinstance(node, ast.Call):
+        return _names_a_device(node.func)
+    return False
+
+
+#: Where devices may be compared: the helper that makes two names of one device equal.
+DEVICE_HELPER = "lowres_ssl/device.py"
+
+
+def device_comparisons() -> list[str]:
+    """``file:line: expression`` for each ``==``, ``!=``, ``in`` or ``is`` between devices, and
+    each ``device.index``, in the package outside :data:`DEVICE_HELPER`. ``cuda`` and
+    ``cuda:0`` (Accelerate's device and a tensor's on one GPU) compare unequal, as do ``cpu``
+    and ``cpu:0``: comparisons go through ``lowres_ssl.device.same_device``."""
+    eq = (ast.Eq, ast.NotEq, ast.Is, ast.IsNot, ast.In, ast.NotIn)
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = str(path.relative_to(ROOT))
+        if where == DEVICE_HELPER:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare) and any(isinstance(op, eq) for op in node.ops):
+                sides = [node.left, *node.comparators]
+                against_none = any(isinstance(x, ast.Constant) and x.value is None for x in sides)
+                if not against_none and any(_names_a_device(x) for x in sides):
+                    found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr == "index"
+                and _names_a_device(node.value)
+            ):
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_devices_are_compared_only_through_the_helper():
+    found = device_comparisons()
+    assert not found, "compare devices with lowres_ssl.device.same_device:\n" + "\n".join(found)
+
+
 if __name__ == "__main__":
     for module, targets in sorted(import_graph().items()):
         print(f"{module} [{floor_of(module)}] → {', '.join(sorted(targets)) or '-'}")
     print("longest functions (docstring excluded):")
     for n, where in function_lengths()[: int(sys.argv[1]) if len(sys.argv) > 1 else 3]:
         print(f"  {n:4d}  {where}")
+    found = device_comparisons()
+    print(f"device comparisons outside {DEVICE_HELPER}: {len(found)}")
+    for line in found:
+        print(f"  {line}")

@@ -44,6 +44,7 @@ from lowres_ssl.data.folders import (
     scan_folder,
     scan_labeled,
 )
+from lowres_ssl.device import same_device
 from lowres_ssl.errors import UserError
 
 log = logging.getLogger("lowres_ssl")
@@ -241,7 +242,7 @@ class ArrayLoader(ImageLoader):
 
     def _gather(self, idx: Tensor, position: int) -> Batch:
         a = self.images
-        on_device = a.images.device == self.device
+        on_device = same_device(a.images.device, self.device)
         rows = a.images[idx.to(a.images.device)] if on_device else a.images[idx]
         labels = None if a.labels is None else a.labels[idx.to(a.labels.device)]
         if not on_device and self.device.type == "cuda":
@@ -258,7 +259,7 @@ class ArrayLoader(ImageLoader):
 
     def iterate(self, epoch: int, start: int = 0, keep_empty: bool = False) -> Iterator[Batch]:
         batches = list(enumerate(self.order.batches(epoch, start), start))
-        if self.images.images.device == self.device or self.prefetch == 0:
+        if same_device(self.images.images.device, self.device) or self.prefetch == 0:
             for position, idx in batches:
                 yield self._to_device(self._gather(idx, position))
             return

@@ -32,7 +32,7 @@ from accelerate.utils import broadcast_object_list
 from lowres_ssl.config import Config
 from lowres_ssl.data.loader import MIN_TRAIN_BATCH
 from lowres_ssl.device import (
-    card_memory_gib,
+    emulate_card,
     peak_memory_gib,
     process_age_s,
     resolve_precision,
@@ -86,9 +86,11 @@ def train(
         started -= process_age_s()
     run_dir = Path(out).expanduser()
     precision = resolve_precision(cfg.train.precision)
-    if torch.cuda.is_available():
-        card_memory_gib()  # an emulated card (LOWRES_SSL_GPU_GIB) is capped before any allocation
     accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    # After Accelerator has chosen this process's card (each rank its own), before training
+    # allocates: an emulated card (LOWRES_SSL_GPU_GIB) is capped there.
+    if accelerator.device.type == "cuda" and (note := emulate_card(accelerator.device)):
+        log.info(note)
     if accelerator.num_processes > 1:  # a default run name holds a timestamp: the main's
         run_dir = Path(broadcast_object_list([str(run_dir)])[0])
     if accelerator.device.type == "cpu" and (note := use_the_cores(accelerator.num_processes)):

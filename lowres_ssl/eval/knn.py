@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..device import same_device
 from ..errors import UserError
 from ..losses.mmd import exact_fp32
 
@@ -87,7 +88,7 @@ def knn_scores(
         raise UserError("the kNN train set is empty; pass at least one train feature row")
     _check_features("test", test_features)
     _check_widths(train_features, test_features)
-    if train_features.device != test_features.device:
+    if not same_device(train_features.device, test_features.device):
         raise UserError(
             f"train features are on {train_features.device} and test features on "
             f"{test_features.device}; move both to one device"

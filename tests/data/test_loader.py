@@ -113,6 +113,25 @@ def test_array_loader_delivers_rows_with_labels(prefetch):
     assert sorted(seen) == list(range(40))
 
 
+@pytest.mark.parametrize(("held_on", "given"), [("cpu", "cpu:0"), ("cpu:0", "cpu")])
+def test_a_set_on_the_device_under_another_name_is_indexed_in_place(monkeypatch, held_on, given):
+    """Accelerate's device on one GPU is ``cuda`` while the set cached there reports
+    ``cuda:0``; ``==`` calls them different, and the loader then took the threaded path that
+    pins rows ("cannot pin 'torch.cuda.ByteTensor'"). ``cpu`` and ``cpu:0`` are the same
+    pair on the CPU: the loader must index the set in place, without a thread or a pin."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a set on the training device took the copying path")
+
+    arr = _array().to(held_on)
+    loader = make_loader(arr, 8, seed=2, device=given)
+    monkeypatch.setattr(type(loader), "_threaded", refused)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refused)
+    batches = list(loader.iterate(0))
+    assert len(batches) == 5
+    assert all(torch.equal(b.images, arr.images[b.indices]) for b in batches)
+
+
 def test_array_loader_resumes_mid_epoch_and_stops_early():
     loader = make_loader(_array(), 8, seed=2)
     full = [b.indices for b in loader.iterate(4)]
