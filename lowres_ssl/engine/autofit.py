@@ -18,11 +18,15 @@ from collections.abc import Callable
 import torch
 
 from lowres_ssl.errors import UserError
+from lowres_ssl.models import normalises_batches
 
 log = logging.getLogger("lowres_ssl")
 
 #: Real steps per trial: the first allocates the optimizer state, the second runs with it.
 PROBE_STEPS = 2
+#: Thrown-away probe steps (a non-finite loss, an update the fp16 loss scaler skipped while it
+#: finds its scale: 2^16 down to 1 takes 16) a trial may take besides its real steps.
+PROBE_SKIPS = 18
 #: The seed of the probe's own generator (the probe batch and its views).
 PROBE_SEED = 2**31 - 1
 
@@ -31,6 +35,57 @@ def smaller_micro_batch(micro: int) -> int:
     """The next micro-batch to try: the power of two below (a non-power first drops to one)."""
     p = 1 << (micro.bit_length() - 1)
     return p if p < micro else micro // 2
+
+
+def forget_failed_step(accelerator, optimizer) -> None:
+    """Undo what a step that raised half-way leaves behind, so the next one starts clean.
+
+    ``GradScaler.step`` unscales the gradients (and marks the optimizer "unscaled") before
+    the inner step; an out-of-memory there skips ``update()``, so the next step would skip the
+    unscaling and apply gradients still multiplied by the scale (2^16). Accelerate's optimizer
+    wrapper likewise keeps its patched ``step`` and its "step called" flag, which decides
+    whether the next update counts as skipped. Neither library has a public reset: the
+    attributes are checked by ``tests/engine/test_autofit.py`` against the installed versions.
+    """
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        scaler._per_optimizer_states.clear()  # a defaultdict: the next step gets a fresh one
+    original = getattr(optimizer, "_optimizer_original_step_method", None)
+    if original is not None:
+        optimizer.optimizer.step = original
+        optimizer._accelerate_step_called = False
+    optimizer.zero_grad(set_to_none=True)
+
+
+def probe(step, model, objective, probe_views, *, accelerator, optimizer, steps: int) -> None:
+    """``steps`` real steps on the probe batch: steps that were thrown away (their update not
+    applied, so the optimizer state may not exist yet) do not count, and more than
+    :data:`PROBE_SKIPS` of them is a one-line error (the run would not train either)."""
+    applied = skipped = 0
+    while applied < steps:
+        result = step(model, objective, probe_views(), accelerator=accelerator, optimizer=optimizer)
+        if result.applied:
+            applied += 1
+            continue
+        skipped += 1
+        if skipped > PROBE_SKIPS:
+            what = "loss is not finite" if not result.finite else "fp16 gradients overflow"
+            raise UserError(
+                f"--autofit: {skipped} probe steps in a row thrown away ({what}): the run would "
+                "not train either; try a lower optim.base_lr, or train.precision=fp32 (or "
+                "bf16 instead of fp16)"
+            )
+
+
+def _refuse_several_processes(accelerator) -> None:
+    if accelerator.num_processes > 1:
+        raise UserError(
+            f"--autofit runs on one process, and this run has {accelerator.num_processes}: an "
+            "out-of-memory on one would leave the others waiting in a collective. Fit on one "
+            "GPU (python scripts/train.py ... --autofit; its log names the micro-batch) and "
+            "pass --set train.micro_batch_size=M, or leave micro_batch_size at auto (the "
+            "estimate counts every process)"
+        )
 
 
 def autofit(
@@ -49,35 +104,38 @@ def autofit(
     real steps on the task's probe batch (``probe_views()``: a step's input from a random
     batch of ``batch_size`` images, as the task makes it from a loaded batch) run without
     running out of memory. ``make_step(micro)`` returns the step function for ``micro``.
-    Raises :class:`UserError` when not even a micro-batch of 1 fits."""
+    A model with BatchNorm in training mode stops at 2 (one image per batch is an error).
+    Raises :class:`UserError` when not even the smallest fits, and with several processes."""
+    _refuse_several_processes(accelerator)
     device = accelerator.device
     unwrapped = accelerator.unwrap_model(model)
     weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped.state_dict().items()}
     state = copy.deepcopy(optimizer.state_dict())
     scaler = getattr(accelerator, "scaler", None)
     scale = copy.deepcopy(scaler.state_dict()) if scaler is not None else None
+    smallest = 2 if normalises_batches(model) else 1
     micro = micro_batch_size
     while True:
         try:
-            step = make_step(micro)
-            for _ in range(steps):
-                views = probe_views()
-                step(model, objective, views, accelerator=accelerator, optimizer=optimizer)
+            probe(
+                make_step(micro), model, objective, probe_views,
+                accelerator=accelerator, optimizer=optimizer, steps=steps,
+            )  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             break
         except torch.cuda.OutOfMemoryError:
-            optimizer.zero_grad(set_to_none=True)
-            if micro <= 1:
+            forget_failed_step(accelerator, optimizer)
+            if micro <= smallest:
                 raise UserError(
-                    f"--autofit: even a micro-batch of 1 runs out of memory at batch {batch_size}"
-                    ": the model, optimizer state and loss alone do not fit; try a smaller "
-                    "model.projector or train.batch_size, or a smaller --preset"
+                    f"--autofit: even a micro-batch of {smallest} runs out of memory at batch "
+                    f"{batch_size}: the model, optimizer state and loss alone do not fit; try a "
+                    "smaller model.projector or train.batch_size, or a smaller --preset"
                 ) from None
         # Out of the except block, so the failed attempt's tensors are freed before the next.
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        smaller = smaller_micro_batch(micro)
+        smaller = max(smaller_micro_batch(micro), smallest)
         log.info("--autofit: micro-batch %d ran out of memory; trying %d", micro, smaller)
         micro = smaller
     peak = (
@@ -98,4 +156,12 @@ def autofit(
     return micro
 
 
-__all__ = ["PROBE_SEED", "PROBE_STEPS", "autofit", "smaller_micro_batch"]
+__all__ = [
+    "PROBE_SEED",
+    "PROBE_SKIPS",
+    "PROBE_STEPS",
+    "autofit",
+    "forget_failed_step",
+    "probe",
+    "smaller_micro_batch",
+]

@@ -30,7 +30,7 @@ class Progress:
     epoch: int = 0
     batch: int = 0
     images: int = 0  # images trained on, over all processes
-    bad_steps: int = 0  # non-finite losses skipped, in all
+    bad_steps: int = 0  # steps thrown away (non-finite loss, update skipped by the loss scaler)
     wall_s: float = 0.0  # training time, all sessions up to this checkpoint
     epoch_loss_sum: float = 0.0  # finite losses of this epoch so far (for its mean)
     epoch_loss_steps: int = 0
@@ -127,7 +127,7 @@ class State:
             p.last_loss = result.loss
             p.epoch_loss_sum += result.loss
             p.epoch_loss_steps += 1
-        else:
+        if not result.applied:
             p.bad_steps += 1
 
     def skip_batch(self, position: int) -> None:

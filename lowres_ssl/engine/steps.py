@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lowres_ssl.augment import PlannedViews, forward_groups
-from lowres_ssl.models import frozen_bn_statistics
+from lowres_ssl.models import BatchNormStatistics, frozen_bn_statistics
 
 Views = PlannedViews | list[Tensor]
 
@@ -32,11 +32,36 @@ Views = PlannedViews | list[Tensor]
 @dataclass
 class StepResult:
     """What a step did: the global loss (mean over processes), its terms (detached tensors of
-    this process), and whether the loss was finite (if not, the parameters did not move)."""
+    this process), whether the loss was finite, and whether the fp16 loss scaler skipped the
+    update (the gradients overflowed). A step with a non-finite loss or a skipped update is
+    thrown away: the parameters did not move, and BatchNorm's running statistics are as they
+    were before it."""
 
     loss: float
     terms: dict[str, Tensor]
     finite: bool
+    scaler_skipped: bool = False
+
+    @property
+    def applied(self) -> bool:
+        """Whether the step updated the model."""
+        return self.finite and not self.scaler_skipped
+
+
+def apply_update(optimizer, accelerator) -> bool:
+    """The optimizer's step on the gradients, then zeroed; whether the fp16 loss scaler
+    skipped it (Accelerate's ``optimizer_step_was_skipped``: the scaled gradients overflowed,
+    the scale is lowered and the parameters did not move)."""
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return bool(getattr(accelerator, "optimizer_step_was_skipped", False))
+
+
+def thrown_away(result: StepResult, statistics: BatchNormStatistics) -> StepResult:
+    """``result``; where the step was thrown away, BatchNorm's statistics put back first."""
+    if not result.applied:
+        statistics.restore()
+    return result
 
 
 def global_mean(accelerator, value: Tensor) -> float:
@@ -97,16 +122,18 @@ def one_pass_step(
     The global loss is the mean of the processes' losses; a non-finite one on any process makes
     it non-finite, so all processes skip the step together.
     """
+    statistics = BatchNormStatistics(model)
     with accelerator.autocast():
         z = embed(model, _take(views), _groups(views))
     loss = objective(*z)
     value = global_mean(accelerator, loss)
-    finite = math.isfinite(value)
+    finite, skipped = math.isfinite(value), False
     if finite:
         accelerator.backward(loss)
-        optimizer.step()
+        skipped = apply_update(optimizer, accelerator)
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(value, dict(getattr(objective, "terms", {})), finite)
+    result = StepResult(value, dict(getattr(objective, "terms", {})), finite, skipped)
+    return thrown_away(result, statistics)
 
 
 def embedding_cache_step(
@@ -144,6 +171,7 @@ def embedding_cache_step(
     # micro-batches of 3 runs as 2 + 2 + 3, never leaving BatchNorm a micro-batch of one.
     parts = even_parts(n, -(-n // micro_batch_size))
     groups = _groups(views)
+    statistics = BatchNormStatistics(model)
     cached: list[list[Tensor]] = [[] for _ in range(sum(map(len, groups)))]
     with torch.no_grad(), accelerator.autocast():
         for p in parts:
@@ -155,7 +183,7 @@ def embedding_cache_step(
     terms = dict(getattr(objective, "terms", {}))
     if not math.isfinite(value):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(value, terms, False)
+        return thrown_away(StepResult(value, terms, False), statistics)
     grads = torch.autograd.grad(loss, zs)
     last = len(parts) - 1
     with frozen_bn_statistics(model):
@@ -166,9 +194,8 @@ def embedding_cache_step(
                     out = embed(model, _take(views, p), groups)
                 surrogate = sum((z.float() * g[p]).sum() for z, g in zip(out, grads, strict=True))
                 accelerator.backward(surrogate)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(value, terms, True)
+    skipped = apply_update(optimizer, accelerator)
+    return thrown_away(StepResult(value, terms, True, skipped), statistics)
 
 
 @dataclass
@@ -211,6 +238,7 @@ def supervised_step(
     n = len(views)
     count = 1 if not micro_batch_size or micro_batch_size >= n else -(-n // micro_batch_size)
     parts = even_parts(n, count)
+    statistics = BatchNormStatistics(model)
     loss_sum = torch.zeros((), device=views.labels.device)
     correct = torch.zeros((), device=views.labels.device)
     values = []
@@ -224,15 +252,15 @@ def supervised_step(
             value = global_mean(accelerator, loss)
             if not math.isfinite(value):
                 optimizer.zero_grad(set_to_none=True)
-                return StepResult(value, {"ce": loss.detach()}, False)
+                return thrown_away(StepResult(value, {"ce": loss.detach()}, False), statistics)
             share = (p.stop - p.start) / n
             values.append(value * share)
             accelerator.backward(loss * share)
             loss_sum += loss.detach() * share
             correct += (logits.detach().argmax(1) == y).sum()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(sum(values), {"ce": loss_sum, "train_top1": correct / n}, True)
+    skipped = apply_update(optimizer, accelerator)
+    terms = {"ce": loss_sum, "train_top1": correct / n}
+    return thrown_away(StepResult(sum(values), terms, True, skipped), statistics)
 
 
 def accumulation_step(
@@ -254,6 +282,7 @@ def accumulation_step(
     n = _batch_size(views)
     parts = even_parts(n, min(accumulate_steps, n))
     groups = _groups(views)
+    statistics = BatchNormStatistics(model)
     losses, terms = [], {}
     for i, p in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
@@ -268,11 +297,10 @@ def accumulation_step(
                 terms[k] = terms.get(k, 0) + v.detach() / len(parts)
             if not math.isfinite(value):
                 optimizer.zero_grad(set_to_none=True)
-                return StepResult(value, terms, False)
+                return thrown_away(StepResult(value, terms, False), statistics)
             accelerator.backward(loss / len(parts))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(sum(losses) / len(losses), terms, True)
+    skipped = apply_update(optimizer, accelerator)
+    return thrown_away(StepResult(sum(losses) / len(losses), terms, True, skipped), statistics)
 
 
 __all__ = [
@@ -280,9 +308,11 @@ __all__ = [
     "StepResult",
     "Views",
     "accumulation_step",
+    "apply_update",
     "embed",
     "embedding_cache_step",
     "global_mean",
     "one_pass_step",
     "supervised_step",
+    "thrown_away",
 ]

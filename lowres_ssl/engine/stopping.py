@@ -86,24 +86,40 @@ class StopRequest:
 
 
 class NonFiniteGuard(Part):
-    """A non-finite loss skips its step (the step itself leaves the parameters alone) with a
-    warning; ``max_in_a_row`` of them in a row end the run with a one-line error (the last
-    good checkpoint is kept)."""
+    """A step thrown away (a non-finite loss, or an update the fp16 loss scaler skipped) is
+    counted; ``max_in_a_row`` of them in a row end the run with a one-line error (the last
+    good checkpoint is kept).
 
-    def __init__(self, max_in_a_row: int) -> None:
+    The loss scaler (``scaler``: Accelerate's, None without fp16) skips an update whenever the
+    scaled gradients overflow and halves its scale: from 2^16 it needs a few skips to find its
+    scale at the start of a run, which is its normal work. A skip counts once the scale is
+    below 1, where the gradients overflow fp16 unscaled: persistent overflow, which no scale
+    fixes, and which would otherwise skip every update of the run in silence."""
+
+    def __init__(self, max_in_a_row: int, scaler=None) -> None:
         self.max_in_a_row = max_in_a_row
+        self.scaler = scaler
         self.in_a_row = 0
 
     def after_step(self, state: State, done: StepDone) -> None:
-        if done.result.finite:
+        result, step = done.result, state.progress.step
+        if result.applied:
             self.in_a_row = 0
             return
+        if result.finite:  # the loss scaler skipped the update
+            scale = self.scaler.get_scale() if self.scaler is not None else 0.0
+            if scale >= 1.0:
+                log.debug("step %d: fp16 gradients overflowed; loss scale now %g", step, scale)
+                return
+            what = f"fp16 gradients overflow even at loss scale {scale:g}"
+        else:
+            what = f"loss is {result.loss}"
         self.in_a_row += 1
-        step = state.progress.step
-        log.warning("step %d: loss is %s; step skipped", step, done.result.loss)
+        log.warning("step %d: %s; step skipped", step, what)
         if self.in_a_row >= self.max_in_a_row:
+            kind = "non-finite losses" if not result.finite else "skipped fp16 updates"
             raise UserError(
-                f"{self.in_a_row} non-finite losses in a row (step {step}); try a "
+                f"{self.in_a_row} {kind} in a row (step {step}: {what}); try a "
                 "lower optim.base_lr, or train.precision=fp32 (or bf16 instead of fp16); "
                 "the last good checkpoint is kept"
             )

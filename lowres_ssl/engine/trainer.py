@@ -156,7 +156,7 @@ def start(
             checkpointer=checkpointer, steps_per_epoch=run.steps_per_epoch,
             checkpoint_every=t.checkpoint_every, images_per_step=t.batch_size * run.world,
         )  # fmt: skip
-    parts = [reporter, NonFiniteGuard(t.max_bad_steps)]
+    parts = [reporter, NonFiniteGuard(t.max_bad_steps, getattr(acc, "scaler", None))]
     parts += [StepCallback(on_step)] if on_step is not None else []
     parts += [evaluator, checkpointer] + ([budget] if budget is not None else [])
     return state, Parts(reporter, evaluator, checkpointer, budget, Hooks(parts))

@@ -15,10 +15,12 @@ from torch import Tensor, nn
 from .backbones import (
     BACKBONES,
     CIFAR_STEM_MAX_SIZE,
+    BatchNormStatistics,
     ResNetBackbone,
     build_backbone,
     check_backbone_name,
     frozen_bn_statistics,
+    normalises_batches,
 )
 from .library import LibraryBackbone, is_library_name
 from .projector import build_projector, parse_projector_spec, projector_out_dim
@@ -115,6 +117,7 @@ def parameter_count(module: nn.Module, *, trainable_only: bool = False) -> int:
 __all__ = [
     "BACKBONES",
     "CIFAR_STEM_MAX_SIZE",
+    "BatchNormStatistics",
     "Classifier",
     "LibraryBackbone",
     "ResNetBackbone",
@@ -125,6 +128,7 @@ __all__ = [
     "check_backbone_name",
     "frozen_bn_statistics",
     "is_library_name",
+    "normalises_batches",
     "parameter_count",
     "parse_projector_spec",
     "projector_out_dim",

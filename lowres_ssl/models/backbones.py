@@ -67,6 +67,35 @@ def frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
+class BatchNormStatistics:
+    """A copy of the running statistics of ``module``'s BatchNorms, taken when made, to put
+    back with :meth:`restore`: a training step that is thrown away (a non-finite loss, an
+    update the fp16 loss scaler skipped) has already folded its batch into them in its
+    forward pass, and a NaN there would stay in every later evaluation."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [
+            m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+        ]
+        self.saved = [[b.clone() for b in self._statistics(m)] for m in self.norms]
+
+    @staticmethod
+    def _statistics(m: _BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
+        return m.running_mean, m.running_var, m.num_batches_tracked  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for m, saved in zip(self.norms, self.saved, strict=True):
+            for live, kept in zip(self._statistics(m), saved, strict=True):
+                live.copy_(kept)
+
+
+def normalises_batches(module: nn.Module) -> bool:
+    """Whether a BatchNorm of ``module`` is in training mode: one image per batch is then an
+    error (``BatchNorm1d`` has one value per channel), so micro-batches start at two."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
+
+
 def _recompute_contexts(
     module: nn.Module,
 ) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:

@@ -259,3 +259,75 @@ def test_plain_step_with_planned_views_is_bit_identical(accelerator):
     r2, got = run(one_pass_step, copy.deepcopy(model), accelerator, plan)
     assert r1.loss == r2.loss
     assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps thrown away: the fp16 loss scaler's skips are seen, BatchNorm statistics put back
+
+
+class OverflowingGradient(torch.autograd.Function):
+    """The identity whose backward sends inf: an fp16 gradient overflow, on the CPU."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+class Overflowing(nn.Module):
+    """SFRIK's loss on embeddings whose gradient overflows."""
+
+    def forward(self, *z):
+        return SFRIKLoss(lam=2.0)(*(OverflowingGradient.apply(x) for x in z))
+
+
+def bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+
+
+@pytest.mark.parametrize("micro", [None, 4])
+def test_an_update_the_loss_scaler_skips_is_reported_and_leaves_no_trace(micro):
+    """With persistent fp16 overflow every update was skipped and reported as a good step
+    (bad_steps stayed 0). The step says so now, and the model is as it was before it."""
+    from lowres_ssl.engine.state import Progress, State, StepDone
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    model = build_model("resnet18", "32-64", image_size=16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    step = one_pass_step if micro is None else embedding_cache_step
+    kwargs = {} if micro is None else {"micro_batch_size": micro}
+    result = step(
+        model, Overflowing(), views(12, 16), accelerator=accelerator, optimizer=optimizer, **kwargs
+    )
+    assert result.finite and result.scaler_skipped and not result.applied
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+    assert accelerator.scaler.get_scale() == 2.0**15
+    state = State(Progress(), 10, lambda: 0.0)
+    state.count_step(StepDone(result, 0.1, 12, None))
+    assert state.progress.bad_steps == 1
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("micro", [None, 4])
+def test_a_non_finite_loss_leaves_batchnorm_statistics_as_they_were(accelerator, micro):
+    """The forward pass of a step (the embedding cache's first pass) folds its batch into
+    BatchNorm's running statistics before the loss is known: a NaN image made them NaN for
+    good, although the step was skipped."""
+    model = build_model("resnet18", "32-64", image_size=16)
+    before = bn_state(model)
+    v = views(12, 16)
+    v[0][3] = float("nan")
+    step = one_pass_step if micro is None else embedding_cache_step
+    kwargs = {} if micro is None else {"micro_batch_size": micro}
+    result, grads = run(step, model, accelerator, v, **kwargs)
+    assert not result.finite and grads is None
+    after = bn_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
