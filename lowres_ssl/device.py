@@ -221,6 +221,14 @@ def emulate_card(device: torch.device | str | int | None = None) -> str | None:
     )
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the work queued on ``device`` is done: CUDA runs kernels after the Python
+    that launched them has moved on, so a clock read between two of these measures the work
+    in between, and nothing else (the CPU runs in order: nothing to wait for)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def process_age_s() -> float:
     """Seconds since this process started (Linux ``/proc``; 0.0 where it cannot be read): a
     time budget counts the interpreter's start and the imports too."""
@@ -271,5 +279,6 @@ __all__ = [
     "ram_gib",
     "resolve_precision",
     "same_device",
+    "synchronize",
     "use_the_cores",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowres_ssl.device import synchronize
 from lowres_ssl.engine.hooks import Part
 from lowres_ssl.engine.state import State
 
@@ -87,6 +88,7 @@ class Evaluator(Part):
     def evaluate(self, state: State) -> None:
         e, p = self.evaluation, state.progress
         unwrapped = self.accelerator.unwrap_model(self.model)
+        synchronize(self.accelerator.device)  # the last step's queued kernels are the step's
         with state.timed("evaluation"):
             record = e.run(unwrapped)
         value = record[e.key]
@@ -111,10 +113,10 @@ class Evaluator(Part):
         unwrapped.eval()
         try:
             with torch.no_grad(), self.accelerator.autocast():
+                synchronize(x.device)  # the last step's queued kernels are not the forward's
                 t0 = state.clock()
                 unwrapped(x)
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize(x.device)
+                synchronize(x.device)
                 per_image = (state.clock() - t0) / x.shape[0]
         finally:
             unwrapped.train(was)

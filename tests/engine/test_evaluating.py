@@ -1,8 +1,10 @@
 """The evaluator: when it runs, the best result kept, what the summary says."""
 
+import contextlib
+
 from torch import nn
 
-from lowres_ssl.engine.evaluating import Evaluation, Evaluator
+from lowres_ssl.engine.evaluating import EVAL_OVERHEAD, Evaluation, Evaluator
 
 from .fakes import OneProcess, state
 
@@ -71,3 +73,48 @@ def test_every_other_epoch_at_the_end_only_or_off():
     assert len(told.records) == 2 and evaluator.final_due(s)
     evaluator.turn_off()
     assert not evaluator.final_due(s) and evaluator.every_epochs == 0
+
+
+class QueuedCard:
+    """A CUDA card as a clock sees it: kernels launched now run later, and
+    ``torch.cuda.synchronize`` waits for them (the clock moves by the queued seconds)."""
+
+    def __init__(self, clock, queued_s: float) -> None:
+        self.clock, self.queued_s = clock, queued_s
+
+    def synchronize(self, device=None) -> None:
+        self.clock.advance(self.queued_s)
+        self.queued_s = 0.0
+
+
+class TimedForward(nn.Module):
+    """A forward pass whose kernels take 1 ms per image on the card."""
+
+    def __init__(self, card: QueuedCard) -> None:
+        super().__init__()
+        self.card = card
+
+    def forward(self, x):
+        self.card.queued_s += 0.001 * x.shape[0]
+
+
+def test_the_evaluation_cost_leaves_out_the_last_steps_queued_kernels(monkeypatch):
+    """On CUDA the last step's backward and update are still queued when the cost is timed:
+    without a synchronize before the first clock read they were counted as the forward's
+    (here 5 s queued against 64 ms of forward), and the budget reserved too much."""
+    import torch
+
+    from .fakes import ManualClock
+
+    clock = ManualClock()
+    card = QueuedCard(clock, queued_s=5.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", card.synchronize)
+    images = type("OnTheCard", (), {"device": torch.device("cuda"), "shape": (64,)})()
+    views = type("Views", (), {"sample_input": lambda self, n: images})()
+    accelerator = OneProcess()
+    accelerator.autocast = lambda: contextlib.nullcontext()
+    evaluation = Scripted([0.5])
+    evaluation.images = 1000
+    evaluator = Evaluator(evaluation, accelerator, TimedForward(card), Told(), lambda m, r: None)
+    cost = evaluator.cost_s(state(clock=clock), views)
+    assert abs(cost - 1000 * 0.001 * EVAL_OVERHEAD) < 1e-9, cost
