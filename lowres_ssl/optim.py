@@ -65,6 +65,7 @@ __all__ = [
     "LARS",
     "OPTIMIZERS",
     "SFRIK_RESNET18",
+    "ChannelsLastKept",
     "CosineSchedule",
     "OptimDefaults",
     "OptimizerSpec",
@@ -353,6 +354,41 @@ def _make_lars8bit(sgd8bit: type[torch.optim.Optimizer]) -> type[torch.optim.Opt
     return LARS8bit
 
 
+class ChannelsLastKept:
+    """Keeps ``optimizer``'s channels_last weights in that layout across its steps.
+
+    bitsandbytes' 8-bit update runs ``p.data = p.data.contiguous()`` (and the same for the
+    gradient) on every step, since its kernels read flat memory: a ``channels_last`` conv weight
+    leaves that layout at the first step, and the 8-bit and 32-bit optimizers would then train
+    the same model in two layouts. Hooked to the optimizer's step (torch's pre- and post-step
+    hooks): the 4-D parameters that are channels_last at the first step are put back after
+    every step, one copy each (``docs/benchmarks/layout.md`` measures the choice).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.params: list[torch.Tensor] | None = None
+        optimizer.register_step_pre_hook(self.before_step)
+        optimizer.register_step_post_hook(self.after_step)
+
+    @staticmethod
+    def _channels_last(p: torch.Tensor) -> bool:
+        return (
+            p.dim() == 4
+            and p.is_contiguous(memory_format=torch.channels_last)
+            and not p.is_contiguous()
+        )
+
+    def before_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        if self.params is None:
+            params = (p for g in optimizer.param_groups for p in g["params"])
+            self.params = [p for p in params if self._channels_last(p)]
+
+    def after_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        for p in self.params or ():
+            if not p.is_contiguous(memory_format=torch.channels_last):
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
 def _import_bitsandbytes() -> ModuleType:
     """Import bitsandbytes (raises whatever its import raises: ImportError, RuntimeError, ...)."""
     return importlib.import_module("bitsandbytes")
@@ -563,7 +599,9 @@ def build_optimizer(
         opt = spec.build_32bit(groups, hp)
         opt.description += " — bitsandbytes unavailable"  # type: ignore[attr-defined]
         return opt
-    return spec.build_8bit(bnb, groups, hp)
+    opt = spec.build_8bit(bnb, groups, hp)
+    ChannelsLastKept(opt)
+    return opt
 
 
 # ---------------------------------------------------------------------------------------------

@@ -598,3 +598,27 @@ def test_module_imports_without_bitsandbytes(monkeypatch):
     assert fresh is not optim and fresh.LARS is not None
     with pytest.raises(ImportError):
         _ = fresh.LARS8bit
+
+
+@pytest.mark.parametrize("name", ["lars", "adamw", "sgd"])
+@pytest.mark.parametrize("state_bits", [32, pytest.param(8, marks=needs_bnb)])
+def test_channels_last_weights_keep_their_layout_and_values_across_a_step(name, state_bits):
+    """bitsandbytes' 8-bit update made every channels_last weight plain contiguous at each
+    step (the 8-bit and 32-bit optimizers then trained two layouts). The layout is kept now,
+    and two steps on the same gradients give the values they give on contiguous weights."""
+    torch.manual_seed(0)
+    shapes = [(64, 16, 3, 3), (64, 64, 3, 3)]
+    start = [torch.randn(s) * 0.1 for s in shapes]
+    grads = [[torch.randn(s) * 0.01 for s in shapes] for _ in range(2)]
+    results = []
+    for layout in (torch.channels_last, torch.contiguous_format):
+        weights = [torch.nn.Parameter(w.contiguous(memory_format=layout)) for w in start]
+        opt = build_optimizer(name, weights, lr=0.1, weight_decay=1e-4, state_bits=state_bits)
+        for step_grads in grads:
+            for w, g in zip(weights, step_grads, strict=True):
+                w.grad = g.contiguous(memory_format=layout)
+            opt.step()
+        assert all(w.is_contiguous(memory_format=layout) for w in weights)
+        results.append([w.detach().clone() for w in weights])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
