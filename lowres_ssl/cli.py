@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -99,6 +100,11 @@ def _saved_run(args: argparse.Namespace) -> dict | None:
         return None
     saved = Path(args.out).expanduser() / CONFIG_FILE
     if not saved.is_file():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # One of several processes (on a machine that may not see the run folder): the
+            # run's start says what is wrong on every process at once; an error here, before
+            # the processes meet, left the others waiting for this one.
+            return None
         raise UserError(f"--resume: {args.out} holds no run (no {CONFIG_FILE})")
     return load_yaml(saved)
 

@@ -2,6 +2,9 @@
 
     python scripts/bench_presets.py --device cpu    # writes docs/benchmarks/presets.md
     python scripts/bench_presets.py --device cuda   # writes docs/benchmarks/presets_cuda.md
+    python scripts/bench_presets.py --device cuda --presets 8gb --steps 3 --output out.md
+
+(The last: the trimmed grid of ``scripts/gpu_checks.sh``; ``--max-cases N`` trims each table.)
 
 CPU: the estimate of every preset (at 32 px, CIFAR-size images, and at its photo size) for its
 own card, and a few small real cases measured here (peak RSS growth of two real steps against
@@ -14,15 +17,18 @@ run): peak reserved and allocated, images/s, the estimate, and whether reserved 
 90 % of the card. Then, side by side on the 8 GB card: the embedding cache against the same
 batch in one pass, checkpointing on and off, 8-bit against 32-bit optimizer state.
 
-Each case runs in its own process, so that its peak is its own.
+Each case runs in its own process, so that its peak is its own, and the report is saved after
+every case, so that a run killed part-way keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,13 +124,32 @@ def preset_settings(name: str, size: str):
     return cfg, est, card
 
 
-def estimate_table() -> list[str]:
+@dataclass
+class Report:
+    """The report's finished lines, saved with the table being measured after every case, so
+    that a run killed part-way keeps what it measured."""
+
+    output: Path
+    lines: list[str]
+
+    def add(self, *lines: str) -> None:
+        self.lines += lines
+        bench.save_report(self.lines, self.output)
+
+    def show_row(self, header: list[str], rows: list[list]) -> None:
+        """Print the newest row and save the report with the table so far."""
+        print(bench.markdown_row(rows[-1]), flush=True)
+        bench.save_report([*self.lines, *bench.markdown_table(header, rows)], self.output)
+
+
+def estimate_table(report: Report, names: list[str] | None) -> list[str]:
+    """The estimate of each preset (``names``; None: all) for its card, at both sizes."""
     from lowres_ssl import presets
 
     header = ["preset", "card", "backbone", "views", "batch / micro-batch", "q"]
     header += ["estimated peak GiB", "of the card"]
     rows = []
-    for name in presets.available():
+    for name in names or presets.available():
         for size in ("small", "photo"):
             _, est, card = preset_settings(name, size)
             s = est.setting
@@ -134,15 +159,16 @@ def estimate_table() -> list[str]:
                 [name, f"{card:g} GB" if card else "CPU", s.backbone, f"{s.view_size} px",
                  f"{s.batch_size} / {micro}", f"{s.q:,}", f"{est.total_gib:.2f}", share]
             )  # fmt: skip
+            report.show_row(header, rows)
     return bench.markdown_table(header, rows)
 
 
-def cpu_cases(steps: int) -> list[str]:
+def cpu_cases(steps: int, report: Report, max_cases: int | None) -> list[str]:
     """The estimate against the measured RSS growth of each of :data:`CPU_CASES`."""
     header = ["views", "projector", "batch / micro-batch", "checkpointing", "estimated GiB"]
     header += ["measured GiB", "measured / estimated"]
     rows = []
-    for size, projector, batch, micro, checkpointing, crops in CPU_CASES:
+    for size, projector, batch, micro, checkpointing, crops in CPU_CASES[:max_cases]:
         s = Setting(
             projector=projector, view_size=size, load_size=size, batch_size=batch,
             micro_batch_size=micro or None, mixed=False, cuda=False, state_bits=32,
@@ -154,77 +180,86 @@ def cpu_cases(steps: int) -> list[str]:
         views = f"2 × {size} px" + (f" + {crops} × {size // 2} px" if crops else "")
         if "error" in r:
             rows.append([views, projector, f"{batch} / {micro or '–'}", ck, r["error"]])
-            continue
-        ratio = r["measured_gib"] / r["estimated_gib"]
-        rows.append(
-            [views, projector, f"{batch} / {micro or 'one pass'}", ck,
-             f"{r['estimated_gib']:.3f}", f"{r['measured_gib']:.3f}", f"{ratio:.2f}"]
-        )  # fmt: skip
-        print(bench.markdown_row(rows[-1]), flush=True)
+        else:
+            ratio = r["measured_gib"] / r["estimated_gib"]
+            rows.append(
+                [views, projector, f"{batch} / {micro or 'one pass'}", ck,
+                 f"{r['estimated_gib']:.3f}", f"{r['measured_gib']:.3f}", f"{ratio:.2f}"]
+            )  # fmt: skip
+        report.show_row(header, rows)
     return bench.markdown_table(header, rows)
 
 
-def backbone_cases(steps: int) -> list[str]:
-    """The estimate against the measured RSS growth per backbone (:data:`BACKBONE_CASES`)."""
+def _backbone_case_list() -> list[tuple[str, bool | None]]:
+    """(backbone, checkpointing) of each case; None: timm is missing, one row says so."""
     import importlib.util
 
+    timm = importlib.util.find_spec("timm") is not None
+    return [
+        (backbone, checkpointing)
+        for backbone in BACKBONE_CASES
+        for checkpointing in (
+            (False, True) if timm or not backbone.startswith("timm/") else (None,)
+        )
+    ]
+
+
+def backbone_cases(steps: int, report: Report, max_cases: int | None) -> list[str]:
+    """The estimate against the measured RSS growth per backbone (:data:`BACKBONE_CASES`)."""
     header = ["backbone", "checkpointing", "estimated GiB", "measured GiB", "measured / estimated"]
     rows = []
-    for backbone in BACKBONE_CASES:
-        if backbone.startswith("timm/") and importlib.util.find_spec("timm") is None:
+    for backbone, checkpointing in _backbone_case_list()[:max_cases]:
+        if checkpointing is None:
             rows.append([f"`{backbone}`", "–", "timm not installed (pip install -e '.[timm]')"])
+            report.show_row(header, rows)
             continue
-        for checkpointing in (False, True):
-            s = Setting(
-                backbone=backbone, projector="512-1024", view_size=96, load_size=96,
-                batch_size=32, mixed=False, cuda=False, state_bits=32, loss="simclr",
-                checkpointing=checkpointing, kernel_degree=None,
-            )  # fmt: skip
-            r = run_isolated(s, steps, env={"OMP_NUM_THREADS": "1"})
-            ck = "on" if checkpointing else "off"
-            if "error" in r:
-                rows.append([f"`{backbone}`", ck, r["error"]])
-                continue
+        s = Setting(
+            backbone=backbone, projector="512-1024", view_size=96, load_size=96,
+            batch_size=32, mixed=False, cuda=False, state_bits=32, loss="simclr",
+            checkpointing=checkpointing, kernel_degree=None,
+        )  # fmt: skip
+        r = run_isolated(s, steps, env={"OMP_NUM_THREADS": "1"})
+        ck = "on" if checkpointing else "off"
+        if "error" in r:
+            rows.append([f"`{backbone}`", ck, r["error"]])
+        else:
             ratio = r["measured_gib"] / r["estimated_gib"]
             rows.append([f"`{backbone}`", ck, f"{r['estimated_gib']:.3f}",
                          f"{r['measured_gib']:.3f}", f"{ratio:.2f}"])  # fmt: skip
-            print(bench.markdown_row(rows[-1]), flush=True)
+        report.show_row(header, rows)
     return bench.markdown_table(header, rows)
 
 
-def emulated_card_table(steps: int) -> list[str]:
-    """Every GPU preset on an emulated card of its size, at 32 px and at its photo size."""
+def emulated_card_table(
+    steps: int, report: Report, names: list[str] | None, max_cases: int | None
+) -> list[str]:
+    """Every GPU preset (of ``names``; None: all) on an emulated card of its size, at 32 px and
+    at its photo size."""
     from lowres_ssl import presets
 
     header = ["preset", "views", "batch / micro-batch", "estimated GiB", "allocated GiB"]
     header += ["reserved GiB", "reserved ≤ 90 % of the card", "img/s"]
     rows = []
-    for name, card in presets.card_sizes().items():
-        if not card:
-            continue
-        for size in ("small", "photo"):
-            _, est, _ = preset_settings(name, size)
-            s = est.setting
-            r = run_isolated(s, steps, env={"LOWRES_SSL_GPU_GIB": str(card)})
-            head = [
-                name,
-                f"{s.view_size} px",
-                f"{s.batch_size} / {s.micro}",
-                f"{est.total_gib:.2f}",
-            ]
-            if "error" in r:
-                rows.append([*head, r["error"]])
-            else:
-                fits = "yes" if r["reserved_gib"] <= HEADROOM * card else "**no**"
-                rows.append(
-                    [*head, f"{r['allocated_gib']:.2f}", f"{r['reserved_gib']:.2f}", fits,
-                     f"{r['images_per_s']:.0f}"]
-                )  # fmt: skip
-            print(bench.markdown_row(rows[-1]), flush=True)
+    cards = {n: c for n, c in presets.card_sizes().items() if c and (not names or n in names)}
+    for name, size in itertools.islice(itertools.product(cards, ("small", "photo")), max_cases):
+        card = cards[name]
+        _, est, _ = preset_settings(name, size)
+        s = est.setting
+        r = run_isolated(s, steps, env={"LOWRES_SSL_GPU_GIB": str(card)})
+        head = [name, f"{s.view_size} px", f"{s.batch_size} / {s.micro}", f"{est.total_gib:.2f}"]
+        if "error" in r:
+            rows.append([*head, r["error"]])
+        else:
+            fits = "yes" if r["reserved_gib"] <= HEADROOM * card else "**no**"
+            rows.append(
+                [*head, f"{r['allocated_gib']:.2f}", f"{r['reserved_gib']:.2f}", fits,
+                 f"{r['images_per_s']:.0f}"]
+            )  # fmt: skip
+        report.show_row(header, rows)
     return bench.markdown_table(header, rows)
 
 
-def variants_table(steps: int) -> list[str]:
+def variants_table(steps: int, report: Report, max_cases: int | None) -> list[str]:
     """The 8gb preset at 32 px side by side with one thing changed each, uncapped."""
     base = preset_settings("8gb", "small")[1].setting
     variants = {
@@ -235,7 +270,7 @@ def variants_table(steps: int) -> list[str]:
     }
     header = ["variant", "estimated GiB", "allocated GiB", "reserved GiB", "img/s"]
     rows = []
-    for label, s in variants.items():
+    for label, s in list(variants.items())[:max_cases]:
         r = run_isolated(s, steps)
         e = estimate(s).total_gib
         if "error" in r:
@@ -245,27 +280,70 @@ def variants_table(steps: int) -> list[str]:
                 [label, f"{e:.2f}", f"{r['allocated_gib']:.2f}", f"{r['reserved_gib']:.2f}",
                  f"{r['images_per_s']:.0f}"]
             )  # fmt: skip
-        print(bench.markdown_row(rows[-1]), flush=True)
+        report.show_row(header, rows)
     return bench.markdown_table(header, rows)
 
 
-def cuda_cases(steps: int) -> list[str]:
-    return [
-        *emulated_card_table(steps),
+def add_cpu_sections(report: Report, steps: int, max_cases: int | None) -> None:
+    report.add(
+        "## The estimator against measured CPU peaks",
         "",
-        "8gb preset at 32 px (uncapped: what each variant needs):",
+        "Two real steps each (fp32, 32-bit LARS, SFRIK), each case in a fresh process: peak"
+        " RSS growth during the steps against the estimate without the weights (allocated "
+        "before). The CPU's heap and oneDNN overhead in the estimate is calibrated on these.",
         "",
-        *variants_table(steps),
-    ]
+    )
+    report.add(
+        *cpu_cases(steps, report, max_cases),
+        "",
+        "Per backbone (2 × 96 px, projector 512-1024, batch 32, SimCLR, fp32, 32-bit LARS; "
+        "the same measurement): the activations of a timm or torchvision model are counted "
+        "the same way, by running it once on the CPU, stage by stage.",
+        "",
+    )
+    report.add(
+        *backbone_cases(steps, report, max_cases),
+        "",
+        "Not measured here: the GPU. The CUDA context (600 MiB) and the allocator's slack "
+        "(10 %) are assumptions until `--device cuda` runs on a GPU.",
+    )
 
 
-def main() -> int:
+def add_cuda_sections(
+    report: Report, steps: int, names: list[str] | None, max_cases: int | None
+) -> None:
+    report.add("## Measured on emulated cards", "")
+    report.add(*emulated_card_table(steps, report, names, max_cases), "")
+    if names and "8gb" not in names:
+        return  # the variants are the 8gb preset's
+    report.add("8gb preset at 32 px (uncapped: what each variant needs):", "")
+    report.add(*variants_table(steps, report, max_cases))
+
+
+def parse_args() -> argparse.Namespace:
+    from lowres_ssl import presets
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--steps", type=int, help="real steps per case (default 2 CPU, 6 CUDA)")
+    p.add_argument(
+        "--presets",
+        help="comma-separated presets to estimate and, on CUDA, measure (default: all; the 8gb "
+        "preset's variants only where 8gb is among them)",
+    )
+    p.add_argument("--max-cases", type=int, help="at most this many measured cases per table")
     p.add_argument("--output", type=Path, help="markdown report (default under docs/benchmarks)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case, JSON out
     args = p.parse_args()
+    args.presets = args.presets.split(",") if args.presets else None
+    unknown = set(args.presets or ()) - set(presets.available())
+    if unknown:
+        p.error(f"unknown preset {', '.join(sorted(unknown))}; choose from {presets.available()}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     steps = args.steps or (2 if args.device == "cpu" else 6)
     if args.one:
         bench.send_result_to_parent(measure(Setting(**json.loads(args.one)), steps))
@@ -274,7 +352,8 @@ def main() -> int:
         print("error: --device cuda needs a CUDA GPU; run --device cpu here", file=sys.stderr)
         return 2
     load = bench.load_average()
-    lines = [
+    output = args.output or OUTPUTS[args.device]
+    report = Report(output, [
         f"# Presets and the memory estimator ({args.device})",
         "",
         f"Written by `python scripts/bench_presets.py --device {args.device}`.",
@@ -288,31 +367,13 @@ def main() -> int:
         "it, the CUDA context counted); CIFAR-size images are kept on the card "
         "(`data.cache: auto`).",
         "",
-        *estimate_table(),
-        "",
-    ]
+    ])  # fmt: skip
+    report.add(*estimate_table(report, args.presets), "")
     if args.device == "cpu":
-        lines += [
-            "## The estimator against measured CPU peaks",
-            "",
-            "Two real steps each (fp32, 32-bit LARS, SFRIK), each case in a fresh process: peak"
-            " RSS growth during the steps against the estimate without the weights (allocated "
-            "before). The CPU's heap and oneDNN overhead in the estimate is calibrated on these.",
-            "",
-            *cpu_cases(steps),
-            "",
-            "Per backbone (2 × 96 px, projector 512-1024, batch 32, SimCLR, fp32, 32-bit LARS; "
-            "the same measurement): the activations of a timm or torchvision model are counted "
-            "the same way, by running it once on the CPU, stage by stage.",
-            "",
-            *backbone_cases(steps),
-            "",
-            "Not measured here: the GPU. The CUDA context (600 MiB) and the allocator's slack "
-            "(10 %) are assumptions until `--device cuda` runs on a GPU.",
-        ]
+        add_cpu_sections(report, steps, args.max_cases)
     else:
-        lines += ["## Measured on emulated cards", "", *cuda_cases(steps)]
-    bench.write_report(lines, args.output or OUTPUTS[args.device])
+        add_cuda_sections(report, steps, args.presets, args.max_cases)
+    bench.write_report(report.lines, output)
     return 0
 
 

@@ -18,6 +18,10 @@ and the larger loss) and against one pass.
 
     python scripts/bench_step.py --device cpu     # writes docs/benchmarks/step.md
     python scripts/bench_step.py --device cuda    # writes docs/benchmarks/step_cuda.md
+    python scripts/bench_step.py --device cuda --sizes 32 --micro-batches 256 --output out.md
+
+(The last: the trimmed grid of ``scripts/gpu_checks.sh``; ``--batch`` and ``--max-rows`` trim
+further.) Each report is saved after every row, so that a run killed part-way keeps its rows.
 
 CPU rows use small batches (B = 256 at 32 px, 64 at 96 px): a step at B = 1024 takes minutes
 on a laptop CPU. Figures are comparable only within one report (same machine, same load).
@@ -30,6 +34,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,18 +78,22 @@ class Row:
         return self.step_s / self.batch
 
 
-def grid(device: str) -> list[Row]:
-    """The rows of a report: per size, one pass, the cache at each micro-batch, plain m."""
+def grid(
+    device: str, batch: int | None = None, micro_batches: list[int] | None = None
+) -> list[Row]:
+    """The rows of a report: per size, one pass, the cache at each micro-batch, plain m.
+    ``batch`` and ``micro_batches`` replace the device's own (a shorter grid)."""
     if device == "cuda":
         plan = {32: (1024, [64, 128, 256]), 96: (1024, [64, 128, 256])}
     else:
         plan = {32: (256, [32, 64, 128]), 96: (64, [16, 32])}
     rows = []
-    for size, (batch, micros) in plan.items():
-        rows.append(Row(size, "one", batch))
+    for size, (own_batch, own_micros) in plan.items():
+        batch_size, micros = batch or own_batch, micro_batches or own_micros
+        rows.append(Row(size, "one", batch_size))
         for m in micros:
-            rows.append(Row(size, "cache", batch, m))
-        rows.append(Row(size, "cache", batch, micros[0], views="held"))
+            rows.append(Row(size, "cache", batch_size, m))
+        rows.append(Row(size, "cache", batch_size, micros[0], views="held"))
         for m in micros:
             rows.append(Row(size, "plain", m))
     return rows
@@ -177,6 +186,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed steps first (default 1 CPU, 3 CUDA)")
     p.add_argument("--steps", type=int, help="timed steps (default 2 CPU, 10 CUDA)")
     p.add_argument("--sizes", help="comma-separated view sides to run (default: 32,96)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        help="the regulariser batch at every size (default 1024 CUDA; 256 / 64 CPU)",
+    )
+    p.add_argument(
+        "--micro-batches",
+        help="comma-separated micro-batches (default 64,128,256 CUDA; 32,64,128 / 16,32 CPU)",
+    )
+    p.add_argument("--max-rows", type=int, help="only the first this many rows of the grid")
     p.add_argument("--output", type=Path, help="markdown report (default under docs/benchmarks)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one row, print JSON
     args = p.parse_args()
@@ -184,11 +203,21 @@ def parse_args() -> argparse.Namespace:
     args.projector = args.projector or ("2048-2048-8192" if cuda else "1024-2048")
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     args.steps = args.steps or (10 if cuda else 2)
+    args.micro_batches = (
+        [int(m) for m in args.micro_batches.split(",")] if args.micro_batches else None
+    )
+    if args.batch and args.micro_batches and max(args.micro_batches) >= args.batch:
+        p.error(f"--micro-batches must be below --batch {args.batch}: the cache splits the batch")
     return args
 
 
-def run_rows(rows: list[Row], args: argparse.Namespace) -> list[Row]:
-    """Every row in its own process, each reported as it ends."""
+def run_rows(
+    rows: list[Row],
+    args: argparse.Namespace,
+    after_row: Callable[[list[Row]], object] = lambda done: None,
+) -> list[Row]:
+    """Every row in its own process, each reported as it ends (printed, and ``after_row`` called
+    with the rows done so far)."""
     print(f"{len(rows)} rows, each in its own process", flush=True)
     done = []
     for row in rows:
@@ -198,6 +227,7 @@ def run_rows(rows: list[Row], args: argparse.Namespace) -> list[Row]:
         )
         print(f"  {r.size:3d} px  {r.label:<22} B={r.batch:<5} {r.error or figures}", flush=True)
         done.append(r)
+        after_row(done)
     return done
 
 
@@ -243,12 +273,17 @@ def main() -> int:
         print("error: --device cuda needs a CUDA GPU; run --device cpu here", file=sys.stderr)
         return 2
     load = bench.load_average()
-    rows = grid(args.device)
+    output = args.output or OUTPUTS[args.device]
+    rows = grid(args.device, args.batch, args.micro_batches)
     if args.sizes:
         keep = {int(s) for s in args.sizes.split(",")}
         rows = [r for r in rows if r.size in keep]
-    rows = run_rows(rows, args)
-    bench.write_report(report_lines(rows, args, load), args.output or OUTPUTS[args.device])
+    rows = rows[: args.max_rows]
+    # the report so far after every row: a run killed part-way keeps the rows it measured
+    rows = run_rows(
+        rows, args, lambda done: bench.save_report(report_lines(done, args, load), output)
+    )
+    bench.write_report(report_lines(rows, args, load), output)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The run folder: which checkpoint to resume, what may change on resume, what a run writes.
+"""The run folder: which checkpoint to resume, what may change on resume, what a run writes,
+and that every process of a launch sees the same folder (several machines).
 
 A new folder gets ``config.yaml`` when setup has succeeded (a failed start leaves none); a
 folder holding a run is never overwritten without ``--resume``, and ``--resume`` refuses a
@@ -12,7 +13,9 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
+import socket
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -132,21 +135,27 @@ def exclusive(run_dir: Path, accelerator=None) -> Iterator[None]:
     """One training per run folder: the main process holds an advisory lock
     (:func:`lowres_ssl.files.held`: a killed run leaves nothing stuck) while the block runs. A
     second training into the folder gets a one-line error naming the process that holds it;
-    the other processes of the same launch share the main process's lock."""
+    the other processes of the same launch share the main process's lock, once each has shown
+    that it sees the main process's folder (:func:`check_seen_by_every_process`)."""
     main = accelerator is None or accelerator.is_main_process
+    several = accelerator is not None and accelerator.num_processes > 1
     with contextlib.ExitStack() as stack:
-        problem = None
+        problem = token = None
         if main:
             try:
                 stack.enter_context(held(run_layout.lock_path(run_dir), partial(_busy, run_dir)))
             except UserError as err:
                 problem = str(err)
-        if accelerator is not None and accelerator.num_processes > 1:
+            if several and problem is None:
+                token = _write_token(run_dir)
+        if several:
             from accelerate.utils import broadcast_object_list
 
-            problem = broadcast_object_list([problem])[0]
+            problem, token = broadcast_object_list([problem, token])
         if problem:
             raise UserError(problem)
+        if several:
+            check_seen_by_every_process(run_dir, token, accelerator)
         yield
 
 
@@ -154,6 +163,56 @@ def _busy(run_dir: Path, holder: str) -> str:
     return (
         f"{run_dir} is in use by {holder}; wait for it to finish (or stop it), or choose "
         "another --out"
+    )
+
+
+def _token_path(run_dir: Path, token: str) -> Path:
+    """The file that shows a process sees ``run_dir``: beside it, with its lock, since a new
+    run's folder appears only once setup has succeeded; a random name, so no copy elsewhere
+    and no cached lookup of an earlier check can stand in for it."""
+    return run_dir.parent / f".{run_dir.name}.seen-{token}"
+
+
+def _write_token(run_dir: Path) -> str:
+    """On the main process: a new token file beside ``run_dir``; returns its token."""
+    token = secrets.token_hex(8)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)  # held() makes it, where there is flock
+    _token_path(run_dir, token).touch(exist_ok=False)
+    return token
+
+
+def check_seen_by_every_process(run_dir: Path, token: str, accelerator) -> None:
+    """Every process looks for the main process's token file at its own ``run_dir`` (which
+    each resolves in its own working directory, on its own machine); the outcomes meet in one
+    collective, and every process raises the same one-line :class:`UserError` when one does
+    not see it. Unchecked, such a machine writes its part of each checkpoint (its random
+    states) into a folder of its own, and fails a ``--resume`` with a misleading line while
+    the others stop on a lost connection."""
+    from accelerate.utils import gather_object
+
+    here = (_token_path(run_dir, token).is_file(), socket.gethostname(), str(run_dir.absolute()))
+    views = gather_object([here])
+    if accelerator.is_main_process:
+        _token_path(run_dir, token).unlink(missing_ok=True)
+    blind: dict[tuple[str, str], list[int]] = {}
+    for rank, (seen, host, path) in enumerate(views):
+        if not seen:
+            blind.setdefault((host, path), []).append(rank)
+    if blind:
+        _, main_host, main_path = views[0]
+        raise UserError(_unseen_message(main_host, main_path, blind))
+
+
+def _unseen_message(main_host: str, main_path: str, blind: dict[tuple[str, str], list[int]]) -> str:
+    """One line: which processes, on which host and where, do not see the main's folder."""
+    who = " and ".join(
+        f"process{'es' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} on {host} (at "
+        f"{path})"
+        for (host, path), ranks in blind.items()
+    )
+    return (
+        f"{who} cannot see the run folder of the main process ({main_path} on {main_host}); put "
+        "--out on a folder every machine mounts at the same path"
     )
 
 
@@ -205,6 +264,7 @@ __all__ = [
     "RESUMABLE_KEYS",
     "RESUMABLE_SECTIONS",
     "check_run_folder",
+    "check_seen_by_every_process",
     "config_differences",
     "create",
     "exclusive",
