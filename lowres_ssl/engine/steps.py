@@ -48,13 +48,14 @@ class StepResult:
         return self.finite and not self.scaler_skipped
 
 
-def apply_update(optimizer, accelerator) -> bool:
+def apply_update(optimizer) -> bool:
     """The optimizer's step on the gradients, then zeroed; whether the fp16 loss scaler
-    skipped it (Accelerate's ``optimizer_step_was_skipped``: the scaled gradients overflowed,
-    the scale is lowered and the parameters did not move)."""
+    skipped it (the ``step_was_skipped`` of Accelerate's optimizer wrapper, this optimizer's
+    own: the scaled gradients overflowed, the scale is lowered and the parameters did not
+    move; a bare torch optimizer has no scaler)."""
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return bool(getattr(accelerator, "optimizer_step_was_skipped", False))
+    return bool(getattr(optimizer, "step_was_skipped", False))
 
 
 def thrown_away(result: StepResult, statistics: BatchNormStatistics) -> StepResult:
@@ -130,7 +131,7 @@ def one_pass_step(
     finite, skipped = math.isfinite(value), False
     if finite:
         accelerator.backward(loss)
-        skipped = apply_update(optimizer, accelerator)
+        skipped = apply_update(optimizer)
     optimizer.zero_grad(set_to_none=True)
     result = StepResult(value, dict(getattr(objective, "terms", {})), finite, skipped)
     return thrown_away(result, statistics)
@@ -194,7 +195,7 @@ def embedding_cache_step(
                     out = embed(model, _take(views, p), groups)
                 surrogate = sum((z.float() * g[p]).sum() for z, g in zip(out, grads, strict=True))
                 accelerator.backward(surrogate)
-    skipped = apply_update(optimizer, accelerator)
+    skipped = apply_update(optimizer)
     return thrown_away(StepResult(value, terms, True, skipped), statistics)
 
 
@@ -258,7 +259,7 @@ def supervised_step(
             accelerator.backward(loss * share)
             loss_sum += loss.detach() * share
             correct += (logits.detach().argmax(1) == y).sum()
-    skipped = apply_update(optimizer, accelerator)
+    skipped = apply_update(optimizer)
     terms = {"ce": loss_sum, "train_top1": correct / n}
     return thrown_away(StepResult(sum(values), terms, True, skipped), statistics)
 
@@ -299,7 +300,7 @@ def accumulation_step(
                 optimizer.zero_grad(set_to_none=True)
                 return thrown_away(StepResult(value, terms, False), statistics)
             accelerator.backward(loss / len(parts))
-    skipped = apply_update(optimizer, accelerator)
+    skipped = apply_update(optimizer)
     return thrown_away(StepResult(sum(losses) / len(losses), terms, True, skipped), statistics)
 
 
