@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from lowres_ssl import bench
+from lowres_ssl.device import synchronize
 from lowres_ssl.models import build_model
 from lowres_ssl.optim import build_optimizer
 
@@ -44,18 +45,13 @@ def timed_ms(run: Callable[[], None], device: torch.device, repeats: int) -> flo
     """The median milliseconds of ``run`` over ``repeats`` calls, after two warm-up calls."""
     times = []
     for i in range(repeats + 2):
-        bench_sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         run()
-        bench_sync(device)
+        synchronize(device)
         if i >= 2:
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def bench_sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def model_in(layout: torch.memory_format, device: torch.device) -> torch.nn.Module:

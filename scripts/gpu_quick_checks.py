@@ -10,7 +10,7 @@ The exit status is 1 when any check failed.
 - ``emulated card``: ``LOWRES_SSL_GPU_GIB=8`` caps the allocator between 6 and 8 GiB (in a
   process of its own: the cap is per process and would hold for the checks after it);
 - ``8-bit step keeps channels_last``: one LARS step with 8-bit state on a channels_last
-  model, and ``optimizer.step()`` of a ResNet-18 with 8-bit against 32-bit state;
+  model (what the step costs is ``scripts/bench_layout.py``'s);
 - ``fp16 embedding-cache run``: two steps of ``scripts/train.py`` in fp16 with micro-batches.
 
     python scripts/gpu_quick_checks.py --environment        # versions, bitsandbytes' library
@@ -87,11 +87,6 @@ class CheckFailed(Exception):
 def one_line(err: BaseException, limit: int = 300) -> str:
     text = " ".join(f"{type(err).__name__}: {err}".split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,41 +246,11 @@ def channels_last_after_8bit_step(device: torch.device) -> tuple[bool, str, str]
     return kept, opt.description, "no state1" if state is None else str(state.dtype)
 
 
-def timing_model(cuda: bool) -> tuple[str, nn.Module]:
-    """The model whose optimizer step is timed: a ResNet-18 on the GPU, a tiny net on the CPU."""
-    if not cuda:
-        return "small conv net", small_conv_net()
-    from lowres_ssl.models import build_model
-
-    return "ResNet-18", build_model("resnet18", "2048-2048", image_size=32)
-
-
-def optimizer_step_ms(model: nn.Module, device: torch.device, state_bits: int, steps: int) -> float:
-    """ms per ``optimizer.step()`` of LARS over ``model`` (bitsandbytes synchronizes once per
-    parameter: the timing includes it)."""
-    from lowres_ssl.optim import build_optimizer
-
-    model = model.to(device, memory_format=torch.channels_last)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)  # the step's cost does not depend on the values
-    opt = build_optimizer("lars", model, lr=0.1, weight_decay=1e-6, state_bits=state_bits)
-    opt.step()  # the first step allocates the state
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.step()
-    sync(device)
-    return (time.perf_counter() - start) / steps * 1000
-
-
 def check_8bit_step(ctx: Context) -> Outcome:
     device = torch.device(ctx.device)
     kept, description, state = channels_last_after_8bit_step(device)
-    name, model = timing_model(ctx.cuda)
-    steps = 20 if ctx.cuda else 2
-    ms8, ms32 = (optimizer_step_ms(model, device, bits, steps) for bits in (8, 32))
-    figure = f"channels_last kept: {'yes' if kept else 'NO'}; state {state} ({description}); "
-    figure += f"{name} step: 8-bit {ms8:.1f} ms, 32-bit {ms32:.1f} ms ({ms8 / ms32:.2f}×)"
+    # the step's cost, 8-bit against 32-bit and per layout: bench_layout.py, its own part
+    figure = f"channels_last kept: {'yes' if kept else 'NO'}; state {state} ({description})"
     return Outcome(kept and state == "torch.uint8", figure)
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from lowres_ssl.device import synchronize
 from lowres_ssl.errors import UserError
 from lowres_ssl.models import normalises_batches
 
@@ -60,12 +61,12 @@ def forget_failed_step(accelerator, optimizer) -> None:
 def probe(step, model, objective, probe_views, *, accelerator, optimizer, steps: int) -> None:
     """``steps`` real steps on the probe batch: steps that were thrown away (their update not
     applied, so the optimizer state may not exist yet) do not count, and more than
-    :data:`PROBE_SKIPS` of them is a one-line error (the run would not train either)."""
+    :data:`PROBE_SKIPS` of them in a row is a one-line error (the run would not train either)."""
     applied = skipped = 0
     while applied < steps:
         result = step(model, objective, probe_views(), accelerator=accelerator, optimizer=optimizer)
         if result.applied:
-            applied += 1
+            applied, skipped = applied + 1, 0
             continue
         skipped += 1
         if skipped > PROBE_SKIPS:
@@ -121,8 +122,7 @@ def autofit(
                 make_step(micro), model, objective, probe_views,
                 accelerator=accelerator, optimizer=optimizer, steps=steps,
             )  # fmt: skip
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)  # the trial's queued kernels finish inside the try
             break
         except torch.cuda.OutOfMemoryError:
             forget_failed_step(accelerator, optimizer)

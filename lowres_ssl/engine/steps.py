@@ -132,7 +132,8 @@ def one_pass_step(
     if finite:
         accelerator.backward(loss)
         skipped = apply_update(optimizer)
-    optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.zero_grad(set_to_none=True)
     result = StepResult(value, dict(getattr(objective, "terms", {})), finite, skipped)
     return thrown_away(result, statistics)
 
