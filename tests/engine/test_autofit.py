@@ -19,6 +19,7 @@ from lowres_ssl.engine.autofit import PROBE_SKIPS, autofit
 from lowres_ssl.engine.steps import StepResult, embedding_cache_step, one_pass_step
 from lowres_ssl.errors import UserError
 from lowres_ssl.losses import SFRIKLoss
+from tests.engine.test_distributed_training import _free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -184,11 +185,7 @@ except UserError as err:
 def test_several_processes_are_refused_in_one_line_on_every_rank(tmp_path):
     """An out-of-memory on one rank left the others in a collective (a hang under NCCL), and
     the ranks could settle on different micro-batches: every rank refuses at once instead."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(_free_port())
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
