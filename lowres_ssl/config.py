@@ -12,6 +12,7 @@ and the valid choices. The resolved configuration is written to the run folder a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -30,28 +31,15 @@ class ViewsConfig:
 
     layout: str = "swav"  # swav: the large views are the anchors; obow: the whole image first
     large: int = 2  # large views at the view size (obow: crops besides the whole image)
-    small: int | str = "auto"  # small crops; auto: photo_small for photos, none for small images
-    photo_small: int = 0  # small: auto on photos (views over 64 px)
+    small: int = 0  # small crops (at small_size)
     small_size: int | None = None  # px; None: half the view size
     large_scale: list[float] | None = None  # crop area; None: the recipe's, (0.14, 1) with crops
-    photo_large_scale: list[float] | None = None  # large_scale None on photos: this, if set
     small_scale: list[float] = field(default_factory=lambda: [0.05, 0.14])
 
     @property
     def small_crops(self) -> int:
-        """The number of small crops (``small`` must be resolved: see ``lowres_ssl.fit``)."""
-        if not isinstance(self.small, int):
-            raise ValueError("data.views.small is still 'auto': resolve it first (lowres_ssl.fit)")
+        """The number of small crops."""
         return self.small
-
-    def crops_for(self, view_size: int) -> int:
-        """The small crops at views of ``view_size`` px: ``small``, or for ``auto``
-        ``photo_small`` on photos (views over 64 px) and none on small images."""
-        from lowres_ssl.data.sizes import SMALL_MAX
-
-        if isinstance(self.small, int):
-            return self.small
-        return self.photo_small if view_size > SMALL_MAX else 0
 
     def small_side(self, view_size: int) -> int:
         """The small crops' side at views of ``view_size`` px: ``small_size``, or half."""
@@ -60,34 +48,32 @@ class ViewsConfig:
     @property
     def count(self) -> int:
         """Every view of a step: the whole image (obow), the large views, the small crops."""
-        return (self.layout == "obow") + self.large + self.small_crops
+        return (self.layout == "obow") + self.large + self.small
 
 
 @dataclass
 class DataConfig:
     """Where the images come from and how they become views (see ``lowres_ssl.data``)."""
 
-    path: str = "cifar10"  # a folder of images, or cifar10 / cifar100 / stl10
+    path: str = "digits"  # a folder of images, or digits / cifar10 / cifar100 / stl10
     split: str = "train"  # for a dataset name
     load_size: int | str = "auto"  # side of the decoded square (px); auto: from the images
-    photo_size: int = 128  # load_size auto: the view side for photos (small images keep theirs)
+    # (small images keep their size; photos get photos.data.load_size, 128 px unless set)
     image_size: int | None = None  # side of the views; None = load_size
     cache: str = "auto"  # auto, none, disk, gpu
     cache_dir: str | None = None  # None = $LOWRES_SSL_CACHE or ~/.cache/lowres_ssl
     num_workers: int | None = None  # decoding processes; None = cores - 1 (at most 8)
     min_size: int = 16  # skip images whose shorter side is smaller (px)
     max_pixels: int = 178_956_970  # skip larger images (decompression bombs)
-    recipe: str = (
-        "auto"  # augmentation: vicreg, auh, cifar; auto: cifar for small images, else vicreg
-    )
+    recipe: str | None = None  # augmentation: vicreg, auh, cifar, supervised; None: the task's
     views: ViewsConfig = field(default_factory=ViewsConfig)
 
     @property
     def view_size(self) -> int:
-        """The side of the views (``load_size`` must be resolved: see ``lowres_ssl.fit``)."""
+        """The side of the views (``load_size`` must be resolved: see ``lowres_ssl.plan``)."""
         size = self.image_size or self.load_size
         if not isinstance(size, int):
-            raise ValueError("data.load_size is still 'auto': resolve it first (lowres_ssl.fit)")
+            raise ValueError("data.load_size is still 'auto': resolve it first (lowres_ssl.plan)")
         return size
 
 
@@ -101,40 +87,33 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "sfrik"  # sfrik, vicreg, barlow_twins, uniformity, simclr; auto: see name_for
-    photo_name: str = "sfrik"  # name auto: the loss on photos (views over 64 px)
+    name: str = "sfrik"  # sfrik, vicreg, barlow_twins, uniformity, simclr
     lam: float | None = None  # SFRIK's λ; None: follows q as the official recipes (q/4000 to 8192)
     kernel_weights: list[float] = field(default_factory=lambda: [1.0, 40.0, 40.0])  # b_1..b_L
     mmd_path: str = "auto"  # auto, dense, blocked, moments
     reg_small: bool = False  # multi-crop: the regulariser on every view, not the anchors only
     options: dict[str, Any] = field(default_factory=dict)  # other keyword arguments
 
-    def name_for(self, view_size: int) -> str:
-        """The objective at views of ``view_size`` px: ``name``, or for ``auto`` (a preset's
-        measured choice) ``photo_name`` on photos and SFRIK on small images."""
-        from lowres_ssl.data.sizes import SMALL_MAX
-
-        if self.name != "auto":
-            return self.name
-        return self.photo_name if view_size > SMALL_MAX else "sfrik"
-
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"  # lars, adamw
+    """``None``: the task's default (pre-training: LARS, weight decay 1e-6, 10 warm-up epochs,
+    cosine to 0.001 of the peak; fine-tuning: SGD, none, none, to 0)."""
+
+    name: str | None = None  # lars, adamw, sgd
     base_lr: float = 1.2  # the learning rate is base_lr × global batch / 256
-    weight_decay: float = 1e-6
+    weight_decay: float | None = None
     momentum: float = 0.9  # LARS
     eta: float = 0.001  # LARS trust coefficient
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     state_bits: int = 8  # 8 (bitsandbytes) or 32
-    warmup_epochs: float = 10.0  # linear warm-up, scaled down for short runs
-    final_lr_ratio: float = 0.001  # cosine decay to this fraction of the peak
+    warmup_epochs: float | None = None  # linear warm-up, scaled down for short runs
+    final_lr_ratio: float | None = None  # cosine decay to this fraction of the peak
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
+    epochs: int | None = None  # None: the task's (pre-training 100, fine-tuning 20)
     max_steps: int | None = None  # stop after this many optimizer steps in all
     batch_size: int = 256  # per process; the regulariser sees all processes' batches
     micro_batch_size: int | str | None = None  # what the card holds at once (the embedding
@@ -143,7 +122,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 / fp16 / fp32 by device), bf16, fp16, fp32
     seed: int = 0
     log_every: int = 10  # steps between metrics.jsonl lines
-    checkpoint_every: int = 500  # steps between checkpoints (also at each epoch's end)
+    checkpoint_every: int | None = None  # steps between checkpoints (also at each epoch's
+    # end); None: the task's (pre-training 500, fine-tuning 1000)
     keep_checkpoints: int = 2  # the last K are kept
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     time_budget: str | float | None = None  # 15m, 2h, 90s or seconds: the total steps fit it
@@ -162,6 +142,7 @@ class EvalConfig:
     batch_size: int = 256  # images per forward pass
     max_train_images: int | None = None  # an evenly spaced subset of the train set (None: all)
     max_test_images: int | None = None
+    untrained: bool = False  # also the kNN of the backbone before its first step (the baseline)
 
 
 @dataclass
@@ -190,6 +171,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     preset: str | None = None  # the preset it started from (for the record)
+    #: Keys that apply where the views are photos (over 64 px), as a partial config, e.g.
+    #: ``{"loss": {"name": "simclr"}, "data": {"load_size": 96}}``; resolved by
+    #: :func:`lowres_ssl.plan.resolve` (a key set outside it wins for every image size).
+    photos: dict[str, Any] = field(default_factory=dict)
+
+
+#: The keys whose None is the task's default (``Task.defaults``, applied by
+#: :func:`lowres_ssl.plan.resolve`).
+TASK_KEYS = (
+    "data.recipe", "optim.name", "optim.weight_decay", "optim.warmup_epochs",
+    "optim.final_lr_ratio", "train.epochs", "train.checkpoint_every",
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,8 +265,62 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def from_dict(values: dict[str, Any]) -> Config:
-    """A :class:`Config` from nested dicts (missing keys take their defaults)."""
-    return _build(Config, values or {}, "")
+    """A :class:`Config` from nested dicts (missing keys take their defaults; the keys of
+    earlier versions are read as :func:`upgrade` maps them)."""
+    values = upgrade(values or {})
+    _build(Config, values.get("photos") or {}, "photos.")  # its keys are config keys
+    return _build(Config, values, "")
+
+
+#: Keys of earlier versions, read by :func:`upgrade`: (section, old key, the key it set on
+#: photos, that key's old default). The old key applied where its key was ``auto`` (or None).
+_PHOTO_KEYS = (
+    (("data",), "photo_size", "load_size", "auto"),
+    (("data", "views"), "photo_small", "small", "auto"),
+    (("data", "views"), "photo_large_scale", "large_scale", None),
+    (("loss",), "photo_name", "name", "sfrik"),
+)
+#: What ``auto`` meant for small images where these keys held it.
+_SMALL_IMAGE_VALUES = {("data", "views", "small"): 0, ("loss", "name"): "sfrik"}
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """A config written by an earlier version in today's keys: the ``photo_*`` twins
+    (``data.photo_size``, ``data.views.photo_small``, ``data.views.photo_large_scale``,
+    ``loss.photo_name``) move into the ``photos`` overlay where their key was ``auto``, that
+    key takes its small-image value, and ``data.recipe: auto`` becomes the task's default
+    (None). A current config comes out unchanged."""
+    out = copy.deepcopy(values)
+    photos = copy.deepcopy(out.get("photos") or {})
+    for path, old, key, old_default in _PHOTO_KEYS:
+        section = _section(out, path)
+        if section is None or old not in section:
+            continue
+        value = section.pop(old)
+        if section.get(key, old_default) in ("auto", None):
+            _section(photos, path, create=True).setdefault(key, value)
+    for (*path, key), value in _SMALL_IMAGE_VALUES.items():
+        section = _section(out, tuple(path))
+        if section is not None and section.get(key) == "auto":
+            section[key] = value
+    data = _section(out, ("data",))
+    if data is not None and data.get("recipe") == "auto":
+        data["recipe"] = None
+    if photos:
+        out["photos"] = photos
+    return out
+
+
+def _section(values: dict[str, Any], path: tuple[str, ...], create: bool = False):
+    """The nested dict at ``path`` (None where it is missing or not a dict)."""
+    node = values
+    for key in path:
+        if not isinstance(node.get(key), dict):
+            if not create or key in node:
+                return None
+            node[key] = {}
+        node = node[key]
+    return node
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -288,6 +335,35 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
             out[key] = merge(out[key], value)
         else:
             out[key] = value
+    return out
+
+
+def layer(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` layered on ``base`` (:func:`merge`, both read as :func:`upgrade` maps them),
+    where a key ``over`` sets outside its ``photos`` section also leaves ``base``'s photos
+    overlay: what a later layer (a config file, a flag, ``--set``) says holds for every image
+    size, the preset's photo keys included."""
+    base, over = upgrade(base), upgrade(over)
+    photos = _without(base.get("photos") or {}, {k: v for k, v in over.items() if k != "photos"})
+    out = merge(base, over)
+    photos = merge(photos, over.get("photos") or {})
+    if photos:
+        out["photos"] = photos
+    else:
+        out.pop("photos", None)
+    return out
+
+
+def _without(overlay: dict[str, Any], keys: dict[str, Any]) -> dict[str, Any]:
+    """``overlay`` less every key ``keys`` sets (sections recursed; ``options`` is a value)."""
+    out = {}
+    for key, value in overlay.items():
+        if key not in keys:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(keys[key], dict) and key != "options":
+            rest = _without(value, keys[key])
+            if rest:
+                out[key] = rest
     return out
 
 
@@ -366,7 +442,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def _validate_sides(d: DataConfig) -> None:
-    for key in ("load_size", "photo_size", "image_size"):
+    for key in ("load_size", "image_size"):
         side = getattr(d, key)
         if isinstance(side, int) and side > MAX_VIEW_SIDE:
             raise UserError(
@@ -382,7 +458,22 @@ MAX_PROJECTOR_WIDTH = 131_072
 
 
 def validate(cfg: Config) -> Config:
-    """Check choices, ranges and the data path; return ``cfg`` (raises :class:`UserError`)."""
+    """Check choices, ranges and the data path, of ``cfg`` and of ``cfg`` with its ``photos``
+    overlay applied; return ``cfg`` (raises :class:`UserError`)."""
+    _validate(cfg)
+    if cfg.photos:
+        _validate(with_photos(cfg))
+    return cfg
+
+
+def with_photos(cfg: Config) -> Config:
+    """``cfg`` with its ``photos`` overlay applied (and emptied): the config on photos."""
+    values = to_dict(cfg)
+    values.pop("photos")
+    return from_dict(merge(values, cfg.photos))
+
+
+def _validate(cfg: Config) -> None:
     from lowres_ssl.augment import RECIPES
     from lowres_ssl.data import CACHE_CHOICES, DATASETS
     from lowres_ssl.losses import OBJECTIVES
@@ -392,9 +483,10 @@ def validate(cfg: Config) -> Config:
 
     d, m, lo, o, t = cfg.data, cfg.model, cfg.loss, cfg.optim, cfg.train
     _choice("data.cache", d.cache, CACHE_CHOICES)
-    _choice("data.recipe", d.recipe, ["auto", *RECIPES])
+    if d.recipe is not None:
+        _choice("data.recipe", d.recipe, list(RECIPES))
     _positive_or_auto("data.load_size", d.load_size)
-    for key in ("photo_size", "min_size", "max_pixels"):
+    for key in ("min_size", "max_pixels"):
         _positive(f"data.{key}", getattr(d, key))
     _positive("data.image_size", d.image_size)
     _validate_sides(d)
@@ -417,13 +509,13 @@ def validate(cfg: Config) -> Config:
             f"config key model.projector {m.projector!r} has a layer wider than "
             f"{MAX_PROJECTOR_WIDTH:,} (q = 32,768 is the largest preset's)"
         )
-    _choice("loss.name", lo.name, [*OBJECTIVES, "auto"])
-    _choice("loss.photo_name", lo.photo_name, list(OBJECTIVES))
+    _choice("loss.name", lo.name, list(OBJECTIVES))
     _choice("loss.mmd_path", lo.mmd_path, ("auto", "dense", "blocked", "moments"))
     _positive("loss.lam", lo.lam)
     if any(w < 0 for w in lo.kernel_weights) or not lo.kernel_weights:
         raise UserError("config key loss.kernel_weights must be non-negative b_1..b_L")
-    _choice("optim.name", o.name, list(OPTIMIZERS))
+    if o.name is not None:
+        _choice("optim.name", o.name, list(OPTIMIZERS))
     _positive("optim.base_lr", o.base_lr)
     _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
     _positive("optim.warmup_epochs", o.warmup_epochs, allow_zero=True)
@@ -438,7 +530,7 @@ def validate(cfg: Config) -> Config:
     # Loss settings that cannot work. The hardware (fp16 needs a GPU) is checked when training
     # starts, so that a config for another machine can be read and --dry-run here.
     objective_from_settings(
-        lo.photo_name if lo.name == "auto" else lo.name, lam=lo.lam,
+        lo.name, lam=lo.lam,
         kernel_weights=lo.kernel_weights, mmd_path=lo.mmd_path, options=lo.options,
     )  # fmt: skip
     for key in ("epochs", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -459,7 +551,6 @@ def validate(cfg: Config) -> Config:
         parse_budget(t.time_budget)
     _validate_eval(cfg)
     _validate_finetune(cfg)
-    return cfg
 
 
 def _validate_views(v: ViewsConfig) -> None:
@@ -467,10 +558,9 @@ def _validate_views(v: ViewsConfig) -> None:
 
     _choice("data.views.layout", v.layout, LAYOUTS)
     _positive("data.views.large", v.large, allow_zero=True)
-    _positive_or_auto("data.views.small", v.small, allow_zero=True)
-    _positive("data.views.photo_small", v.photo_small, allow_zero=True)
+    _positive("data.views.small", v.small, allow_zero=True)
     _positive("data.views.small_size", v.small_size)
-    for key in ("large_scale", "photo_large_scale", "small_scale"):
+    for key in ("large_scale", "small_scale"):
         scale = getattr(v, key)
         if scale is not None and (len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1):
             raise UserError(
@@ -483,8 +573,7 @@ def _validate_views(v: ViewsConfig) -> None:
             "the anchors the others are compared with"
         )
     smallest = {"swav": v.large, "obow": 1 + v.large}[v.layout]
-    small = v.small if isinstance(v.small, int) else v.photo_small
-    if smallest + small < 2:
+    if smallest + v.small < 2:
         raise UserError(
             f"data.views with layout {v.layout}, large {v.large} and small {v.small} make fewer "
             "than two views; add large views or small crops"

@@ -321,11 +321,11 @@ class Setting:
 
         micro = micro_batch_size or cfg.train.micro_batch_size
         degree = None
-        loss = cfg.loss.name_for(cfg.data.view_size)
+        loss = cfg.loss.name
         if loss == "sfrik":
             degree = SFRIKKernel(list(cfg.loss.kernel_weights)).degree
         v = cfg.data.views
-        crops = v.crops_for(cfg.data.view_size)
+        crops = v.small
         layout = ViewLayout.of(v.layout, v.large, crops, reg_small=cfg.loss.reg_small)
         return cls(
             backbone=cfg.model.backbone,

@@ -4,7 +4,7 @@
 ``--help`` lists the flags; ``docs/evaluation.md`` shows what it prints.
 """
 
-from lowres_ssl.cli import evaluate_main
+from lowres_ssl.cli_results import evaluate_main
 
 if __name__ == "__main__":
     raise SystemExit(evaluate_main())

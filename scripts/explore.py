@@ -4,7 +4,7 @@
 ``runs/NAME/explore/index.html``. ``--help`` lists the flags; docs/explore.md explains them.
 """
 
-from lowres_ssl.cli import explore_main
+from lowres_ssl.cli_results import explore_main
 
 if __name__ == "__main__":
     raise SystemExit(explore_main())

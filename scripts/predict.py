@@ -5,7 +5,7 @@
 ``--embeddings features.npy`` writes the backbone's features instead. ``--help`` lists the flags.
 """
 
-from lowres_ssl.cli import predict_main
+from lowres_ssl.cli_results import predict_main
 
 if __name__ == "__main__":
     raise SystemExit(predict_main())

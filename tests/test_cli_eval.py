@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowres_ssl.cli import evaluate_main, export_main, plot_main
+from lowres_ssl.cli_results import evaluate_main, export_main, plot_main
 from lowres_ssl.config import from_dict
 from lowres_ssl.tasks import train
 from tests.eval.test_features import labeled_folder

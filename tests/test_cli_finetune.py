@@ -12,7 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from lowres_ssl.cli import finetune_main, predict_main
+from lowres_ssl.cli import finetune_main
+from lowres_ssl.cli_results import predict_main
 from lowres_ssl.weights import BackboneSpec, random_backbone, save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -83,7 +83,7 @@ def test_validation_names_the_key_and_the_choices(tmp_path):
         ({"optim": {"name": "sgdw"}}, "optim.name is 'sgdw'; choose one of lars, adamw, sgd"),
         ({"model": {"backbone": "vit"}}, "choose one of resnet18, resnet34, resnet50"),
         ({"data": {"cache": "ram"}}, "choose one of auto, none, disk, gpu"),
-        ({"data": {"recipe": "simclr"}}, "choose one of auto, vicreg, auh, cifar, supervised"),
+        ({"data": {"recipe": "simclr"}}, "choose one of vicreg, auh, cifar, supervised"),
         ({"train": {"time_budget": "soon"}}, "time_budget 'soon' is not a duration"),
         ({"finetune": {"train_fraction": 1.5}}, r"finetune\.train_fraction must be in \(0, 1\]"),
         ({"finetune": {"train_fraction": 0.1, "per_class": 5}}, "set one"),
@@ -129,7 +129,7 @@ def test_micro_batches_and_accumulation_are_not_combined(tmp_path):
         ({"large": 0, "small": 4}, "data.views.large must be >= 1 with layout swav"),
         ({"large": 1, "small": 0}, "fewer than two views"),
         ({"layout": "obow", "large": 0, "small": 0}, "fewer than two views"),
-        ({"small": "many"}, "data.views.small must be an integer >= 0 or auto"),
+        ({"small": "many"}, "data.views.small must be an integer, got 'many'"),
         ({"small_scale": [0.3, 0.1]}, "data.views.small_scale must be [low, high]"),
         ({"colour": 1}, "unknown config key data.views.colour"),
     ],
@@ -140,17 +140,15 @@ def test_bad_views_are_one_line_errors(views, message):
     assert "\n" not in str(err.value)
 
 
-def test_small_crops_auto_follow_the_images_and_are_kept_on_resume():
-    from lowres_ssl import fit
+def test_small_crops_on_photos_only_through_the_photos_overlay():
+    from lowres_ssl.plan import resolve_views
 
-    values = {"data": {"path": "cifar10", "views": {"photo_small": 6}}}
-    cfg = validate(from_dict(values))
-    assert cfg.data.views.crops_for(32) == 0 and cfg.data.views.crops_for(96) == 6
+    values = {"data": {"path": "cifar10"}, "photos": {"data": {"views": {"small": 6}}}}
     for size, crops in ((32, 0), (96, 6)):
-        sized = from_dict({"data": {**values["data"], "load_size": size}})
-        resolved, _ = fit.resolve_view_size(sized)
+        sized = from_dict({**values, "data": {**values["data"], "load_size": size}})
+        resolved, _ = resolve_views(sized)
         assert resolved.data.views.small == crops and resolved.data.views.count == 2 + crops
-    kept = fit.keep_saved(cfg, {"data": {"views": {"small": 4}}})
-    assert kept.data.views.small == 4
+    old = from_dict({"data": {"views": {"small": "auto", "photo_small": 6}}})  # an old config
+    assert old.data.views.small == 0 and old.photos == values["photos"]
     obow = from_dict({"data": {"views": {"layout": "obow", "large": 2, "small": 3}}})
     assert obow.data.views.count == 6  # the whole image, 2 large, 3 small

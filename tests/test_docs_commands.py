@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lowres_ssl import cli
+from lowres_ssl import cli, cli_results
 from lowres_ssl.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +32,11 @@ SHELL_LANGUAGES = {"", "sh", "bash", "shell", "console"}
 PARSERS = {
     "train": cli.train_parser,
     "finetune": cli.finetune_parser,
-    "evaluate": cli.evaluate_parser,
-    "predict": cli.predict_parser,
-    "export": cli.export_parser,
-    "plot": cli.plot_parser,
-    "explore": cli.explore_parser,
+    "evaluate": cli_results.evaluate_parser,
+    "predict": cli_results.predict_parser,
+    "export": cli_results.export_parser,
+    "plot": cli_results.plot_parser,
+    "explore": cli_results.explore_parser,
 }
 #: Flags whose value is a folder of images (or a dataset name) that the config checks exists.
 FOLDER_FLAGS = ("--data", "--train", "--val", "--test")
@@ -210,9 +210,9 @@ def test_train_and_finetune_lines_resolve_their_config(call, tmp_path, monkeypat
     assert args.dry_run
     try:
         if Path(call.script).stem == "train":
-            cfg = cli.resolve_config(args)
+            cfg, _, _ = cli.train_request(args)
         else:
-            cfg, _ = cli.resolve_finetune_config(args)
+            cfg, _, _ = cli.finetune_request(args)
     except UserError as err:
         pytest.fail(f"{call}: error: {err}")
     assert cfg.preset, f"{call}: resolved without a preset"

@@ -22,9 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from lowres_ssl import run_layout
-from lowres_ssl.config import Config, dump_yaml, load_yaml, to_dict
+from lowres_ssl.config import (
+    TASK_KEYS,
+    Config,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    to_dict,
+    upgrade,
+)
 from lowres_ssl.errors import UserError
 from lowres_ssl.files import held, write_text_atomic
+from lowres_ssl.plan import resolve_views
 from lowres_ssl.run_layout import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 log = logging.getLogger("lowres_ssl")
@@ -58,16 +67,30 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _as_run(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as its run trained it: read into today's keys, with its ``photos``
+    overlay applied where its views were photos (a config saved before the overlay kept
+    photo values in keys of their own)."""
+    values = upgrade(saved)
+    if not values.get("photos") or not isinstance(values.get("data", {}).get("load_size"), int):
+        return values
+    cfg, _ = resolve_views(from_dict(values))
+    return to_dict(cfg)
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved → current`` for each key that differs and matters for resuming."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _flatten(_as_run(saved)), _flatten(current)
     # A key the saved config lacks (written before the key existed) had its default then.
     defaults = _flatten(to_dict(Config()))
     a = {**{k: v for k, v in defaults.items() if k not in a and k in b}, **a}
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
-    keys = [k for k in keys if not k.startswith(RESUMABLE_SECTIONS)]
-    # "auto" in the current config stands for what it resolved to when the run started.
-    keys = [k for k in keys if b.get(k) != "auto"]
+    # The photos overlay is compared as what it resolved to (the keys it set).
+    keys = [k for k in keys if not k.startswith((*RESUMABLE_SECTIONS, "photos."))]
+    # "auto" stands for what it resolved to: in the current config, what the run started
+    # with; in a config saved before plans were resolved whole, what this one resolved to.
+    keys = [k for k in keys if "auto" not in (a.get(k), b.get(k))]
+    keys = [k for k in keys if not (k in TASK_KEYS and a.get(k) is None)]  # the task's
     return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 

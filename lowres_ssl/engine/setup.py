@@ -18,7 +18,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from lowres_ssl import fit
 from lowres_ssl.config import Config
 from lowres_ssl.data import SkipLog, make_loader
 from lowres_ssl.device import MIXED_DTYPES
@@ -27,6 +26,8 @@ from lowres_ssl.engine.autofit import PROBE_SEED, autofit
 from lowres_ssl.engine.evaluating import Evaluation
 from lowres_ssl.engine.task import Task
 from lowres_ssl.optim import CosineSchedule, warmup_steps_for
+from lowres_ssl.plan import Machine, Plan, resolve
+from lowres_ssl.run_layout import CONFIG_FILE
 
 log = logging.getLogger("lowres_ssl")
 
@@ -115,15 +116,9 @@ def build(
     autofit: bool,
 ) -> Run:
     """Set up a run of ``task`` as ``cfg`` says in ``run_dir``; the folder exists afterwards."""
-    main = accelerator.is_main_process
     resume_from = run_folder.check_run_folder(run_dir, cfg, resume)
-    if resume_from is not None:  # "auto" keeps what it resolved to when the run started
-        cfg = fit.keep_saved(cfg, run_folder.saved_config(run_dir))
-    cfg, note = fit.resolve_view_size(cfg)
-    if main and note:
-        log.info(note)
     set_seed(cfg.train.seed, device_specific=True)
-    cfg, data = _data(cfg, accelerator, task, progress_bar)
+    data = _data(cfg, accelerator, task, progress_bar)
     channels_last = accelerator.device.type == "cuda" and cfg.model.channels_last
     augment = task.augment(
         cfg, out_dtype=MIXED_DTYPES[accelerator.mixed_precision], channels_last=channels_last
@@ -161,21 +156,24 @@ def build(
     )  # fmt: skip
 
 
+def plan_run(
+    cfg: Config, task: Task, run_dir: Path, *, resume: bool, machine: Machine | None = None
+) -> Plan:
+    """The run's plan: :func:`lowres_ssl.plan.resolve` on ``machine`` (this one by default)
+    with the task's defaults, and on ``--resume`` what the run resolved when it started. The
+    run and ``--dry-run`` both plan here."""
+    saved_file = run_dir / CONFIG_FILE
+    saved = run_folder.saved_config(run_dir) if resume and saved_file.is_file() else None
+    return resolve(cfg, machine or Machine.this_one(), defaults=task.defaults, saved=saved)
+
+
 def _data(cfg: Config, accelerator: Accelerator, task: Task, progress_bar: bool):
-    """The task's images, the micro-batch (``auto``: from the memory estimator, which counts a
-    set cached on the GPU) and this process's loader of uint8 batches on the device."""
+    """The task's images and this process's loader of uint8 batches on the device."""
     d, device, world = cfg.data, accelerator.device, accelerator.num_processes
     main = accelerator.is_main_process
     with accelerator.main_process_first():
         images = task.open_images(cfg, device, main and progress_bar)
     skip_log = SkipLog(d.path)
-    on_gpu = getattr(images, "device", torch.device("cpu")).type == "cuda"  # data.cache gpu
-    cfg, _, note = fit.resolve_micro_batch(
-        cfg, device, processes=world, cached_images=len(images) if on_gpu else 0,
-        mixed=precision_in_use(accelerator),
-    )  # fmt: skip
-    if main and note:
-        log.info(note)
     loader = make_loader(
         images,
         cfg.train.batch_size,
@@ -186,7 +184,7 @@ def _data(cfg: Config, accelerator: Accelerator, task: Task, progress_bar: bool)
         num_workers=d.num_workers,
         skip_log=skip_log,
     )
-    return cfg, {"images": images, "loader": loader, "skip_log": skip_log}
+    return {"images": images, "loader": loader, "skip_log": skip_log}
 
 
 def fit_micro_batch(
@@ -220,4 +218,4 @@ def _create_folder(run_dir: Path, cfg: Config, accelerator, task: Task, resuming
     accelerator.wait_for_everyone()
 
 
-__all__ = ["LearningRate", "Run", "build", "fit_micro_batch", "precision_in_use"]
+__all__ = ["LearningRate", "Run", "build", "fit_micro_batch", "plan_run", "precision_in_use"]

@@ -10,12 +10,12 @@ the evaluation that decides "best", the name of its metric and the files a run w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from lowres_ssl.config import Config
+from lowres_ssl.config import Config, from_dict, layer, validate
 from lowres_ssl.data import Batch
 from lowres_ssl.engine.evaluating import Evaluation
 
@@ -26,6 +26,34 @@ class Task:
 
     name = "task"
     metric = "top1"
+    #: The task's own values where a config says None (a partial config, with a ``photos``
+    #: section of its own if it likes); :func:`lowres_ssl.plan.resolve` applies them.
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def request(
+        self,
+        layers: list[dict[str, Any]],
+        *,
+        preset: dict[str, Any] | None = None,
+        resuming: bool = False,
+    ) -> Config:
+        """The config a user asks for: what the task takes of ``preset`` (a preset file's
+        values), then each of ``layers`` (a saved run's config, a config file, flags,
+        ``--set``) over it (:func:`lowres_ssl.config.layer`), validated. Not resolved: see
+        :func:`lowres_ssl.plan.resolve`. ``resuming``: the run folder's run goes on (what a
+        new run needs, e.g. weights to start from, it has)."""
+        return validate(from_dict(self.layered(layers, preset)))
+
+    def layered(self, layers: list[dict[str, Any]], preset: dict[str, Any] | None) -> dict:
+        """The values of :meth:`request`, not yet read into a config."""
+        values = self.from_preset(preset) if preset is not None else {}
+        for over in layers:
+            values = layer(values, over)
+        return values
+
+    def from_preset(self, preset: dict[str, Any]) -> dict[str, Any]:
+        """The values of a preset this task takes (all of them)."""
+        return dict(preset)
 
     def open_images(self, cfg: Config, device: torch.device, progress: bool):
         """The training images (an image set :func:`lowres_ssl.data.make_loader` takes)."""

@@ -31,13 +31,7 @@ from accelerate.utils import broadcast_object_list
 
 from lowres_ssl.config import Config
 from lowres_ssl.data.loader import MIN_TRAIN_BATCH
-from lowres_ssl.device import (
-    emulate_card,
-    peak_memory_gib,
-    process_age_s,
-    resolve_precision,
-    use_the_cores,
-)
+from lowres_ssl.device import emulate_card, peak_memory_gib, process_age_s, use_the_cores
 from lowres_ssl.durations import parse_budget
 from lowres_ssl.engine import run_folder, setup
 from lowres_ssl.engine.budgeting import TimeBudget
@@ -85,8 +79,18 @@ def train(
     if clock is time.perf_counter:  # a time budget counts from the start of the command
         started -= process_age_s()
     run_dir = Path(out).expanduser()
-    precision = resolve_precision(cfg.train.precision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    planned = setup.plan_run(cfg, task, run_dir, resume=resume)
+    if problem := planned.hardware_problem():
+        raise UserError(problem)
+    accelerator = Accelerator(
+        mixed_precision=planned.mixed_precision, cpu=not planned.machine.cuda
+    )
+    if accelerator.num_processes != planned.machine.processes:  # a launcher without WORLD_SIZE
+        machine = planned.machine.with_processes(accelerator.num_processes)
+        planned = setup.plan_run(cfg, task, run_dir, resume=resume, machine=machine)
+    if accelerator.is_main_process:
+        for note in planned.notes:
+            log.info(note)
     # After Accelerator has chosen this process's card (each rank its own), before training
     # allocates: an emulated card (LOWRES_SSL_GPU_GIB) is capped there.
     if accelerator.device.type == "cuda" and (note := emulate_card(accelerator.device)):
@@ -97,13 +101,14 @@ def train(
         log.info(note)
     with run_folder.exclusive(run_dir, accelerator):
         run = setup.build(
-            cfg, run_dir, accelerator, task, resume=resume, init=init,
+            planned.cfg, run_dir, accelerator, task, resume=resume, init=init,
             progress_bar=progress_bar, autofit=autofit,
         )  # fmt: skip
         if resume and run.resume_from is None:
             log.info("--resume: no checkpoint yet in %s; starting from the beginning", run_dir)
         state, parts = start(run, clock, started, progress_bar, on_step)
         try:
+            parts.evaluator.before_training(state)  # the untrained baseline (eval.untrained)
             stopped = run_loop(run, state, parts.hooks, budgeted=parts.budget is not None)
         finally:
             parts.reporter.close_bar()
@@ -283,4 +288,4 @@ def _summary(run: setup.Run, state: State, parts: Parts, wall: float, skipped: i
     return summary
 
 
-__all__ = ["Parts", "finish", "resolve_precision", "run_loop", "start", "train"]
+__all__ = ["Parts", "finish", "run_loop", "start", "train"]

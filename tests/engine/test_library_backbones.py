@@ -15,14 +15,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from lowres_ssl.cli import finetune_main, predict_main
+from lowres_ssl.cli import finetune_main
+from lowres_ssl.cli_results import predict_main
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.evaluate import evaluate
 from lowres_ssl.models import build_model
 from lowres_ssl.tasks import train
 from lowres_ssl.weights import load_init
-from tests.engine.test_trainer import assert_same_run, interrupt_at, tiny
 from tests.faults.test_stops import kill_after_first_checkpoint, spawn_training
+from tests.tiny import assert_same_run, interrupt_at, tiny
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("timm") is None, reason="timm not installed (pip install -e '.[timm]')"

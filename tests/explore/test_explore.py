@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lowres_ssl.cli import explore_main
+from lowres_ssl.cli_results import explore_main
 from lowres_ssl.explore import default_groups, explore
 from lowres_ssl.explore.maps import has_tsne
 from lowres_ssl.explore.neighbours import backend
@@ -221,7 +221,7 @@ def test_links_whose_flattened_names_collide_are_both_kept(weights, tmp_path):
 def test_each_query_gets_its_own_neighbours(labeled, weights, tmp_path, monkeypatch):
     """Two --query images found in one search: each sheet's first neighbour is the folder's
     copy of that query (cosine 1), of its class."""
-    import lowres_ssl.explore.task as task
+    import lowres_ssl.explore.explorer as explorer
 
     copies = []
     for c, i in (("cat", 0), ("eel", 2)):
@@ -229,7 +229,7 @@ def test_each_query_gets_its_own_neighbours(labeled, weights, tmp_path, monkeypa
         copies[-1].write_bytes((labeled / c / f"{i}.png").read_bytes())
     drawn = {}
     monkeypatch.setattr(
-        task, "draw_sheet", lambda rows, path, **kw: drawn.setdefault(path.name, rows)
+        explorer, "draw_sheet", lambda rows, path, **kw: drawn.setdefault(path.name, rows)
     )
     explore(str(weights), labeled, tmp_path / "out", query=[str(p) for p in copies], k=2,
             cache_dir=tmp_path / "c", num_workers=0, tsne=False)  # fmt: skip

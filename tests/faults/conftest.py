@@ -7,7 +7,7 @@ from PIL import Image
 
 from lowres_ssl.tasks import train
 from tests.engine.conftest import folder  # noqa: F401 (a fixture, found by name)
-from tests.engine.test_trainer import tiny
+from tests.tiny import tiny
 
 
 @pytest.fixture(scope="module")

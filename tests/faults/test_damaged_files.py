@@ -14,7 +14,7 @@ from lowres_ssl.data.cache import IMAGES_FILE, INDEX_FILE, DamagedCache, cache_p
 from lowres_ssl.data.folders import scan_folder
 from lowres_ssl.run_layout import CONFIG_FILE
 from lowres_ssl.tasks import train
-from tests.engine.test_trainer import tiny
+from tests.tiny import tiny
 
 
 def _cut_short(folder):

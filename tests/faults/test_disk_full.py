@@ -21,7 +21,7 @@ from lowres_ssl.errors import UserError
 from lowres_ssl.files import is_disk_full
 from lowres_ssl.tasks import train
 from lowres_ssl.weights import BackboneSpec, random_backbone, save_safetensors
-from tests.engine.test_trainer import assert_same_run, tiny
+from tests.tiny import assert_same_run, tiny
 
 FULL = OSError(errno.ENOSPC, "No space left on device")
 #: What safetensors raises on a full disk (its own exception, the OS error in its words).

@@ -13,7 +13,7 @@ import pytest
 from lowres_ssl import run_layout
 from lowres_ssl.errors import UserError
 from lowres_ssl.tasks import train
-from tests.engine.test_trainer import assert_same_run, interrupt_at, tiny
+from tests.tiny import assert_same_run, interrupt_at, tiny
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowres_ssl import cli, run_layout
+from lowres_ssl import cli, cli_results, run_layout
 
 
 class Payload:
@@ -61,14 +61,14 @@ def _commands(bad, images, labeled, out):
             "--checkpoint", str(bad), "--train", str(labeled), "--out", str(out / "f"),
             "--max-steps", "1", "--set", "data.num_workers=0",
         ]),
-        "predict.py --checkpoint": (cli.predict_main, [
+        "predict.py --checkpoint": (cli_results.predict_main, [
             "--checkpoint", str(bad), "--images", str(labeled), "--out", str(out / "p.csv"),
         ]),
-        "evaluate.py --checkpoint": (cli.evaluate_main, [
+        "evaluate.py --checkpoint": (cli_results.evaluate_main, [
             "knn", "--checkpoint", str(bad), "--train", str(labeled), "--test", str(labeled),
             "--num-workers", "0",
         ]),
-        "export.py --checkpoint": (cli.export_main, [
+        "export.py --checkpoint": (cli_results.export_main, [
             "--checkpoint", str(bad), "--out", str(out / "e.safetensors"),
         ]),
     }  # fmt: skip

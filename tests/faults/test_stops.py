@@ -18,7 +18,7 @@ import pytest
 from lowres_ssl import run_layout
 from lowres_ssl.engine.stopping import Stopped
 from lowres_ssl.tasks import train
-from tests.engine.test_trainer import assert_same_run, tiny
+from tests.tiny import assert_same_run, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def spawn_training(
     runs it."""
     code = (
         "import sys; from pathlib import Path\n"
-        "from tests.engine.test_trainer import tiny\n"
+        "from tests.tiny import tiny\n"
         "from lowres_ssl.tasks import train\n"
         f"train(tiny(Path({str(folder)!r}), **{sections or {}!r}), Path({str(run)!r}), "
         f"resume={resume}, progress_bar=False)\n"

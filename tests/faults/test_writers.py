@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 
-from lowres_ssl import cli, run_layout
+from lowres_ssl import cli, cli_results, run_layout
 
 
 def _hold(lock_code: str, path) -> subprocess.Popen:
@@ -60,12 +60,12 @@ def test_two_evaluations_of_one_report(finished, capsys):
     argv = ["knn", "--checkpoint", str(run), "--train", str(labeled), "--test", str(labeled),
             "--num-workers", "0", "--k", "3"]  # fmt: skip
     try:
-        assert cli.evaluate_main(argv) == 2
+        assert cli_results.evaluate_main(argv) == 2
         text = _one_line(capsys, holder)
         assert f"{run / name} is being made by" in text
         assert not (run / name).exists()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
-    assert cli.evaluate_main(argv) == 0  # the killed holder's lock is gone with it
+    assert cli_results.evaluate_main(argv) == 0  # the killed holder's lock is gone with it
     assert (run / name).is_file()

@@ -1,5 +1,6 @@
-"""A config made concrete for the machine: the view size from the images, the micro-batch
-from the card, the one-line errors and warnings, --preset auto and --autofit."""
+"""The plan: a config made concrete for a machine by one function — the view size from the
+images, the photos overlay, the precision, the micro-batch from the card, the one-line errors
+and warnings, --preset auto, --autofit; old configs read into today's keys."""
 
 from __future__ import annotations
 
@@ -9,13 +10,18 @@ import torch
 import yaml
 from PIL import Image
 
-from lowres_ssl import fit, presets
+from lowres_ssl import config, plan, presets
 from lowres_ssl.cli import train_main, train_parser
-from lowres_ssl.config import from_dict, validate
+from lowres_ssl.config import from_dict, parse_set, validate
 from lowres_ssl.data.sizes import choose_view_size, size_for_side
+from lowres_ssl.engine.run_folder import config_differences
 from lowres_ssl.errors import UserError
+from lowres_ssl.plan import Machine
+from lowres_ssl.tasks import Pretraining
 
-CUDA = torch.device("cuda")  # a device object only: nothing is allocated on it
+
+def CARD(gib: float) -> Machine:  # noqa: N802 (reads as a machine's name)
+    return Machine.card(gib)
 
 
 def folder(root, sides, count=6):
@@ -44,39 +50,90 @@ def test_small_images_and_photos_get_their_sizes(tmp_path):
     assert choose_view_size("stl10", 128).size == 96
 
 
+PRETRAINING = Pretraining.defaults
+HERE = Machine("cpu", 16.0, native_precision="fp32", found="a test CPU")
+
+
+def resolved(values, machine=HERE, defaults=PRETRAINING):
+    return plan.resolve(validate(from_dict(values)), machine, defaults=defaults).cfg
+
+
 def test_auto_sizes_resolve_and_a_set_size_is_kept(tmp_path):
     photos = str(folder(tmp_path / "photos", (640, 480)))
-    cfg = validate(from_dict({"data": {"path": photos, "photo_size": 112}}))
-    resolved, note = fit.resolve_view_size(cfg)
-    assert (resolved.data.load_size, resolved.data.recipe) == (112, "vicreg")
-    assert "views of 112 px" in note
-    cfg = validate(from_dict({"data": {"path": photos, "load_size": 48}}))
-    resolved, note = fit.resolve_view_size(cfg)
-    assert (resolved.data.load_size, resolved.data.recipe, note) == (48, "cifar", None)
+    cfg = resolved({"data": {"path": photos}, "photos": {"data": {"load_size": 112}}})
+    assert (cfg.data.load_size, cfg.data.recipe) == (112, "vicreg")
+    cfg, note = plan.resolve_views(validate(from_dict({"data": {"path": photos}})))
+    assert cfg.data.load_size == plan.PHOTO_SIZE and "views of 128 px" in note
+    cfg = resolved({"data": {"path": photos, "load_size": 48}})
+    assert (cfg.data.load_size, cfg.data.recipe) == (48, "cifar")
 
 
-def test_the_loss_auto_is_the_photo_loss_on_photos_and_sfrik_on_small_images(tmp_path):
+def test_the_photos_overlay_applies_on_photos_only(tmp_path):
     photos = str(folder(tmp_path / "photos", (640, 480)))
-    loss = {"name": "auto", "photo_name": "simclr"}
-    on_photos, _ = fit.resolve_view_size(validate(from_dict({"data": {"path": photos},
-                                                             "loss": loss})))  # fmt: skip
-    assert on_photos.loss.name == "simclr"
-    small = validate(from_dict({"data": {"path": "cifar10"}, "loss": loss}))
-    assert fit.resolve_view_size(small)[0].loss.name == "sfrik"
-    assert fit.keep_saved(small, {"loss": {"name": "vicreg"}}).loss.name == "vicreg"  # resume
-    with pytest.raises(UserError, match=r"loss\.photo_name"):
-        validate(from_dict({"loss": {"name": "auto", "photo_name": "byol"}}))
+    overlay = {"loss": {"name": "simclr"}, "data": {"views": {"large_scale": [0.25, 1.0]}}}
+    on_photos = resolved({"data": {"path": photos}, "photos": overlay})
+    assert on_photos.loss.name == "simclr" and on_photos.data.views.large_scale == [0.25, 1.0]
+    small = resolved({"data": {"path": "cifar10"}, "photos": overlay})
+    assert small.loss.name == "sfrik" and small.data.views.large_scale is None
+    assert on_photos.photos == small.photos == {}  # resolved: nothing left to apply
+    with pytest.raises(UserError, match=r"photos\.loss"):
+        from_dict({"photos": {"loss": {"nme": "simclr"}}})
+    with pytest.raises(UserError, match=r"loss\.name"):
+        validate(from_dict({"photos": {"loss": {"name": "byol"}}}))
+
+
+def test_a_key_set_after_the_preset_holds_for_photos_too(tmp_path):
+    """--set loss.name=vicreg over the cpu preset (whose photos say simclr) trains VICReg on
+    photos as well: a later layer's key leaves the earlier layers' photos overlay."""
+    photos = str(folder(tmp_path / "photos", (640, 480)))
+    _, preset, _ = presets.load_preset("cpu")
+    cfg = Pretraining().request([{"data": {"path": photos}}], preset=preset)
+    assert resolved(config.to_dict(cfg)).loss.name == "simclr"
+    cfg = Pretraining().request([parse_set([f"data.path={photos}", "loss.name=vicreg"])],
+                                preset=preset)  # fmt: skip
+    assert resolved(config.to_dict(cfg)).loss.name == "vicreg"
+
+
+#: The cpu preset as it was written before the photos overlay (its four photo_* twins).
+OLD_CPU_PRESET = {
+    "data": {"load_size": "auto", "photo_size": 96, "cache": "disk", "recipe": "auto",
+             "views": {"photo_large_scale": [0.25, 1.0]}},
+    "model": {"backbone": "resnet18", "projector": "1024-2048"},
+    "loss": {"name": "auto", "photo_name": "simclr", "lam": 1.0},
+    "optim": {"name": "lars", "base_lr": 1.2, "warmup_epochs": 1, "state_bits": 32},
+    "train": {"epochs": 1, "max_steps": 100, "batch_size": 32, "log_every": 5,
+              "checkpoint_every": 25},
+    "eval": {"max_train_images": 5000, "max_test_images": 1000, "untrained": True},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["photos", "small"])
+def test_an_old_config_with_photo_keys_resolves_as_today(tmp_path, kind):
+    """A config.yaml written before the photos overlay reads into the overlay and resolves to
+    the same run as today's preset, and a run folder holding it can be resumed."""
+    path = str(folder(tmp_path / "p", (640, 480))) if kind == "photos" else "cifar10"
+    _, preset, _ = presets.load_preset("cpu")
+    today = resolved(config.merge(preset, {"data": {"path": path}}))
+    old = resolved(config.merge(OLD_CPU_PRESET, {"data": {"path": path}}))
+    assert config.to_dict(old) == config.to_dict(today)
+    assert today.loss.name == ("simclr" if kind == "photos" else "sfrik")
+    # What that version wrote to config.yaml: the autos it resolved, the photo keys as they were.
+    resolved_then = {"data": {"path": path, "load_size": today.data.load_size,
+                              "recipe": today.data.recipe, "views": {"small": 0}},
+                     "loss": {"name": today.loss.name}}  # fmt: skip
+    saved = config.merge(OLD_CPU_PRESET, resolved_then)
+    assert config_differences(saved, config.to_dict(today)) == []
 
 
 def gpu_config(**train):
     values = {"data": {"path": "cifar10", "load_size": 32}, "model": {"projector": "2048-16384"}}
     values["train"] = {"batch_size": 1024, **train}
-    return validate(from_dict(values))
+    return plan.with_defaults(validate(from_dict(values)), PRETRAINING)
 
 
 def test_auto_micro_batch_fits_the_card_and_keeps_the_batch():
-    small, _, note = fit.resolve_micro_batch(gpu_config(micro_batch_size="auto"), CUDA, card=4)
-    large, _, _ = fit.resolve_micro_batch(gpu_config(micro_batch_size="auto"), CUDA, card=48)
+    small, _, note = plan.resolve_micro_batch(gpu_config(micro_batch_size="auto"), CARD(4))
+    large, _, _ = plan.resolve_micro_batch(gpu_config(micro_batch_size="auto"), CARD(48))
     assert small.train.batch_size == large.train.batch_size == 1024
     assert small.train.micro_batch_size < 1024 and large.train.micro_batch_size is None
     assert f"micro-batches of {small.train.micro_batch_size}" in note
@@ -84,22 +141,20 @@ def test_auto_micro_batch_fits_the_card_and_keeps_the_batch():
 
 def test_a_config_over_the_card_names_the_micro_batch_that_fits():
     with pytest.raises(UserError) as e:
-        fit.resolve_micro_batch(gpu_config(), CUDA, card=4)
+        plan.resolve_micro_batch(gpu_config(), CARD(4))
     message = str(e.value)
     assert "\n" not in message and "does not fit the 4.0 GiB card" in message
-    fitted, _, _ = fit.resolve_micro_batch(gpu_config(micro_batch_size="auto"), CUDA, card=4)
+    fitted, _, _ = plan.resolve_micro_batch(gpu_config(micro_batch_size="auto"), CARD(4))
     assert f"--set train.micro_batch_size={fitted.train.micro_batch_size} fits" in message
 
 
 def test_resume_keeps_what_auto_resolved_to():
     cfg = validate(from_dict({"data": {"path": "cifar10"}, "train": {"micro_batch_size": "auto"}}))
-    saved = {"data": {"load_size": 40, "recipe": "vicreg"}, "train": {"micro_batch_size": 64}}
-    kept = fit.keep_saved(cfg, saved)
-    assert (kept.data.load_size, kept.data.recipe, kept.train.micro_batch_size) == (
-        40,
-        "vicreg",
-        64,
-    )
+    saved = {"data": {"load_size": 40, "cache": "none"},
+             "train": {"micro_batch_size": 64, "precision": "bf16"}}  # fmt: skip
+    kept = plan.resolve(cfg, CARD(8), defaults=PRETRAINING, saved=saved).cfg
+    assert (kept.data.load_size, kept.data.cache, kept.train.micro_batch_size) == (40, "none", 64)
+    assert kept.train.precision == "bf16"
 
 
 def test_a_gpu_preset_without_a_gpu_says_so(capsys, monkeypatch):
