@@ -1,6 +1,7 @@
 """What the benchmark scripts share (``scripts/bench_*``): the machine their reports name, the
 fresh process each measured case runs in, the peak-memory reader, the markdown report writer,
-and the rig that runs one real training step of a :class:`lowres_ssl.memory.Setting`.
+and the rig that runs one real training step of a :class:`lowres_ssl.memory.Setting`, built by
+the pre-training task as a run builds it.
 
 Figures are only comparable on the same machine, and CPU timings only on a quiet one, so every
 report names the processor, the GPU, the versions and the load before the run. A peak is only a
@@ -12,7 +13,6 @@ high-water mark never falls), so the scripts run each case in a fresh one:
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import os
 import platform
@@ -27,18 +27,12 @@ from typing import Any
 
 import torch
 
+from lowres_ssl.config import Config, from_dict
 from lowres_ssl.device import available_cores
 from lowres_ssl.files import write_text_atomic
 
 KIB = 1024
 GIB = 2**30
-
-
-def pick_device(choice: str) -> str:
-    """``cpu`` or ``cuda`` for a script's ``--device`` choice (``auto``: CUDA where present)."""
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return choice
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,10 +348,12 @@ def write_report(report: str | Sequence[str], output: Path) -> Path:
 
 @dataclass
 class StepRig:
-    """One real training step of a setting, ready to run: the engine's own step, model,
-    optimizer (prepared by Accelerate), objective and augmentation, on a random uint8 batch."""
+    """One real training step of a setting, ready to run: the pre-training task's own step,
+    model, optimizer (prepared by Accelerate), objective and augmentation, built from
+    ``config`` as a run builds them, on a random uint8 batch."""
 
     setting: Any  # lowres_ssl.memory.Setting
+    config: Config  # the pre-training config the parts were built from (:func:`config_of`)
     accelerator: Any
     model: torch.nn.Module
     optimizer: Any
@@ -404,51 +400,73 @@ class StepRig:
         return {"rss_gib": peak.peak / GIB}
 
 
+def config_of(setting, precision: str = "no") -> Config:
+    """The pre-training config of a :class:`lowres_ssl.memory.Setting`: the reverse of
+    ``Setting.from_config`` on what a step depends on (backbone, projector, views, objective,
+    optimizer, batch and micro-batch, checkpointing), with ``precision`` (Accelerate's name).
+    The views are the SwAV layout; the recipe is ``cifar`` up to 64 px and ``vicreg`` above,
+    as ``data.recipe: auto`` picks; SFRIK's kernel has the setting's degree."""
+    from lowres_ssl.data.sizes import SMALL_MAX
+
+    s = setting
+    # SFRIK's default weights (1, 40, 40) to the setting's degree: only the degree costs memory
+    weights = [1.0] + [40.0] * ((s.kernel_degree or 3) - 1)
+    return from_dict({
+        "data": {
+            "load_size": s.load_size,
+            "image_size": s.view_size,
+            "recipe": "cifar" if s.view_size <= SMALL_MAX else "vicreg",
+            "views": {"layout": "swav", "large": s.large_views, "small": s.small_views,
+                      "small_size": s.small_size or None},
+        },
+        "model": {"backbone": s.backbone, "projector": s.projector,
+                  "grad_checkpointing": s.checkpointing},
+        "loss": {"name": s.loss, "mmd_path": s.mmd_path,
+                 "kernel_weights": weights,
+                 "reg_small": bool(s.small_views) and s.regularised_views == s.views},
+        "optim": {"name": s.optimizer, "state_bits": s.state_bits, "weight_decay": 1e-6},
+        "train": {"batch_size": s.batch_size,
+                  "micro_batch_size": s.micro if s.micro < s.batch_size else None,
+                  "precision": {"no": "fp32"}.get(precision, precision)},
+    })  # fmt: skip
+
+
 def step_rig(setting, *, load_side: int | None = None, seed: int = 0) -> StepRig:
-    """A :class:`StepRig` for ``setting``: on CUDA when ``setting.cuda`` (an emulated card,
-    ``LOWRES_SSL_GPU_GIB``, is capped first), bf16/fp16 autocast when ``setting.mixed``; the
-    ``cifar`` recipe up to 64 px, ``vicreg`` above; its large views and small crops (SFRIK in
-    the SwAV layout); images of ``load_side`` px (default the setting's ``load_size``)."""
+    """A :class:`StepRig` for ``setting``, built by the pre-training task from
+    :func:`config_of` (its model, optimizer, objective, augmentation and step, as a run
+    builds them): on CUDA when ``setting.cuda`` (an emulated card, ``LOWRES_SSL_GPU_GIB``, is
+    capped first), bf16/fp16 autocast when ``setting.mixed`` (fp32 on the CPU); images of
+    ``load_side`` px (default the setting's ``load_size``)."""
     from accelerate import Accelerator
 
-    from lowres_ssl.augment import build_augment
     from lowres_ssl.device import MIXED_DTYPES, cuda_mixed_precision, emulate_card
-    from lowres_ssl.engine.steps import embedding_cache_step, one_pass_step
-    from lowres_ssl.losses import ViewLayout, objective_from_settings
-    from lowres_ssl.models import build_model
-    from lowres_ssl.optim import build_optimizer
+    from lowres_ssl.tasks.pretrain import Pretraining
 
     s = setting
     precision = "no"
     if s.cuda:
         emulate_card(0)
         precision = cuda_mixed_precision() if s.mixed else "no"
+    cfg = config_of(s, precision)
+    task = Pretraining()
     accelerator = Accelerator(mixed_precision=precision, cpu=not s.cuda)
     device = accelerator.device
+    channels_last = s.cuda and cfg.model.channels_last
     torch.manual_seed(seed)
-    model = build_model(
-        s.backbone, s.projector, image_size=s.view_size, grad_checkpointing=s.checkpointing
-    )
-    if s.cuda:
+    model, _ = task.build_model(cfg, None, None, resuming=False)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(
-        s.optimizer, model, lr=0.1, weight_decay=1e-6, state_bits=s.state_bits
-    )
+    optimizer, _ = task.optimizer(cfg, model, s.batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    layout = ViewLayout.swav(s.large_views, s.small_views)
-    objective = objective_from_settings(
-        "sfrik", lam=None, kernel_weights=[1.0, 40.0, 40.0], layout=layout
+    objective = task.objective(cfg)
+    augment = task.augment(cfg, out_dtype=MIXED_DTYPES[precision], channels_last=channels_last).to(
+        device
     )
-    recipe = "cifar" if s.view_size <= 64 else "vicreg"
-    augment = build_augment(
-        recipe, s.view_size, out_dtype=MIXED_DTYPES[precision], channels_last=s.cuda,
-        num_large=s.large_views, num_small_crops=s.small_views, small_size=s.small_size or None,
-    ).to(device)  # fmt: skip
     g = torch.Generator().manual_seed(seed + 1)
     side = load_side or s.load_size
     images = torch.randint(0, 256, (s.batch_size, 3, side, side), dtype=torch.uint8, generator=g)
-    step = one_pass_step
-    if s.micro < s.batch_size:
-        step = functools.partial(embedding_cache_step, micro_batch_size=s.micro)
-    return StepRig(s, accelerator, model, optimizer, objective, augment, images.to(device), g, step)
+    step = task.step_for(cfg, cfg.train.micro_batch_size)
+    return StepRig(
+        s, cfg, accelerator, model, optimizer, objective, augment, images.to(device), g, step
+    )

@@ -248,6 +248,7 @@ The run folder holds classifier.safetensors (the best model by validation top-1;
 head, class names), classifier_last.safetensors, metrics.jsonl and summary.json.
 """
 
+
 def finetune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="finetune.py",

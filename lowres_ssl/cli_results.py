@@ -39,7 +39,7 @@ def predict_parser() -> argparse.ArgumentParser:
 
 @exits_on_user_errors
 def predict_main(argv: list[str] | None = None) -> int:
-    from lowres_ssl.predict import predict, summary_line
+    from lowres_ssl.predict import predict, prediction_line
 
     args = predict_parser().parse_args(argv)
     setup_logging()
@@ -58,7 +58,7 @@ def predict_main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         progress=sys.stderr.isatty(),
     )
-    print(summary_line(summary))
+    print(prediction_line(summary))
     return 0
 
 
@@ -103,7 +103,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def _extraction_flags(p: argparse.ArgumentParser) -> None:
     """How the frozen backbone's features are computed and cached (evaluate.py, explore.py)."""
-    from lowres_ssl.eval.evaluate import PRECISIONS
+    from lowres_ssl.config import PRECISIONS
 
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda")
@@ -139,7 +139,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
     import json
     from functools import partial
 
-    from lowres_ssl.eval.evaluate import summary_line
+    from lowres_ssl.eval.evaluate import evaluation_line
     from lowres_ssl.files import held, write_text_atomic
     from lowres_ssl.run_layout import report_lock
 
@@ -158,7 +158,7 @@ def evaluate_main(argv: list[str] | None = None) -> int:
         run_dir = record.pop("run_dir")
         if writes_report and run_dir and folder.resolve() == Path(run_dir).resolve():
             write_text_atomic(Path(run_dir) / name, json.dumps(record, indent=1) + "\n")
-    print(summary_line(args.protocol, record))
+    print(evaluation_line(args.protocol, record))
     print(json.dumps(record))
     return 0
 
@@ -362,7 +362,7 @@ def explore_parser() -> argparse.ArgumentParser:
 def explore_main(argv: list[str] | None = None) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from lowres_ssl.explore import explore, summary_line
+    from lowres_ssl.explore import exploration_line, explore
 
     args = explore_parser().parse_args(argv)
     setup_logging()
@@ -388,7 +388,7 @@ def explore_main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             **_extraction_settings(args),
         )
-    print(summary_line(summary))
+    print(exploration_line(summary))
     print(f"open {Path(args.out) / 'index.html'}")
     return 0
 

@@ -462,8 +462,17 @@ def validate(cfg: Config) -> Config:
     overlay applied; return ``cfg`` (raises :class:`UserError`)."""
     _validate(cfg)
     if cfg.photos:
-        _validate(with_photos(cfg))
+        try:
+            _validate(with_photos(cfg))
+        except UserError as err:  # the base is valid: the overlay's key is wrong
+            raise UserError(str(err).replace("config key ", "config key photos.", 1)) from None
     return cfg
+
+
+def config_at_size(values: dict[str, Any], load_size: int) -> Config:
+    """The config of ``values`` for views of ``load_size`` px (a benchmark's, a plan for
+    images not at hand), validated."""
+    return validate(from_dict(layer(values, {"data": {"load_size": load_size}})))
 
 
 def with_photos(cfg: Config) -> Config:

@@ -37,32 +37,6 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
-def resolve_precision(setting: str) -> str:
-    """Accelerate's mixed-precision name for the config's ``train.precision``.
-
-    ``auto``: the mixed precision ``accelerate launch --mixed_precision`` (or ``accelerate
-    config``) asked for; else bf16 on GPUs of compute capability ≥ 8.0, fp16 (with loss
-    scaling) below; on the CPU bf16 where it computes bf16 natively
-    (:func:`cpu_has_native_bf16`), else fp32. The launcher exports "no" when nothing was asked
-    for, so "no" from it counts as no choice: fp32 is ``train.precision: fp32``. This checks
-    the hardware (fp16 needs CUDA), so it runs when training starts, not when a config is read.
-    """
-    cuda = torch.cuda.is_available()
-    if setting != "auto":
-        chosen = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[setting]
-    else:
-        chosen = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if chosen == "no" and cuda:
-            chosen = cuda_mixed_precision()
-        elif chosen == "no" and cpu_has_native_bf16():
-            chosen = "bf16"
-    if chosen == "fp16" and not cuda:
-        raise UserError(
-            "fp16 mixed precision needs a CUDA GPU; on the CPU use train.precision=fp32 (or bf16)"
-        )
-    return chosen
-
-
 def _launcher_environment(pid: int) -> dict[str, str] | None:
     """The environment process ``pid`` was started with (Linux's ``/proc``), else None."""
     try:
@@ -277,7 +251,6 @@ __all__ = [
     "emulate_card",
     "peak_memory_gib",
     "ram_gib",
-    "resolve_precision",
     "same_device",
     "synchronize",
     "use_the_cores",

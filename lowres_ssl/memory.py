@@ -444,6 +444,24 @@ def estimate(setting: Setting) -> Estimate:
     return Estimate(s, parts)
 
 
+def certain_bytes(setting: Setting) -> float:
+    """What a step of ``setting`` holds for certain, without the activations (their profile
+    runs the network, which takes seconds): the parameters, their gradients and optimizer
+    state, the loss's memory and the views. Below :func:`estimate`'s total; a setting over a
+    budget by this alone does not fit it."""
+    s = setting
+    shapes = parameter_shapes(s.backbone, s.projector, s.view_size)
+    n_params = sum(math.prod(shape) for shape in shapes)
+    loss = loss_bytes(
+        s.loss, s.batch_size * s.processes, s.q, mmd_path=s.mmd_path,
+        kernel_degree=s.kernel_degree, views=s.views, regularised=s.regularised_views,
+        positives=s.positive_blocks,
+    )  # fmt: skip
+    view_pixels = 3 * (s.large_views * s.view_size**2 + s.small_views * s.small_size**2)
+    views = s.batch_size * 3 * s.load_size**2 + min(s.micro, s.batch_size) * view_pixels * FLOAT
+    return 2 * FLOAT * n_params + optimizer_bytes(shapes, s.optimizer, s.state_bits) + loss + views
+
+
 def micro_batch_candidates(batch: int) -> list[int]:
     """The micro-batches to try, largest first: the batch, then powers of two below it."""
     out = [batch]
@@ -476,6 +494,7 @@ __all__ = [
     "Estimate",
     "Setting",
     "activation_profile",
+    "certain_bytes",
     "estimate",
     "fit_micro_batch",
     "loss_bytes",

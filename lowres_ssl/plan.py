@@ -46,7 +46,15 @@ from lowres_ssl.config import (
 from lowres_ssl.data.sizes import SMALL_MAX
 from lowres_ssl.device import card_memory_gib, cpu_has_native_bf16, cuda_mixed_precision, ram_gib
 from lowres_ssl.errors import UserError
-from lowres_ssl.memory import GIB, HEADROOM, Estimate, Setting, estimate, fit_micro_batch
+from lowres_ssl.memory import (
+    GIB,
+    HEADROOM,
+    Estimate,
+    Setting,
+    certain_bytes,
+    estimate,
+    fit_micro_batch,
+)
 
 log = logging.getLogger("lowres_ssl")
 
@@ -72,7 +80,7 @@ class Machine:
     computes bf16 natively, else fp32). ``here``: False for a described machine (a preset's
     card planned on a machine without one)."""
 
-    device: str  # cuda or cpu
+    kind: str  # cuda or cpu
     memory_gib: float  # the card's (an emulated card's, LOWRES_SSL_GPU_GIB) or the RAM
     processes: int = 1
     launcher_precision: str = "no"
@@ -82,7 +90,7 @@ class Machine:
 
     @property
     def cuda(self) -> bool:
-        return self.device == "cuda"
+        return self.kind == "cuda"
 
     @classmethod
     def this_one(cls) -> Machine:
@@ -213,13 +221,16 @@ def resolve(
 
 def unresolved(cfg: Config) -> list[str]:
     """The keys of ``cfg`` still ``auto`` or None-for-the-task (empty for a plan's config)."""
+
     def walk(values: dict[str, Any], prefix: str):
         for key, value in values.items():
             name = f"{prefix}{key}"
             if isinstance(value, dict) and key not in ("options", "photos"):
                 yield from walk(value, f"{name}.")
-            elif value == "auto" or (value is None and name in TASK_KEYS) or (
-                key == "photos" and value
+            elif (
+                value == "auto"
+                or (value is None and name in TASK_KEYS)
+                or (key == "photos" and value)
             ):
                 yield name
 
@@ -373,13 +384,16 @@ def resolve_micro_batch(
 ) -> tuple[Config, Estimate | None, str | None]:
     """The micro-batch for ``cfg`` on ``machine``, its estimate and a line to log; raises a
     one-line :class:`UserError` when the config cannot fit. On the CPU a set micro-batch is
-    not checked (no estimate: it costs a second)."""
+    checked against what it holds for certain (:func:`~lowres_ssl.memory.certain_bytes`: the
+    whole estimate runs the network, seconds a CPU run need not wait)."""
     cuda, card = machine.cuda, machine.memory_gib
-    if not cuda and cfg.train.micro_batch_size != "auto":
-        return cfg, None, None
     budget = card if cuda else 0.5 * card / HEADROOM  # the CPU: half of the RAM
     base = setting_for(cfg, machine, cached_images=cached_images)
     where = f"the {card:.1f} GiB card" if cuda else f"{card:.0f} GiB of RAM"
+    if not cuda and cfg.train.micro_batch_size != "auto":
+        if certain_bytes(base) > budget * GIB:
+            raise UserError(_no_fit(cfg, base, where, budget))
+        return cfg, None, None
     if cfg.train.micro_batch_size == "auto":
         fitted = fit_micro_batch(dataclasses.replace(base, micro_batch_size=None), budget)
         if fitted is None:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 from lowres_ssl.errors import UserError
+from lowres_ssl.files import write_atomic
 from lowres_ssl.run_layout import METRICS_FILE
 
 if TYPE_CHECKING:
@@ -225,12 +225,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, dpi: int = 120
         fig.legend(handles=handles, loc="outside upper center", ncol=min(len(handles), 4))
 
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        try:
-            fig.savefig(tmp, format="png", dpi=dpi)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi), what="the plot")
     return out
 
 

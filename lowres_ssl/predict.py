@@ -23,19 +23,12 @@ from tqdm.auto import tqdm
 
 from lowres_ssl.data import FolderImages, SkipLog, make_loader, scan_folder
 from lowres_ssl.errors import UserError
+from lowres_ssl.eval.context import InferenceContext
 from lowres_ssl.eval.features import to_input
 from lowres_ssl.files import write_atomic, write_text_atomic
 from lowres_ssl.weights import load_backbone, load_classifier
 
 log = logging.getLogger("lowres_ssl")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    return torch.device(name)
 
 
 def write_npy(path: Path, array: torch.Tensor) -> None:
@@ -53,14 +46,14 @@ def write_npy(path: Path, array: torch.Tensor) -> None:
     write_atomic(path, write)
 
 
-def _batches(images: FolderImages, device, batch_size: int, num_workers, skips: SkipLog):
+def _batches(images: FolderImages, context: InferenceContext, skips: SkipLog):
     loader = make_loader(
         images,
-        batch_size,
-        device=device,
+        context.batch_size,
+        device=context.device,
         shuffle=False,
         drop_last=False,
-        num_workers=num_workers,
+        num_workers=context.num_workers,
         skip_log=skips,
     )
     yield from loader.iterate(0)
@@ -80,24 +73,28 @@ def predict(
 ) -> dict[str, Any]:
     """Classify (or embed) every image under ``images_dir``; write ``out``; return a summary
     (``images``, ``skipped``, ``accuracy`` where the folder names the classes, ``out``)."""
-    dev = _device(device)
+    # fp32 in the default memory format: the predictions of the fine-tuning's validation
+    context = InferenceContext.choose(
+        device, "fp32", batch_size=batch_size, channels_last=False, use_cache=False,
+        num_workers=num_workers, progress=progress,
+    )  # fmt: skip
     out = Path(out).expanduser()
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: the folder {out.parent} does not exist")
     files = scan_folder(images_dir)  # a missing folder fails before the weights are read
     if embeddings:
         backbone, weights = load_backbone(checkpoint)
-        model, size, classes = backbone.eval(), weights.spec.image_size, None
+        model, size, classes = backbone, weights.spec.image_size, None
     else:
         clf = load_classifier(checkpoint)
         model, size, classes = clf.build(), clf.spec.image_size, clf.classes
-    model = model.to(dev)
+    model = context.prepare(model)
     images = FolderImages(files, size)
     skips = SkipLog(files.root)
     rows: list[tuple[int, torch.Tensor]] = []
     bar = tqdm(total=-(-len(files) // batch_size), unit="batch", disable=not progress)
     with torch.no_grad():
-        for batch in _batches(images, dev, batch_size, num_workers, skips):
+        for batch in _batches(images, context, skips):
             y = model(to_input(batch.images))
             if not embeddings:
                 y = y.float().softmax(dim=1)
@@ -129,25 +126,28 @@ def _write_csv(out: Path, paths, probs: torch.Tensor, classes: list[str], topk: 
     top_p, top_i = probs.topk(k, dim=1) if len(paths) else (probs, probs.long())
     names = set(classes)
     labeled = bool(paths) and all(p.split("/", 1)[0] in names and "/" in p for p in paths)
-    hits = 0
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "class", "probability", f"top{k}"])
-        for n, path in enumerate(paths):
-            best = classes[top_i[n, 0]]
-            hits += labeled and best == path.split("/", 1)[0]
-            pairs = zip(top_i[n].tolist(), top_p[n].tolist(), strict=True)
-            top = ";".join(f"{classes[i]}:{p:.4f}" for i, p in pairs)
-            w.writerow([path, best, f"{top_p[n, 0].item():.6f}", top])
-    tmp.replace(out)
+    best = [classes[i] for i in top_i[:, 0].tolist()]
+    hits = sum(b == p.split("/", 1)[0] for b, p in zip(best, paths, strict=True)) if labeled else 0
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "class", "probability", f"top{k}"])
+            for n, path in enumerate(paths):
+                pairs = zip(top_i[n].tolist(), top_p[n].tolist(), strict=True)
+                top = ";".join(f"{classes[i]}:{p:.4f}" for i, p in pairs)
+                w.writerow([path, best[n], f"{top_p[n, 0].item():.6f}", top])
+
+    write_atomic(out, write)
     result: dict[str, Any] = {"classes": len(classes)}
     if labeled:
         result["accuracy"] = hits / len(paths)
     return result
 
 
-def summary_line(s: dict[str, Any]) -> str:
+def prediction_line(s: dict[str, Any]) -> str:
+    """The line for people about a :func:`predict` summary: what was written where, the
+    accuracy where the folder names the classes, the files skipped."""
     what = "features of" if "features" in s else "predictions for"
     line = f"wrote {what} {s['images']:,} images to {s['out']}"
     if "accuracy" in s:
@@ -157,4 +157,4 @@ def summary_line(s: dict[str, Any]) -> str:
     return line
 
 
-__all__ = ["predict", "summary_line", "write_npy"]
+__all__ = ["predict", "prediction_line", "write_npy"]

@@ -39,11 +39,11 @@ from lowres_ssl.models import (
     BACKBONES,
     CIFAR_STEM_MAX_SIZE,
     LibraryBackbone,
-    ResNetBackbone,
     SSLModel,
     build_backbone,
     is_library_name,
 )
+from lowres_ssl.models.protocol import Backbone
 from lowres_ssl.run_layout import (
     BACKBONE_FILE,
     CHECKPOINT_MODEL_FILE,
@@ -88,7 +88,7 @@ class BackboneSpec:
             stem += "".join(f", {k}={v}" for k, v in sorted(self.kwargs.items()))
         return f"{self.backbone} ({stem}, {self.image_size} px, {self.out_dim} features)"
 
-    def build(self):
+    def build(self) -> Backbone:
         """The architecture, randomly initialised (seed it before calling for a fixed init)."""
         return build_backbone(
             self.backbone, image_size=self.image_size, cifar_stem=self.cifar_stem,
@@ -333,7 +333,7 @@ def _weights_of(
     return Weights(file, backbone, spec, projector, run_dir)
 
 
-def _mismatch(flag: str, file: Path, have: BackboneSpec, want) -> str | None:
+def _mismatch(flag: str, file: Path, have: BackboneSpec, want: Backbone) -> str | None:
     if have.backbone != want.name:
         return f"backbone {have.backbone} in the file, {want.name} asked for"
     if isinstance(want, LibraryBackbone):
@@ -348,7 +348,7 @@ def _mismatch(flag: str, file: Path, have: BackboneSpec, want) -> str | None:
     return None
 
 
-def load_into(backbone, weights: Weights, flag: str = "--checkpoint") -> None:
+def load_into(backbone: Backbone, weights: Weights, flag: str = "--checkpoint") -> None:
     """Load ``weights`` into ``backbone`` (strict); another architecture is a one-line error."""
     problem = _mismatch(flag, weights.file, weights.spec, backbone)
     if problem is None and isinstance(backbone, LibraryBackbone):
@@ -364,7 +364,7 @@ def load_into(backbone, weights: Weights, flag: str = "--checkpoint") -> None:
         raise UserError(f"{flag} {weights.file}: {problem}")
 
 
-def load_backbone(path: str | Path, flag: str = "--checkpoint") -> tuple[ResNetBackbone, Weights]:
+def load_backbone(path: str | Path, flag: str = "--checkpoint") -> tuple[Backbone, Weights]:
     """A backbone rebuilt from its weights alone (architecture, stem and size from the file)."""
     weights = load_weights(path, flag)
     with torch.random.fork_rng(devices=[]):  # building draws an init; keep the caller's RNG
@@ -373,7 +373,7 @@ def load_backbone(path: str | Path, flag: str = "--checkpoint") -> tuple[ResNetB
     return backbone, weights
 
 
-def random_backbone(spec: BackboneSpec, seed: int = 0) -> ResNetBackbone:
+def random_backbone(spec: BackboneSpec, seed: int = 0) -> Backbone:
     """The architecture of ``spec`` at a fixed random init: the baseline every result must
     beat. The caller's random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
@@ -398,7 +398,7 @@ def load_init(model: SSLModel, path: str | Path) -> str:
 # Writing
 
 
-def spec_of(backbone, image_size: int, config: dict | None) -> BackboneSpec:
+def spec_of(backbone: Backbone, image_size: int, config: dict | None) -> BackboneSpec:
     """The spec of a built backbone (a timm/torchvision model's constructor arguments too)."""
     kwargs = dict(getattr(backbone, "kwargs", None) or {})
     return BackboneSpec(

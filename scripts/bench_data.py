@@ -51,6 +51,7 @@ from torch import nn
 import lowres_ssl.augment as augment
 import lowres_ssl.data as data
 from lowres_ssl import bench
+from lowres_ssl.eval.context import pick_device
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = {
@@ -82,7 +83,7 @@ class Conditions:
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> Conditions:
-        device = torch.device(bench.pick_device(args.device))
+        device = pick_device(args.device)
         cuda = device.type == "cuda"
         seconds = args.seconds or (3.0 if cuda else 6.0)
         max_batches = args.max_batches

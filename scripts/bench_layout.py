@@ -34,6 +34,7 @@ import torch
 
 from lowres_ssl import bench
 from lowres_ssl.device import synchronize
+from lowres_ssl.eval.context import pick_device
 from lowres_ssl.models import build_model
 from lowres_ssl.optim import build_optimizer
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
-    device = torch.device(bench.pick_device(args.device))
+    device = pick_device(args.device)
     cuda = device.type == "cuda"
     batch = args.batch or (256 if cuda else 64)
     repeats = args.repeats or (20 if cuda else 5)

@@ -95,6 +95,8 @@ from torch import Tensor, nn
 
 from lowres_ssl import bench
 from lowres_ssl.device import available_cores
+from lowres_ssl.errors import UserError
+from lowres_ssl.eval.context import pick_device
 from lowres_ssl.losses import OBJECTIVES, objective_from_settings
 from lowres_ssl.memory import loss_bytes
 
@@ -1090,9 +1092,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.case is not None:
         return run_child(args)
-    device = bench.pick_device(args.device)
-    if device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device available", file=sys.stderr)
+    try:
+        device = pick_device(args.device).type
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     losses = [name.strip() for name in args.losses.split(",") if name.strip()]
     unknown = set(losses) - set(loss_names())

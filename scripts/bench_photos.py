@@ -43,7 +43,7 @@ ARCHIVE = REPO.parent / "shared/data/imagewoof-128-jpg.tar.gz"
 
 #: The cpu preset until 2026-12-04 (fp32, 8-bit optimizer state, the recipe's crops of 8–100 %)
 #: as overrides on today's: the variants measured on it (:data:`ON_THE_FIRST_PRESET`) run on it.
-FIRST_PRESET = ["train.precision=fp32", "optim.state_bits=8", "data.views.photo_large_scale=null"]
+FIRST_PRESET = ["train.precision=fp32", "optim.state_bits=8", "photos.data.views.large_scale=null"]
 
 #: name → (what it tests, the --set overrides on the cpu preset). ``random`` trains nothing.
 VARIANTS: dict[str, tuple[str, list[str]]] = {

@@ -108,20 +108,19 @@ def run_isolated(setting: Setting, steps: int, env: dict[str, str] | None = None
 def preset_settings(name: str, size: str):
     """(config, estimate, card GiB) of preset ``name`` for its card (0: the CPU, sized for the
     RAM), at 32 px (``size`` "small") or at its photo size."""
-    from lowres_ssl import fit, presets
-    from lowres_ssl.config import from_dict, validate
+    from lowres_ssl import plan, presets
+    from lowres_ssl.config import config_at_size
+    from lowres_ssl.device import ram_gib
+    from lowres_ssl.tasks import Pretraining
 
     _, values, meta = presets.load_preset(name)
     values.setdefault("data", {})["path"] = "cifar10"
-    cfg = validate(from_dict(values))
-    px = 32 if size == "small" else cfg.data.photo_size
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, load_size=px))
+    photo_size = ((values.get("photos") or {}).get("data") or {}).get("load_size", plan.PHOTO_SIZE)
+    cfg = config_at_size(values, 32 if size == "small" else photo_size)
     card = float(meta.get("vram_gib") or 0)
-    from lowres_ssl.device import ram_gib
-
-    target = fit.Target(torch.device("cuda" if card else "cpu"), card or ram_gib(), "", not card)
-    cfg, est, _ = fit.plan(cfg, target)
-    return cfg, est, card
+    machine = plan.Machine.card(card) if card else plan.Machine("cpu", ram_gib())
+    planned = plan.resolve(cfg, machine, defaults=Pretraining.defaults)
+    return planned.cfg, planned.estimate, card
 
 
 @dataclass
@@ -288,9 +287,10 @@ def add_cpu_sections(report: Report, steps: int, max_cases: int | None) -> None:
     report.add(
         "## The estimator against measured CPU peaks",
         "",
-        "Two real steps each (fp32, 32-bit LARS, SFRIK), each case in a fresh process: peak"
-        " RSS growth during the steps against the estimate without the weights (allocated "
-        "before). The CPU's heap and oneDNN overhead in the estimate is calibrated on these.",
+        "Two real steps each (fp32, 32-bit LARS, SFRIK; built by the pre-training task as a "
+        "run builds them), each case in a fresh process: peak RSS growth during the steps "
+        "against the estimate without the weights (allocated before). The CPU's heap and "
+        "oneDNN overhead in the estimate is calibrated on these.",
         "",
     )
     report.add(

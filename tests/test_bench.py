@@ -162,6 +162,49 @@ def test_the_mmap_threshold_is_set_on_glibc():
 
 
 # --------------------------------------------------------------------------------------------
+# One real training step, built by the pre-training task
+
+TINY_STEP = {"projector": "16-32", "view_size": 16, "load_size": 16, "batch_size": 4,
+             "mixed": False, "cuda": False, "state_bits": 32}  # fmt: skip
+
+
+def test_the_step_rig_trains_the_objective_of_its_setting():
+    from lowres_ssl.engine.steps import embedding_cache_step
+    from lowres_ssl.losses import SFRIKLoss, SimCLRLoss
+    from lowres_ssl.memory import Setting
+
+    simclr = bench.step_rig(Setting(loss="simclr", kernel_degree=None, **TINY_STEP))
+    assert isinstance(simclr.objective, SimCLRLoss)
+    sfrik = bench.step_rig(Setting(micro_batch_size=2, **TINY_STEP))
+    assert isinstance(sfrik.objective, SFRIKLoss)
+    assert sfrik.step.func is embedding_cache_step and sfrik.step.keywords["micro_batch_size"] == 2
+    weights = [p.detach().clone() for p in sfrik.model.parameters()]
+    assert sfrik.run() > 0
+    assert any(
+        not torch.equal(a, b) for a, b in zip(weights, sfrik.model.parameters(), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"loss": "simclr", "kernel_degree": None, "micro_batch_size": 2, "checkpointing": True},
+        {"small_views": 6, "positive_blocks": 14},
+        {"small_views": 2, "small_size": 12, "regularised_views": 4, "positive_blocks": 6},
+        {"loss": "sfrik", "kernel_degree": 2, "mmd_path": "moments", "optimizer": "adamw"},
+    ],
+)
+def test_the_rig_config_is_the_setting_read_backwards(changes):
+    from lowres_ssl.memory import Setting
+
+    # A config always has a small crops' side (half the view's by default), crops or none.
+    setting = Setting(**{**TINY_STEP, "small_size": 8, **changes})
+    again = Setting.from_config(bench.config_of(setting), cuda=False, mixed=False)
+    assert again == setting
+
+
+# --------------------------------------------------------------------------------------------
 # Reports
 
 

@@ -17,13 +17,13 @@ PACKAGE = ROOT / "lowres_ssl"
 #: building blocks because it validates names against their registries (loss, backbone,
 #: recipe, optimizer names); the blocks never import it.
 FLOORS = [
-    ["errors", "files", "durations", "run_layout"],
+    ["errors", "files", "durations", "run_layout", "small_images"],
     ["device", "losses", "models", "data", "augment", "optim"],
     ["config", "presets", "memory"],
-    ["weights", "eval", "fit", "plots", "predict"],
+    ["weights", "eval", "plan", "plots", "predict"],
     ["engine"],
     ["tasks", "bench", "explore"],
-    ["cli"],
+    ["cli", "cli_results"],
 ]
 MAX_FUNCTION_LINES = 80  # docstring excluded
 #: The run folder's file names, spelled only in lowres_ssl/run_layout.py.
@@ -43,19 +43,59 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imports_of(path: Path, known: set[str]) -> set[str]:
-    """The package's modules ``path`` imports, at its top or inside functions."""
+def imports_in(source: str, module: str, known: set[str], *, is_package: bool = False) -> set[str]:
+    """The package's modules ``source`` (the text of ``module``) imports, at its top or inside
+    functions; a relative import counts as the absolute module it names. ``is_package``: the
+    source is a package's ``__init__.py``, its own package for ``from .x import y``."""
+    package = module if is_package else module.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] != "lowres_ssl":
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            target = node.module or ""
+            if node.level:  # `.` is the importing module's package, each further dot its parent
+                parts = package.split(".")
+                target = ".".join([*parts[: len(parts) - node.level + 1], *filter(None, [target])])
+            if target.split(".")[0] != "lowres_ssl":
                 continue
             for alias in node.names:  # `from lowres_ssl.engine import steps` is the module
-                sub = f"{node.module}.{alias.name}"
-                found.add(sub if sub in known else node.module)
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in known else target)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "lowres_ssl")
     return found
+
+
+def imports_of(path: Path, known: set[str]) -> set[str]:
+    """The package's modules the file ``path`` imports (see :func:`imports_in`)."""
+    source = path.read_text(encoding="utf-8")
+    return imports_in(source, module_name(path), known, is_package=path.name == "__init__.py")
+
+
+def test_relative_imports_count_as_the_module_they_name():
+    known = {
+        "lowres_ssl.data", "lowres_ssl.data.sizes", "lowres_ssl.models",
+        "lowres_ssl.models.backbones", "lowres_ssl.models.library", "lowres_ssl.errors",
+    }  # fmt: skip
+    source = (
+        "from .library import LibraryBackbone\n"
+        "from . import library\n"
+        "from ..data.sizes import SMALL_MAX\n"
+        "from ..data import sizes\n"
+        "def f():\n"
+        "    from ..errors import UserError\n"
+        "from torch import nn\n"
+    )
+    assert imports_in(source, "lowres_ssl.models.backbones", known) == {
+        "lowres_ssl.models.library", "lowres_ssl.data.sizes", "lowres_ssl.errors",
+    }  # fmt: skip
+    # A package's __init__ is its own package: `.backbones` is its child, `..` its parent.
+    init = "from .backbones import build_backbone\nfrom .. import errors\n"
+    assert imports_in(init, "lowres_ssl.models", known, is_package=True) == {
+        "lowres_ssl.models.backbones", "lowres_ssl.errors",
+    }  # fmt: skip
+    assert imports_in(init, "lowres_ssl.models.projector", known) == {
+        "lowres_ssl.models.backbones", "lowres_ssl.errors",
+    }  # fmt: skip
 
 
 def floor_of(module: str) -> int:

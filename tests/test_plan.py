@@ -20,7 +20,7 @@ from lowres_ssl.plan import Machine
 from lowres_ssl.tasks import Pretraining
 
 
-def CARD(gib: float) -> Machine:  # noqa: N802 (reads as a machine's name)
+def CARD(gib: float) -> Machine:
     return Machine.card(gib)
 
 

@@ -1,7 +1,8 @@
 """Images in, uint8 batches on the device out: folders, decoding, bad files, caches, datasets."""
 
+from lowres_ssl.data.builtin import SIZES as DATASET_SIZES
 from lowres_ssl.data.builtin import SPLITS as DATASETS
-from lowres_ssl.data.builtin import load_builtin
+from lowres_ssl.data.builtin import dataset_size, dataset_spec, load_builtin
 from lowres_ssl.data.cache import (
     ArrayImages,
     build_disk_cache,
@@ -35,6 +36,7 @@ from lowres_ssl.data.loader import (
 __all__ = [
     "CACHE_CHOICES",
     "DATASETS",
+    "DATASET_SIZES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MIN_SIZE",
     "IMAGE_EXTENSIONS",
@@ -49,6 +51,8 @@ __all__ = [
     "SkipLog",
     "build_disk_cache",
     "cache_path",
+    "dataset_size",
+    "dataset_spec",
     "decode_image",
     "default_cache_dir",
     "default_num_workers",

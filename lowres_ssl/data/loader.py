@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lowres_ssl.data.builtin import SPLITS, load_builtin
+from lowres_ssl.data.builtin import dataset_spec, load_builtin
 from lowres_ssl.data.cache import ArrayImages, build_disk_cache, decoded_dir
 from lowres_ssl.data.folders import (
     DEFAULT_MAX_PIXELS,
@@ -329,7 +329,8 @@ def open_images(
     """The image set named by ``data``, decoded or cached as ``cache`` says.
 
     ``data`` is a folder (scanned recursively; with ``labeled`` an ImageFolder tree of class
-    subfolders) or a dataset name (cifar10, cifar100, stl10; ``split`` picks train/test/…).
+    subfolders) or a dataset name (digits, cifar10, cifar100, stl10; ``split`` picks
+    train/test/…, unless the name carries one: ``cifar10:test``).
     ``cache``: ``none`` decodes each epoch (a :class:`FolderImages`); ``disk`` decodes once
     into a reusable memory-mapped cache; ``gpu`` also moves the decoded set onto ``device``
     when it fits; ``auto`` is ``gpu`` where it fits, else ``disk``, else ``none`` (a cache
@@ -341,10 +342,10 @@ def open_images(
         raise UserError(f"data.load_size must be a positive number of pixels, got {load_size}")
     device = torch.device(device)
     spec = str(data)
-    if spec.lower() in SPLITS and not Path(spec).expanduser().exists():
+    if (named := dataset_spec(spec)) is not None:
         arr = load_builtin(
-            spec.lower(),
-            split=split,
+            named[0],
+            split=named[1] or split,
             load_size=load_size,
             root=_datasets_dir(cache_dir),
             download=download,
@@ -358,7 +359,7 @@ def open_images(
     nbytes = len(files) * 3 * load_size * load_size
     if cache == "auto":
         cache = "gpu" if device.type == "cuda" and _fits_on_device(nbytes, device) else "disk"
-        if cache == "disk" and not _room_on_disk(nbytes, cache_dir):
+        if cache == "disk" and not room_on_disk(nbytes, cache_dir):
             log.info("data: decoded cache would not fit on disk; decoding every epoch instead")
             cache = "none"
     if cache == "none":
@@ -384,7 +385,7 @@ def _datasets_dir(cache_dir: str | Path | None) -> Path | None:
     return None if cache_dir is None else Path(cache_dir) / "datasets"
 
 
-def _room_on_disk(nbytes: int, cache_dir: str | Path | None) -> bool:
+def room_on_disk(nbytes: int, cache_dir: str | Path | None) -> bool:
     probe = decoded_dir(cache_dir)
     while not probe.exists():
         probe = probe.parent

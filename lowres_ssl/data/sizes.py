@@ -19,12 +19,12 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowres_ssl.small_images import SMALL_MAX
+
 #: Files whose headers are read.
 SAMPLE = 64
-#: Up to this median shorter side, images are "small" and trained at their own size.
-SMALL_MAX = 64
 #: Known sizes of the datasets by name (their shorter side).
-DATASET_SIDES = {"cifar10": 32, "cifar100": 32, "stl10": 96}
+DATASET_SIDES = {"digits": 32, "cifar10": 32, "cifar100": 32, "stl10": 96}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 A task hands the engine an :class:`Evaluation` (pre-training: the online kNN monitor;
 fine-tuning: validation top-1 / top-5); the :class:`Evaluator` runs it when it is due and at
 the end of the run, records its metric in the progress (so a resumed run keeps comparing
-against the best), reports it, and has the task keep the best result's model.
+against the best), reports it, and has the task keep the best result's model. An evaluation
+that asks for it (``untrained``) also runs once before the first step: the baseline that the
+last evaluation's line and the summary show beside the result.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ class Evaluation:
     ``line(step, record)`` for the log; ``images``: how many images one evaluation forwards
     (a time budget estimates its cost from it); ``optional``: may be turned off to fit a
     time budget; ``keeps_best``: the best result's model is the run's result (the summary
-    names its value, step and epoch)."""
+    names its value, step and epoch); ``untrained``: also evaluate the model before its first
+    step (the baseline; its record's kind is ``<kind>_untrained``, at step 0)."""
 
     kind = "eval"
     key = "top1"
     optional = True
     keeps_best = False
+    untrained = False
     every_epochs = 1
     images = 0
 
@@ -65,6 +69,7 @@ class Evaluator(Part):
         self.evaluation = evaluation
         self.accelerator, self.model, self.reporter = accelerator, model, reporter
         self.on_best = on_best
+        self.untrained_value: float | None = None  # the baseline's metric, when there is one
 
     @property
     def every_epochs(self) -> int:
@@ -80,6 +85,26 @@ class Evaluator(Part):
     def after_epoch(self, state: State) -> None:
         if self.evaluation is not None and self.evaluation.due(state.progress.epoch):
             self.evaluate(state)
+
+    def before_training(self, state: State) -> None:
+        """The baseline, when the evaluation asks for one: a fresh run evaluates the model
+        before its first step (a record of kind ``<kind>_untrained`` at step 0); a resumed run
+        reads that record back from its metrics."""
+        e = self.evaluation
+        if e is None or not e.untrained:
+            return
+        kind = f"{e.kind}_untrained"
+        if state.progress.step > 0:
+            logged = self.reporter.metrics.last(kind)  # None on the other processes
+            self.untrained_value = None if logged is None else logged.get(e.key)
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with state.timed("evaluation"):
+            record = e.run(unwrapped)
+        self.untrained_value = record[e.key]
+        self.reporter.evaluation(state, kind, record, self.untrained_value, show=False)
+        if self.accelerator.is_main_process:
+            log.info("%s (untrained)", e.line(state.progress.step, record))
 
     def final_due(self, state: State) -> bool:
         """Whether the end of the run still needs an evaluation of its last step."""
@@ -100,7 +125,10 @@ class Evaluator(Part):
             if main:
                 self.on_best(unwrapped, {**record, "step": p.step})
         if main:
-            log.info(e.line(p.step, record))
+            base = self.untrained_value
+            log.info(
+                e.line(p.step, record if base is None else {**record, f"untrained_{e.key}": base})
+            )
 
     def cost_s(self, state: State, views) -> float:
         """The estimated seconds of one evaluation: its images at the measured seconds per
@@ -123,13 +151,14 @@ class Evaluator(Part):
         return self.evaluation.images * per_image * EVAL_OVERHEAD
 
     def summary(self, state: State, metric: str) -> dict[str, Any]:
-        """The last result under ``metric`` (the task's name for it) and, for an evaluation
-        that keeps the best, the best result's value, step and epoch."""
+        """The last result under ``metric`` (the task's name for it), the baseline's under
+        ``untrained_<metric>`` and, for an evaluation that keeps the best, the best result's
+        value, step and epoch."""
         p = state.progress
-        if p.eval_value is None:
-            return {}
-        out: dict[str, Any] = {metric: p.eval_value}
-        if self.evaluation is not None and self.evaluation.keeps_best:
+        out: dict[str, Any] = {} if p.eval_value is None else {metric: p.eval_value}
+        if self.untrained_value is not None:
+            out[f"untrained_{metric}"] = self.untrained_value
+        if p.eval_value is not None and self.evaluation is not None and self.evaluation.keeps_best:
             out.update(
                 {f"best_{metric}": p.best_value, "best_step": p.best_step,
                  "best_epoch": p.best_epoch}

@@ -1,7 +1,8 @@
 """What a run tells: ``metrics.jsonl`` (and TensorBoard), the progress bar or log lines.
 
 ``metrics.jsonl`` has one JSON object per logged step, per epoch and per evaluation, each with
-``kind`` ("step", "epoch", or the evaluation's kind: "knn", "val") and ``step``. On resume,
+``kind`` ("step", "epoch", or the evaluation's kind: "knn", "val"; "knn_untrained" for the
+baseline before the first step) and ``step``. On resume,
 lines after the checkpoint's step are dropped first, so the file reads as one uninterrupted
 run. A terminal gets a progress bar; a log file or a job scheduler gets a line every
 ``log_every`` steps instead.
@@ -65,6 +66,20 @@ class MetricsLog:
             except json.JSONDecodeError:  # a line cut short when the run was killed
                 continue
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def last(self, kind: str) -> dict[str, Any] | None:
+        """The last record of ``kind`` in the file (None: none, or not the main process)."""
+        if not (self.enabled and self.path.exists()):
+            return None
+        found = None
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short when the run was killed
+                continue
+            if record.get("kind") == kind:
+                found = record
+        return found
 
     def write(self, kind: str, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -157,10 +172,15 @@ class Reporter(Part):
         if self.main and len(skips):
             log.info("epoch %d: %s", p.epoch, skips.summary())
 
-    def evaluation(self, state: State, kind: str, record: dict[str, Any], value: float) -> None:
-        """An evaluation's record (``kind``: "knn", "val"; ``value``: its metric)."""
+    def evaluation(
+        self, state: State, kind: str, record: dict[str, Any], value: float, *, show: bool = True
+    ) -> None:
+        """An evaluation's record (``kind``: "knn", "val"; ``value``: its metric, on the
+        progress bar and the step lines with ``show``)."""
         p = state.progress
         self.metrics.write(kind, p.step, {"epoch": p.epoch, **record})
+        if not show:
+            return
         self.shown_eval[kind] = f"{value:.3f}"
         self.bar.set_postfix({**self.shown, **self.shown_eval}, refresh=False)
 

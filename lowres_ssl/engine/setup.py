@@ -140,7 +140,7 @@ def build(
     if autofit and accelerator.device.type != "cuda":
         log.info("--autofit sizes the micro-batch for a CUDA card; nothing to fit on the CPU")
     elif autofit:
-        cfg = fit_micro_batch(cfg, accelerator, task, model, optimizer, objective, augment)
+        cfg = autofit_micro_batch(cfg, accelerator, task, model, optimizer, objective, augment)
     steps_per_epoch = len(data["loader"])
     total = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
@@ -187,7 +187,7 @@ def _data(cfg: Config, accelerator: Accelerator, task: Task, progress_bar: bool)
     return {"images": images, "loader": loader, "skip_log": skip_log}
 
 
-def fit_micro_batch(
+def autofit_micro_batch(
     cfg: Config, accelerator, task: Task, model, optimizer, objective, augment
 ) -> Config:
     """``--autofit``: ``cfg`` with the micro-batch that real steps of the task on its own probe
@@ -218,4 +218,4 @@ def _create_folder(run_dir: Path, cfg: Config, accelerator, task: Task, resuming
     accelerator.wait_for_everyone()
 
 
-__all__ = ["LearningRate", "Run", "build", "fit_micro_batch", "plan_run", "precision_in_use"]
+__all__ = ["LearningRate", "Run", "autofit_micro_batch", "build", "plan_run", "precision_in_use"]

@@ -42,13 +42,16 @@ class Task:
         ``--set``) over it (:func:`lowres_ssl.config.layer`), validated. Not resolved: see
         :func:`lowres_ssl.plan.resolve`. ``resuming``: the run folder's run goes on (what a
         new run needs, e.g. weights to start from, it has)."""
-        return validate(from_dict(self.layered(layers, preset)))
-
-    def layered(self, layers: list[dict[str, Any]], preset: dict[str, Any] | None) -> dict:
-        """The values of :meth:`request`, not yet read into a config."""
         values = self.from_preset(preset) if preset is not None else {}
         for over in layers:
             values = layer(values, over)
+        if not resuming:
+            values = self.new_run(values, layers)
+        return validate(from_dict(values))
+
+    def new_run(self, values: dict[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+        """What a new run of the task adds to the layered ``values`` (e.g. what its starting
+        weights say), or a one-line error for what it lacks; ``layers``: what the user gave."""
         return values
 
     def from_preset(self, preset: dict[str, Any]) -> dict[str, Any]:

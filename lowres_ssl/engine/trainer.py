@@ -82,9 +82,7 @@ def train(
     planned = setup.plan_run(cfg, task, run_dir, resume=resume)
     if problem := planned.hardware_problem():
         raise UserError(problem)
-    accelerator = Accelerator(
-        mixed_precision=planned.mixed_precision, cpu=not planned.machine.cuda
-    )
+    accelerator = Accelerator(mixed_precision=planned.mixed_precision, cpu=not planned.machine.cuda)
     if accelerator.num_processes != planned.machine.processes:  # a launcher without WORLD_SIZE
         machine = planned.machine.with_processes(accelerator.num_processes)
         planned = setup.plan_run(cfg, task, run_dir, resume=resume, machine=machine)

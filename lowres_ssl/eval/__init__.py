@@ -4,7 +4,7 @@
 >>> evaluate("knn", checkpoint="runs/first", train="cifar10", test="cifar10:test")["knn_top1"]
 """
 
-from lowres_ssl.eval.evaluate import evaluate, summary_line
+from lowres_ssl.eval.evaluate import evaluate, evaluation_line
 from lowres_ssl.eval.features import (
     Features,
     LabeledSet,
@@ -27,11 +27,11 @@ __all__ = [
     "cached_features",
     "eval_sets",
     "evaluate",
+    "evaluation_line",
     "extract",
     "knn_evaluate",
     "knn_scores",
     "linear_probe",
     "open_labeled",
-    "summary_line",
     "topk_correct",
 ]

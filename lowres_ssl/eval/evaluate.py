@@ -8,7 +8,6 @@ dict that the front end prints as JSON and writes to the run folder.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowres_ssl.config import from_dict
-from lowres_ssl.device import cuda_mixed_precision
+from lowres_ssl.config import PRECISIONS, from_dict
 from lowres_ssl.errors import UserError
+from lowres_ssl.eval.context import InferenceContext
 from lowres_ssl.eval.features import (
     Features,
     LabeledSet,
@@ -34,11 +33,11 @@ from lowres_ssl.eval.monitor import default_sets
 from lowres_ssl.models import (
     BACKBONES,
     CIFAR_STEM_MAX_SIZE,
-    ResNetBackbone,
     build_backbone,
     check_backbone_name,
     is_library_name,
 )
+from lowres_ssl.models.protocol import Backbone
 from lowres_ssl.weights import (
     BackboneSpec,
     Weights,
@@ -51,32 +50,6 @@ from lowres_ssl.weights import (
 log = logging.getLogger("lowres_ssl")
 
 PROTOCOLS = ("knn", "linear")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA GPU is available; use --device cpu")
-    return device
-
-
-def eval_precision(setting: str, device: torch.device, config: dict | None) -> str:
-    """fp32, bf16 or fp16 for the features. ``auto``: the training precision on a GPU (its
-    ``auto`` is bf16 from compute capability 8.0, else fp16), fp32 on the CPU."""
-    if setting == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        trained = ((config or {}).get("train") or {}).get("precision", "auto")
-        if trained in ("fp32", "bf16", "fp16"):
-            return trained
-        return cuda_mixed_precision(device)
-    if setting == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU; on the CPU use fp32 or bf16")
-    return setting
 
 
 def run_sets(config: dict | None) -> tuple[str | None, str | None]:
@@ -94,7 +67,7 @@ def run_sets(config: dict | None) -> tuple[str | None, str | None]:
 class _Target:
     """What is evaluated: a backbone at an image size, on a train and a test set."""
 
-    net: ResNetBackbone
+    net: Backbone
     spec: BackboneSpec
     weights: Weights | None  # None for a random init without a checkpoint
     checkpoint: str | Path | None
@@ -102,25 +75,6 @@ class _Target:
     size: int
     train: str
     test: str
-
-
-@dataclass(frozen=True)
-class Extraction:
-    """How the features are computed and where they are cached."""
-
-    device: torch.device
-    precision: str  # fp32, bf16 or fp16, as resolved by :func:`eval_precision`
-    batch_size: int
-    cache_dir: str | Path | None
-    use_cache: bool
-    num_workers: int | None
-    progress: bool
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The context of each forward pass."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
 
 def evaluate(
@@ -147,27 +101,27 @@ def evaluate(
     start = time.perf_counter()
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    dev = resolve_device(device)
     target = _resolve_target(checkpoint, random_init, backbone, size, seed, train, test)
-    extraction = Extraction(
-        device=dev,
-        precision=eval_precision(precision, dev, target.spec.config),
+    context = InferenceContext.choose(
+        device,
+        precision,
+        target.spec.config,
         batch_size=batch_size,
         cache_dir=cache_dir,
         use_cache=feature_cache,
         num_workers=num_workers,
         progress=progress,
     )
-    opened = _open_sets(target, extraction)
-    train_feats, test_feats = _extract_features(target.net, opened, extraction)
+    opened = _open_sets(target, context)
+    train_feats, test_feats = _extract_features(target.net, opened, context)
     test_labels = align_classes(
         train_feats.classes, test_feats.classes, test_feats.labels, target.test
     )
     if protocol == "knn":
-        record = _knn_record(train_feats, test_feats, test_labels, k, temperature, dev)
+        record = _knn_record(train_feats, test_feats, test_labels, k, temperature, context.device)
     else:
-        record = _linear_record(train_feats, test_feats, test_labels, dev)
-    record.update(_provenance(target, extraction, train_feats, test_feats, start))
+        record = _linear_record(train_feats, test_feats, test_labels, context.device)
+    record.update(_provenance(target, context, train_feats, test_feats, start))
     return record
 
 
@@ -207,7 +161,7 @@ def backbone_to_evaluate(
     backbone: str | None,
     size: int | None,
     seed: int,
-) -> tuple[ResNetBackbone, BackboneSpec, Weights | None]:
+) -> tuple[Backbone, BackboneSpec, Weights | None]:
     """The network, its spec and, with a checkpoint, the weights it was read from."""
     if checkpoint is not None:
         net, weights = load_backbone(checkpoint)
@@ -235,17 +189,17 @@ def backbone_to_evaluate(
     )
 
 
-def _open_sets(target: _Target, extraction: Extraction) -> dict[str, LabeledSet]:
+def _open_sets(target: _Target, context: InferenceContext) -> dict[str, LabeledSet]:
     """The train and test sets, by role, at the evaluation size."""
     opened = {
         role: open_labeled(
             spec_text,
             size=target.size,
             default_split=role,
-            cache_dir=extraction.cache_dir,
+            cache_dir=context.cache_dir,
             device="cpu",
-            num_workers=extraction.num_workers,
-            progress=extraction.progress,
+            num_workers=context.num_workers,
+            progress=context.progress,
         )
         for role, spec_text in (("train", target.train), ("test", target.test))
     }
@@ -256,46 +210,40 @@ def _open_sets(target: _Target, extraction: Extraction) -> dict[str, LabeledSet]
 
 
 def _extract_features(
-    net: ResNetBackbone, opened: dict[str, LabeledSet], extraction: Extraction
+    net: Backbone, opened: dict[str, LabeledSet], context: InferenceContext
 ) -> tuple[Features, Features]:
     """The train and test features, from the feature cache where it has them."""
-    net, sha = on_device(net, extraction)
-    train, test = (features_of(net, sha, opened[r], extraction, r) for r in ("train", "test"))
+    net = context.prepare(net)
+    sha = state_sha256(net.state_dict())  # the feature cache's key
+    train, test = (features_of(net, sha, opened[r], context, r) for r in ("train", "test"))
     return train, test
 
 
-def on_device(net: ResNetBackbone, extraction: Extraction) -> tuple[ResNetBackbone, str]:
-    """The backbone on the extraction's device and the hash of its weights (the feature
-    cache's key)."""
-    # channels_last: faster convolutions on GPUs and on the CPU (measured: 1.2x on 2 cores).
-    net = net.to(extraction.device, memory_format=torch.channels_last)
-    return net, state_sha256(net.state_dict())
-
-
 def features_of(
-    net: ResNetBackbone,
+    net: Backbone,
     sha: str,
     labeled: LabeledSet,
-    extraction: Extraction,
+    context: InferenceContext,
     role: str,
     flag: str | None = None,
 ) -> Features:
-    """The features of one set (``role`` names it in the log line, ``flag`` in the error;
-    default ``--<role>``), from the feature cache where it has them; a set without one usable
-    image is a one-line error."""
+    """The features of one set by ``net`` (prepared by ``context``; ``sha``: the hash of its
+    weights), from the feature cache where it has them (``role`` names the set in the log
+    line, ``flag`` in the error; default ``--<role>``); a set without one usable image is a
+    one-line error."""
     f = cached_features(
         net,
         labeled,
         weights_sha256=sha,
-        precision=extraction.precision,
-        device=extraction.device,
-        cache_dir=extraction.cache_dir,
-        use_cache=extraction.use_cache,
-        batch_size=extraction.batch_size,
-        autocast=extraction.autocast,
-        channels_last=True,
-        num_workers=extraction.num_workers,
-        progress=extraction.progress,
+        precision=context.precision,
+        device=context.device,
+        cache_dir=context.cache_dir,
+        use_cache=context.use_cache,
+        batch_size=context.batch_size,
+        autocast=context.autocast,
+        channels_last=context.channels_last,
+        num_workers=context.num_workers,
+        progress=context.progress,
     )
     how = "from the feature cache" if f.from_cache else f"extracted in {f.seconds:.1f} s"
     log.info("%s %s: %s images, %s; %s", role, labeled.name, f"{len(f.labels):,}",
@@ -355,7 +303,7 @@ def _linear_record(
 
 def _provenance(
     target: _Target,
-    extraction: Extraction,
+    context: InferenceContext,
     train_feats: Features,
     test_feats: Features,
     start: float,
@@ -370,8 +318,8 @@ def _provenance(
         "backbone": target.spec.backbone,
         "stem": target.spec.stem,
         "image_size": target.size,
-        "precision": extraction.precision,
-        "device": str(extraction.device),
+        "precision": context.precision,
+        "device": str(context.device),
         "train": target.train,
         "test": target.test,
         "skipped_train": len(train_feats.skipped),
@@ -382,7 +330,7 @@ def _provenance(
     }
 
 
-def summary_line(protocol: str, r: dict[str, Any]) -> str:
+def evaluation_line(protocol: str, r: dict[str, Any]) -> str:
     """The line for people, e.g. ``kNN top-1 0.812 (k=200), top-5 0.987; …``."""
     what = f"{r['backbone']} at random init" if r["random_init"] else r["checkpoint"]
     images = f"{r['n_train']:,} train / {r['n_test']:,} test images"
@@ -405,13 +353,9 @@ def summary_line(protocol: str, r: dict[str, Any]) -> str:
 __all__ = [
     "PRECISIONS",
     "PROTOCOLS",
-    "Extraction",
     "backbone_to_evaluate",
-    "eval_precision",
     "evaluate",
+    "evaluation_line",
     "features_of",
-    "on_device",
-    "resolve_device",
     "run_sets",
-    "summary_line",
 ]

@@ -92,16 +92,18 @@ def linear_probe(
     if max_iter < 1:
         raise UserError(f"max_iter must be ≥ 1, got {max_iter}")
     device = torch.device(device) if device is not None else train_features.device
-    train_labels = train_labels.to(device=device, dtype=torch.long)
-    test_labels = test_labels.to(device=device, dtype=torch.long)
-    num_classes = _check_num_classes(num_classes, train_labels, test_labels)
 
     # A caller in inference mode or under autocast (an eval inside the training loop) still
-    # gets a float32 fit with gradients.
+    # gets a float32 fit with gradients; inputs made in inference mode (extracted features)
+    # are copied out of it, since autograd cannot save them for backward.
     with torch.inference_mode(False), torch.enable_grad(), exact_fp32(device):
+        train_labels, test_labels = (
+            _trainable(y.to(device=device, dtype=torch.long)) for y in (train_labels, test_labels)
+        )
+        num_classes = _check_num_classes(num_classes, train_labels, test_labels)
         train_x, test_x = _standardise(
-            train_features.to(device=device, dtype=torch.float32),
-            test_features.to(device=device, dtype=torch.float32),
+            _trainable(train_features.to(device=device, dtype=torch.float32)),
+            _trainable(test_features.to(device=device, dtype=torch.float32)),
         )
         choice = _choose_weight_decay(
             train_x,
@@ -146,6 +148,12 @@ def _row_counts(
             "extract features for both splits"
         )
     return n_train, n_test
+
+
+def _trainable(t: Tensor) -> Tensor:
+    """``t``, or where it was made in inference mode a copy made outside it (call it outside
+    inference mode): autograd cannot save an inference tensor for backward."""
+    return t.clone() if t.is_inference() else t
 
 
 def _standardise(train_x: Tensor, test_x: Tensor) -> tuple[Tensor, Tensor]:

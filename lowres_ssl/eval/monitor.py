@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lowres_ssl.config import Config
-from lowres_ssl.data import DATASETS
+from lowres_ssl.data import dataset_spec
 from lowres_ssl.eval.features import (
     LabeledSet,
     align_classes,
@@ -38,10 +37,9 @@ def default_sets(cfg: Config) -> tuple[str | None, str | None]:
     unlabeled images are another split) and its test split; for a folder, the folder itself
     read as labeled (``root/<class>/…``), and no test set."""
     e, d = cfg.eval, cfg.data
-    name = d.path.lower()
-    builtin = name in DATASETS and not Path(d.path).expanduser().exists()
-    train = e.train or (f"{name}:train" if builtin else d.path)
-    return train, e.test or (f"{name}:test" if builtin else None)
+    named = dataset_spec(d.path)
+    train = e.train or (f"{named[0]}:train" if named else d.path)
+    return train, e.test or (f"{named[0]}:test" if named else None)
 
 
 def eval_sets(cfg: Config) -> tuple[str, str] | None:

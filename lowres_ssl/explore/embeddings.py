@@ -19,7 +19,8 @@ from torch import Tensor
 from lowres_ssl.data import SkipLog
 from lowres_ssl.data.folders import IMAGE_EXTENSIONS, BadImage, decode_image
 from lowres_ssl.errors import UserError
-from lowres_ssl.eval.evaluate import Extraction, features_of
+from lowres_ssl.eval.context import InferenceContext
+from lowres_ssl.eval.evaluate import features_of
 from lowres_ssl.eval.features import LabeledSet, open_set, to_input
 from lowres_ssl.files import write_text_atomic
 from lowres_ssl.predict import write_npy
@@ -79,7 +80,7 @@ def embed_folder(
     *,
     size: int,
     labels: str,
-    extraction: Extraction,
+    context: InferenceContext,
     cache: str = "disk",
 ) -> Embedded:
     """The features of every usable image under ``folder`` (recursive); ``labels``: auto
@@ -94,12 +95,12 @@ def embed_folder(
         size=size,
         labeled=labeled,
         cache=cache,
-        cache_dir=extraction.cache_dir,
+        cache_dir=context.cache_dir,
         device="cpu",
-        num_workers=extraction.num_workers,
-        progress=extraction.progress,
+        num_workers=context.num_workers,
+        progress=context.progress,
     )
-    f = features_of(net, sha, opened, extraction, "images", flag="the folder")
+    f = features_of(net, sha, opened, context, "images", flag="the folder")
     rows = f.rows if f.rows is not None else torch.arange(len(f.labels))
     listed = opened.paths()
     if listed is None:  # not reachable for a folder; a guard for the type checker
@@ -119,7 +120,7 @@ def embed_folder(
 
 
 def embed_image(
-    net: torch.nn.Module, path: str | Path, *, size: int, extraction: Extraction
+    net: torch.nn.Module, path: str | Path, *, size: int, context: InferenceContext
 ) -> Tensor:
     """The features (d,) of one image file outside the folder (a ``--query``), decoded as the
     folder's images are."""
@@ -127,8 +128,8 @@ def embed_image(
         pixels = decode_image(Path(path).expanduser(), size)
     except (BadImage, OSError) as err:
         raise UserError(f"--query {path}: cannot use this image ({err})") from None
-    x = to_input(pixels[None].to(extraction.device), channels_last=True)
-    with torch.no_grad(), extraction.autocast():
+    x = to_input(pixels[None].to(context.device), context.channels_last)
+    with torch.no_grad(), context.autocast():
         return net(x).float().cpu()[0]
 
 

@@ -1,5 +1,6 @@
 """Models: backbones (ResNets for small images; timm and torchvision models), the projector
-MLP, and the two joined.
+MLP, and the two joined; :mod:`~lowres_ssl.models.batchnorm` keeps BatchNorm's running
+statistics out of checkpointing's recomputation and thrown-away steps.
 
 >>> from lowres_ssl.models import build_model
 >>> model = build_model("resnet18", "2048-2048-8192", image_size=32)
@@ -12,18 +13,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .backbones import (
+from lowres_ssl.models.backbones import (
     BACKBONES,
     CIFAR_STEM_MAX_SIZE,
-    BatchNormStatistics,
     ResNetBackbone,
     build_backbone,
     check_backbone_name,
+)
+from lowres_ssl.models.batchnorm import (
+    BatchNormStatistics,
     frozen_bn_statistics,
     normalises_batches,
 )
-from .library import LibraryBackbone, is_library_name
-from .projector import build_projector, parse_projector_spec, projector_out_dim
+from lowres_ssl.models.library import LibraryBackbone, is_library_name
+from lowres_ssl.models.projector import build_projector, parse_projector_spec, projector_out_dim
 
 
 class SSLModel(nn.Module):

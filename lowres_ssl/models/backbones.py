@@ -10,17 +10,18 @@ state dict is torchvision's without the ``fc.*`` keys.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 from torchvision import models as tv_models
 
-from ..errors import UserError
+from lowres_ssl.errors import UserError
+from lowres_ssl.models.batchnorm import recompute_contexts
+from lowres_ssl.models.library import LIBRARIES, LibraryBackbone, check_name, is_library_name
+from lowres_ssl.small_images import SMALL_MAX
 
 #: Backbone name → feature width (the length of the pooled feature vector).
 BACKBONES: dict[str, int] = {
@@ -29,8 +30,9 @@ BACKBONES: dict[str, int] = {
     "resnet50": 2048,
 }
 
-#: Images at most this many pixels on a side get the CIFAR stem (3x3 conv, no max-pool).
-CIFAR_STEM_MAX_SIZE = 64
+#: Images at most this many pixels on a side get the CIFAR stem (3x3 conv, no max-pool): the
+#: small-image boundary of :mod:`lowres_ssl.small_images`, under the name the stem goes by.
+CIFAR_STEM_MAX_SIZE = SMALL_MAX
 
 _BUILDERS: dict[str, Callable[..., tv_models.ResNet]] = {
     "resnet18": tv_models.resnet18,
@@ -41,82 +43,14 @@ _BUILDERS: dict[str, Callable[..., tv_models.ResNet]] = {
 _STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-@contextlib.contextmanager
-def frozen_bn_statistics(module: nn.Module) -> Iterator[None]:
-    """Run ``module``'s BatchNorms in train mode without touching their running statistics.
-
-    Sets every BatchNorm's ``momentum`` to 0.0, so the update r ← (1 − m)·r + m·batch_stat
-    leaves r exactly as it was (this also covers ``momentum=None``: the cumulative average is
-    only chosen when momentum is None), and puts back ``num_batches_tracked``, which BatchNorm
-    increments regardless of the momentum. Both are restored on exit, also on an exception
-    (non-reentrant checkpoint stops a recomputation early by raising one).
-    """
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    counts = [
-        None if m.num_batches_tracked is None else m.num_batches_tracked.clone() for m in norms
-    ]
-    try:
-        for m in norms:
-            m.momentum = 0.0
-        yield
-    finally:
-        for m, momentum, count in zip(norms, momenta, counts, strict=True):
-            m.momentum = momentum
-            if count is not None:
-                m.num_batches_tracked.copy_(count)
-
-
-class BatchNormStatistics:
-    """A copy of the running statistics of ``module``'s BatchNorms, taken when made, to put
-    back with :meth:`restore`: a training step that is thrown away (a non-finite loss, an
-    update the fp16 loss scaler skipped) has already folded its batch into them in its
-    forward pass, and a NaN there would stay in every later evaluation."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.norms = [
-            m for m in module.modules() if isinstance(m, _BatchNorm) and m.track_running_stats
-        ]
-        self.saved = [[b.clone() for b in self._statistics(m)] for m in self.norms]
-
-    @staticmethod
-    def _statistics(m: _BatchNorm) -> tuple[Tensor, Tensor, Tensor]:
-        return m.running_mean, m.running_var, m.num_batches_tracked  # type: ignore[return-value]
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for m, saved in zip(self.norms, self.saved, strict=True):
-            for live, kept in zip(self._statistics(m), saved, strict=True):
-                live.copy_(kept)
-
-
-def normalises_batches(module: nn.Module) -> bool:
-    """Whether a BatchNorm of ``module`` is in training mode: one image per batch is then an
-    error (``BatchNorm1d`` has one value per channel), so micro-batches start at two."""
-    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
-
-
-def _recompute_contexts(
-    module: nn.Module,
-) -> tuple[contextlib.AbstractContextManager[None], contextlib.AbstractContextManager[None]]:
-    """``context_fn`` for checkpoint: a plain forward, and a recompute that freezes BN stats.
-
-    The recomputation in backward runs the stage's BatchNorms in train mode a second time on
-    the same input; without this they would fold the same batch statistics into the running
-    averages twice. The recomputed outputs are unchanged (train-mode BN normalises with the
-    batch statistics, not the running ones).
-    """
-    return contextlib.nullcontext(), frozen_bn_statistics(module)
-
-
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet without its classifier: images (B, 3, H, W) → features (B, out_dim).
 
     Args:
         name: one of :data:`BACKBONES`.
-        image_size: the training image side in pixels; ``<= 64`` selects the CIFAR stem
-            (3x3 stride-1 ``conv1``, no max-pool), larger sizes keep the ImageNet stem
-            (7x7 stride-2 ``conv1`` + 3x3 stride-2 max-pool).
+        image_size: the training image side in pixels; up to :data:`CIFAR_STEM_MAX_SIZE` px
+            selects the CIFAR stem (3x3 stride-1 ``conv1``, no max-pool), larger sizes keep
+            the ImageNet stem (7x7 stride-2 ``conv1`` + 3x3 stride-2 max-pool).
         grad_checkpointing: recompute each stage (``layer1`` … ``layer4``) in backward instead
             of keeping its activations; only in train mode with grad enabled. Running BN
             statistics and gradients are the same as without it.
@@ -190,7 +124,7 @@ class ResNetBackbone(nn.Module):
                     stage,
                     x,
                     use_reentrant=False,
-                    context_fn=functools.partial(_recompute_contexts, stage),
+                    context_fn=functools.partial(recompute_contexts, stage),
                 )
             else:
                 x = stage(x)
@@ -227,8 +161,6 @@ def build_backbone(
     Maps (B, 3, H, W) → (B, out_dim); every backbone has ``name``, ``out_dim``,
     ``cifar_stem``, a switchable ``grad_checkpointing``, ``stages()`` and ``library_state()``.
     """
-    from .library import LibraryBackbone, is_library_name
-
     if is_library_name(name):
         return LibraryBackbone(
             name, image_size=image_size, grad_checkpointing=grad_checkpointing,
@@ -245,8 +177,6 @@ def build_backbone(
 
 def check_backbone_name(name: str) -> None:
     """A one-line error when ``name`` is no backbone (builds nothing)."""
-    from .library import LIBRARIES, check_name, is_library_name
-
     if is_library_name(name):
         check_name(name)
     elif name not in BACKBONES:

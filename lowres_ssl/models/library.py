@@ -28,7 +28,6 @@ needs is added around the model, not into it:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import inspect
@@ -37,16 +36,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import UserError
-from .backbones import frozen_bn_statistics
+from lowres_ssl.errors import UserError
+from lowres_ssl.models.batchnorm import has_batchnorm, recompute_contexts
+from lowres_ssl.small_images import SMALL_MAX
 
 LIBRARIES = ("timm", "torchvision")
-
-#: Up to this view size a ResNet-like library model gets a stride-1 stem without max-pool.
-SMALL_STEM_MAX_SIZE = 64
 
 #: The fewest patches per side a ViT keeps at its view size (else its patch shrinks).
 MIN_VIT_GRID = 6
@@ -111,10 +107,6 @@ def check_name(name: str) -> None:
             )
 
 
-def has_batchnorm(module: nn.Module) -> bool:
-    return any(isinstance(m, _BatchNorm) for m in module.modules())
-
-
 def find_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
     """The units gradient checkpointing recomputes one at a time: the children of a model's
     stage container (timm's ``stages``/``blocks``, torchvision's ``features``, …) or its
@@ -132,10 +124,6 @@ def find_stages(net: nn.Module) -> list[tuple[str, nn.Module]]:
     return []
 
 
-def _freeze_bn_statistics(stage: nn.Module):
-    return contextlib.nullcontext(), frozen_bn_statistics(stage)
-
-
 class _CheckpointedForward:
     """A stage's ``forward``, recomputed in backward while its owner asks for it (only in
     train mode with grad enabled); the recomputation leaves BatchNorm statistics alone. Set
@@ -150,7 +138,7 @@ class _CheckpointedForward:
             return plain(*args, **kwargs)
         return checkpoint(
             plain, *args, use_reentrant=False,
-            context_fn=functools.partial(_freeze_bn_statistics, stage), **kwargs,
+            context_fn=functools.partial(recompute_contexts, stage), **kwargs,
         )  # fmt: skip
 
 
@@ -261,7 +249,7 @@ class LibraryBackbone(nn.Module):
         else:
             self.kwargs = dict(kwargs or {})
             net, self.head = _torchvision_model(model, self.kwargs)
-        small = image_size <= SMALL_STEM_MAX_SIZE if cifar_stem is None else bool(cifar_stem)
+        small = image_size <= SMALL_MAX if cifar_stem is None else bool(cifar_stem)
         self.cifar_stem: bool = small and _small_stem(net)
         self.net = net
         self.register_state_dict_post_hook(_library_keys)
@@ -292,7 +280,7 @@ class LibraryBackbone(nn.Module):
                     f"model.backbone {name}: {image_size}-px views leave a {side}x{side} "
                     f"feature map (it divides the side by {reduction:.0f}); use views of at "
                     f"least {self.min_image_size} px, or a ResNet-like model, which gets a "
-                    f"stride-1 stem up to {SMALL_STEM_MAX_SIZE} px"
+                    f"stride-1 stem up to {SMALL_MAX} px"
                 )
 
     @property
@@ -385,7 +373,6 @@ __all__ = [
     "LibraryBackbone",
     "check_name",
     "find_stages",
-    "has_batchnorm",
     "is_library_name",
     "split_name",
 ]

@@ -13,14 +13,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lowres_ssl.augment import build_augment
-from lowres_ssl.config import Config, to_dict
-from lowres_ssl.data import DATASETS, ArrayImages, Batch, FolderImages
+from lowres_ssl.config import Config, layer, to_dict
+from lowres_ssl.data import ArrayImages, Batch, FolderImages, dataset_spec
 from lowres_ssl.engine.evaluating import Evaluation
 from lowres_ssl.engine.steps import LabeledViews, supervised_step
 from lowres_ssl.engine.task import Task, random_batch
@@ -102,12 +102,62 @@ class ValidationEvaluation(Evaluation):
         )
 
 
+#: What fine-tuning takes from a preset: the card's settings, not pre-training's recipe.
+PRESET_KEYS = {
+    "data": ("cache", "cache_dir", "num_workers", "min_size", "max_pixels"),
+    "model": ("backbone", "grad_checkpointing", "channels_last"),
+    "train": ("precision", "micro_batch_size", "seed"),
+    "optim": ("state_bits",),
+}
+
+
 class FineTuning(Task):
     """Supervised fine-tuning: the pre-trained backbone and a new linear head, cross-entropy
     on one augmented view, backbone and head at their own learning rates."""
 
     name = "fine-tuning"
     metric = "val_top1"
+    #: Fine-tuning's values where a config says None (the SFRIK paper's semi-supervised
+    #: protocol: SGD with momentum, no weight decay, no warm-up, cosine to 0, 20 epochs).
+    defaults: ClassVar[dict[str, Any]] = {
+        "optim": {"name": "sgd", "weight_decay": 0.0, "warmup_epochs": 0.0,
+                  "final_lr_ratio": 0.0},
+        "train": {"epochs": 20, "checkpoint_every": 1000},
+        "data": {"recipe": "supervised"},
+        "eval": {"every_epochs": 0},  # the kNN monitor is pre-training's; validation replaces it
+    }  # fmt: skip
+
+    def from_preset(self, preset: dict[str, Any]) -> dict[str, Any]:
+        """A preset's card settings (:data:`PRESET_KEYS`) and its photos' view side."""
+        values: dict[str, Any] = {
+            section: {k: preset[section][k] for k in keys if k in preset.get(section, {})}
+            for section, keys in PRESET_KEYS.items()
+        }
+        photo_size = ((preset.get("photos") or {}).get("data") or {}).get("load_size")
+        if photo_size is not None:
+            values["photos"] = {"data": {"load_size": photo_size}}
+        return values
+
+    def new_run(self, values: dict[str, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+        """A new fine-tuning run needs the pre-trained weights (or ``random_init``) and a
+        labeled folder, and takes the backbone and the image size of the weights (read here,
+        once, for the run)."""
+        f = values.get("finetune") or {}
+        if f.get("checkpoint"):
+            weights = load_weights(f["checkpoint"], "--checkpoint")
+            of_weights: dict[str, Any] = {"model": {"backbone": weights.spec.backbone}}
+            if (values.get("data") or {}).get("load_size", "auto") == "auto":
+                of_weights["data"] = {"load_size": weights.spec.image_size}
+            values = layer(values, of_weights)
+            self.weights = None if f.get("random_init") else weights
+        elif not f.get("random_init"):
+            raise UserError(
+                "finetune.py needs --checkpoint (the pre-trained weights), or --random-init to "
+                "train the architecture from scratch"
+            )
+        if not any((over.get("data") or {}).get("path") for over in layers):
+            raise UserError("finetune.py needs --train, the labeled folder to train on")
+        return values
 
     def __init__(self, weights=None) -> None:
         """``weights``: the pre-trained weights when the caller has read them already
@@ -154,8 +204,7 @@ class FineTuning(Task):
         return _take_rows(images, rows)
 
     def augment(self, cfg: Config, **kwargs):
-        recipe = cfg.data.recipe if cfg.data.recipe != "auto" else "supervised"
-        return build_augment(recipe, cfg.data.view_size, **kwargs)
+        return build_augment(cfg.data.recipe, cfg.data.view_size, **kwargs)
 
     def build_model(
         self, cfg: Config, images, init, resuming: bool
@@ -214,8 +263,8 @@ class FineTuning(Task):
         f, d = cfg.finetune, cfg.data
         spec = f.val
         if spec is None:
-            if d.path.lower() in DATASETS and not Path(d.path).expanduser().exists():
-                spec = f"{d.path.lower()}:test"
+            if (named := dataset_spec(d.path)) is not None:
+                spec = f"{named[0]}:test"
             else:
                 log.warning("no --val: no validation; %s is the last model", CLASSIFIER_FILE)
                 return None

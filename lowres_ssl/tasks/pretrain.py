@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -13,7 +13,6 @@ from torch import nn
 from lowres_ssl.augment import build_augment
 from lowres_ssl.config import Config, to_dict
 from lowres_ssl.data import Batch, open_images
-from lowres_ssl.data.sizes import SMALL_MAX
 from lowres_ssl.engine.evaluating import Evaluation
 from lowres_ssl.engine.steps import accumulation_step, embedding_cache_step, one_pass_step
 from lowres_ssl.engine.task import Task, random_batch
@@ -42,8 +41,6 @@ def augment_options(cfg: Config) -> dict[str, Any]:
     """:func:`lowres_ssl.augment.build_augment`'s view arguments from ``cfg.data.views``."""
     v, size = cfg.data.views, cfg.data.view_size
     large_scale = v.large_scale
-    if large_scale is None and v.photo_large_scale is not None and size > SMALL_MAX:
-        large_scale = v.photo_large_scale  # photos: the preset's crop (docs/benchmarks/photos.md)
     if large_scale is None and v.small_crops:
         large_scale = MULTI_CROP_LARGE_SCALE
     return {
@@ -135,12 +132,14 @@ def make_optimizer(cfg: Config, model_or_groups, peak_lr: float):
 
 
 class KNNEvaluation(Evaluation):
-    """The online kNN monitor on the backbone."""
+    """The online kNN monitor on the backbone; ``untrained``: also on the backbone before its
+    first step (``eval.untrained``)."""
 
     kind, key = "knn", "knn_top1"
 
-    def __init__(self, monitor) -> None:
+    def __init__(self, monitor, *, untrained: bool = False) -> None:
         self.monitor = monitor
+        self.untrained = untrained
         self.images = len(monitor.train_set) + len(monitor.test_set)
 
     @property
@@ -155,9 +154,13 @@ class KNNEvaluation(Evaluation):
         return self.monitor.run(model.backbone)
 
     def line(self, step: int, r: dict[str, Any]) -> str:
+        """``r`` may carry the baseline (``untrained_knn_top1``), shown beside the result."""
+        base = r.get("untrained_knn_top1")
+        beside = "" if base is None else f"; untrained backbone {base:.3f}"
         return (
-            f"step {step}: kNN top-1 {r['knn_top1']:.3f} (k={r['k']}), top-5 {r['knn_top5']:.3f}; "
-            f"{r['n_train']:,} train / {r['n_test']:,} test images; {r['eval_s']:.1f} s"
+            f"step {step}: kNN top-1 {r['knn_top1']:.3f} (k={r['k']}{beside}), "
+            f"top-5 {r['knn_top5']:.3f}; {r['n_train']:,} train / {r['n_test']:,} test images; "
+            f"{r['eval_s']:.1f} s"
         )
 
 
@@ -167,6 +170,16 @@ class Pretraining(Task):
 
     name = "pre-training"
     metric = "knn_top1"
+    #: Pre-training's values where a config says None (the SFRIK paper's ResNet recipe: LARS,
+    #: 10 warm-up epochs, cosine to 0.001; the augmentation: CIFAR's for small images,
+    #: VICReg's for photos).
+    defaults: ClassVar[dict[str, Any]] = {
+        "optim": {"name": "lars", "weight_decay": 1e-6, "warmup_epochs": 10.0,
+                  "final_lr_ratio": 0.001},
+        "train": {"epochs": 100, "checkpoint_every": 500},
+        "data": {"recipe": "cifar"},
+        "photos": {"data": {"recipe": "vicreg"}},
+    }  # fmt: skip
 
     def open_images(self, cfg: Config, device, progress: bool):
         return open_task_images(cfg, device, progress, labeled=False)
@@ -213,7 +226,7 @@ class Pretraining(Task):
         monitor = KNNMonitor.from_config(
             cfg, accelerator, channels_last=channels_last, progress=progress
         )
-        return None if monitor is None else KNNEvaluation(monitor)
+        return None if monitor is None else KNNEvaluation(monitor, untrained=cfg.eval.untrained)
 
     def describe(self, cfg: Config, model: nn.Module) -> str:
         return (

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from lowres_ssl.config import from_dict, to_dict
 from lowres_ssl.eval import KNNMonitor, open_labeled
 from lowres_ssl.weights import load_backbone
-from tests.engine.test_trainer import crash_at, losses, tiny
+from tests.tiny import crash_at, losses, tiny
 
 
 def _free_port() -> int:

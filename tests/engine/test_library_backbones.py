@@ -20,7 +20,7 @@ from lowres_ssl.cli_results import predict_main
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.evaluate import evaluate
 from lowres_ssl.models import build_model
-from lowres_ssl.tasks import train
+from lowres_ssl.tasks import Pretraining, train
 from lowres_ssl.weights import load_init
 from tests.faults.test_stops import kill_after_first_checkpoint, spawn_training
 from tests.tiny import assert_same_run, interrupt_at, tiny
@@ -145,8 +145,8 @@ def test_crops_smaller_than_the_backbone_takes_are_one_line(folder, tmp_path):
 def test_the_micro_batch_is_fitted_to_the_card_for_a_library_backbone():
     """``train.micro_batch_size: auto`` (and so --autofit's start) from the estimator, which
     counts a timm model's activations by its stages."""
-    from lowres_ssl import fit
     from lowres_ssl.config import from_dict, validate
+    from lowres_ssl.plan import Machine, resolve
 
     def fitted(backbone: str, card: float):
         cfg = validate(from_dict({
@@ -154,7 +154,7 @@ def test_the_micro_batch_is_fitted_to_the_card_for_a_library_backbone():
             "model": {"backbone": backbone, "projector": "2048-16384"},
             "train": {"batch_size": 1024, "micro_batch_size": "auto"},
         }))  # fmt: skip
-        return fit.resolve_micro_batch(cfg, torch.device("cuda"), card=card)[0].train
+        return resolve(cfg, Machine.card(card), defaults=Pretraining.defaults).cfg.train
 
     small, large = fitted("timm/convnext_atto", 4), fitted("timm/convnext_atto", 48)
     assert small.batch_size == large.batch_size == 1024

@@ -19,7 +19,7 @@ from lowres_ssl.losses import SFRIKLoss, SimCLRLoss, ViewLayout
 from lowres_ssl.models import build_model
 from lowres_ssl.tasks import train
 from tests.engine.test_steps import GlooAccelerator, Recorder, no_bn_model
-from tests.engine.test_trainer import assert_same_run, interrupt_at, losses, tiny
+from tests.tiny import assert_same_run, interrupt_at, losses, tiny
 
 LAYOUT = ViewLayout.swav(2, 3)
 
@@ -167,21 +167,23 @@ def test_a_run_with_crops_resumes_exactly(folder, tmp_path):
 
 
 def test_the_crop_area_of_the_large_views(folder):
-    """``large_scale`` set: that; unset with crops: the multi-crop (0.14, 1); unset on photos
-    with ``photo_large_scale``: that (not on small images); else the recipe's."""
-    from lowres_ssl.fit import resolve_view_size
+    """``large_scale`` set: that; unset with crops: the multi-crop (0.14, 1); set in the
+    ``photos`` overlay: that on photos (not on small images); else the recipe's."""
+    from lowres_ssl.config import validate
+    from lowres_ssl.plan import resolve_views
     from lowres_ssl.tasks.pretrain import MULTI_CROP_LARGE_SCALE, augment_options
 
-    def scale(load_size, **views):
-        cfg = tiny(folder, data={"load_size": load_size, "views": views})
-        return augment_options(resolve_view_size(cfg)[0])["large_scale"]
+    def scale(load_size, photos=None, **views):
+        cfg = tiny(
+            folder,
+            data={"load_size": load_size, "views": views},
+            photos={"data": {"views": {"large_scale": photos}}} if photos else {},
+        )
+        return augment_options(resolve_views(cfg)[0])["large_scale"]
 
     assert scale(96, small=0) is None  # the recipe's (0.08, 1)
     assert scale(96, small=2) == tuple(MULTI_CROP_LARGE_SCALE)
-    assert scale(96, small=0, photo_large_scale=[0.25, 1.0]) == (0.25, 1.0)
-    assert scale(32, small=0, photo_large_scale=[0.25, 1.0]) is None  # small images keep theirs
-    assert scale(96, small=0, large_scale=[0.5, 1.0], photo_large_scale=[0.25, 1.0]) == (0.5, 1.0)
-    with pytest.raises(UserError, match="photo_large_scale"):
-        from lowres_ssl.config import validate
-
-        validate(tiny(folder, data={"views": {"photo_large_scale": [0.5, 0.2]}}))
+    assert scale(96, photos=[0.25, 1.0], small=0) == (0.25, 1.0)
+    assert scale(32, photos=[0.25, 1.0], small=0) is None  # small images keep theirs
+    with pytest.raises(UserError, match=r"photos\.data\.views\.large_scale"):
+        validate(tiny(folder, photos={"data": {"views": {"large_scale": [0.5, 0.2]}}}))

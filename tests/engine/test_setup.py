@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from lowres_ssl.config import from_dict
-from lowres_ssl.engine.setup import fit_micro_batch
+from lowres_ssl.engine.setup import autofit_micro_batch
 from lowres_ssl.engine.steps import LabeledViews, supervised_step
 from lowres_ssl.models import Classifier, build_backbone
 from lowres_ssl.tasks import FineTuning
@@ -54,7 +54,8 @@ def test_autofit_drives_fine_tuning_through_the_supervised_step_with_labels(acce
     optimizer, _ = task.optimizer(cfg, model, 12)
     model, optimizer = accelerator.prepare(model, optimizer)
     augment = task.augment(cfg)
-    fitted = fit_micro_batch(cfg, accelerator, task, model, optimizer, task.objective(cfg), augment)
+    objective = task.objective(cfg)
+    fitted = autofit_micro_batch(cfg, accelerator, task, model, optimizer, objective, augment)
     assert fitted.train.micro_batch_size == 4
     assert [m for m, _ in task.seen] == [12, 8, 4, 4]  # two real probe steps at the size that fits
     for _, views in task.seen:

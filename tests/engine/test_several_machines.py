@@ -32,7 +32,7 @@ from lowres_ssl.engine import run_folder
 from lowres_ssl.errors import UserError
 from lowres_ssl.tasks import train
 from tests.engine.test_distributed_training import _as_launched, _free_port
-from tests.engine.test_trainer import losses, tiny
+from tests.tiny import losses, tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The most one launch may take on 2 CPU cores (about 30 s); past it the test fails, not hangs.

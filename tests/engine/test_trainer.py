@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -14,62 +12,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lowres_ssl import run_layout
-from lowres_ssl.config import from_dict, merge
-from lowres_ssl.device import CPU_BF16_VARIABLE, cpu_has_native_bf16, resolve_precision
+from lowres_ssl.config import Config, TrainConfig
+from lowres_ssl.device import CPU_BF16_VARIABLE, cpu_has_native_bf16
 from lowres_ssl.errors import UserError
 from lowres_ssl.models import build_model
+from lowres_ssl.plan import ACCELERATE_PRECISION, Machine, Plan, precision_for
 from lowres_ssl.tasks import pretrain as pretrain_module
 from lowres_ssl.tasks import train
 from lowres_ssl.weights import load_init
-
-
-def tiny(folder, **sections):
-    """8 steps per epoch of 8 images at 16 px; ResNet-18 with a 64-128 projector."""
-    values = {
-        "data": {"path": str(folder), "load_size": 16, "cache": "none", "num_workers": 0},
-        "model": {"backbone": "resnet18", "projector": "64-128"},
-        "optim": {"name": "lars", "base_lr": 0.3, "warmup_epochs": 0.5},
-        "train": {
-            "epochs": 2,
-            "batch_size": 8,
-            "precision": "fp32",
-            "log_every": 1,
-            "checkpoint_every": 3,
-        },
-    }
-    return from_dict(merge(values, sections))
-
-
-def losses(run_dir):
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if r["kind"] == "step"}
-
-
-def assert_same_run(whole, cut, steps: int) -> None:
-    """Two run folders logged the same per-step losses (1e-6) and ended with the same
-    backbone."""
-    a, b = losses(whole), losses(cut)
-    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
-    assert all(abs(a[s] - b[s]) <= 1e-6 * abs(a[s]) for s in a), (a, b)
-    wa = load_file(str(whole / "backbone.safetensors"))
-    wb = load_file(str(cut / "backbone.safetensors"))
-    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
-
-
-def interrupt_at(step):
-    def hook(progress, values):
-        if progress.step == step:
-            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: stop after this step
-
-    return hook
-
-
-def crash_at(step):
-    def hook(progress, values):
-        if progress.step == step:
-            raise RuntimeError("simulated crash")
-
-    return hook
+from tests.tiny import assert_same_run, crash_at, interrupt_at, losses, tiny
 
 
 def test_a_run_leaves_the_run_folder(folder, tmp_path):
@@ -269,6 +220,17 @@ def test_out_of_memory_is_a_one_line_error_naming_what_to_try(folder, tmp_path, 
     message = str(e.value)
     assert "\n" not in message and "preset 8gb at batch 8 per process (micro-batch 8)" in message
     assert "train.micro_batch_size=4" in message and "grad_checkpointing" in message
+
+
+def resolve_precision(setting: str) -> str:
+    """Accelerate's name of ``train.precision`` on this machine as a run plans it (fp16
+    without CUDA: the run's one-line error)."""
+    machine = Machine.this_one()
+    chosen = precision_for(setting, machine)
+    planned = Plan(Config(train=TrainConfig(precision=chosen)), machine)
+    if problem := planned.hardware_problem():
+        raise UserError(problem)
+    return ACCELERATE_PRECISION[chosen]
 
 
 def test_precision_auto_follows_the_launcher_then_the_device(monkeypatch):

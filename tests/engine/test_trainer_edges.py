@@ -12,8 +12,8 @@ from accelerate.state import AcceleratorState
 from lowres_ssl.config import merge
 from lowres_ssl.errors import UserError
 from lowres_ssl.tasks import train
-from tests.engine.test_trainer import crash_at, interrupt_at
-from tests.engine.test_trainer import tiny as base_tiny
+from tests.tiny import crash_at, interrupt_at
+from tests.tiny import tiny as base_tiny
 
 
 def tiny(folder, **sections):
@@ -139,7 +139,7 @@ def _damage(path, how):
 def test_resume_passes_over_a_damaged_checkpoint(folder, tmp_path, caplog, how):
     """The newest checkpoint's weights damaged (a full disk, a bad copy): --resume warns in one
     line and continues from the intact one before it, repeating the uninterrupted losses."""
-    from tests.engine.test_trainer import losses
+    from tests.tiny import losses
 
     whole = tmp_path / "whole"
     train(tiny(folder), whole, progress_bar=False)
@@ -213,7 +213,7 @@ def test_a_killed_training_leaves_no_stuck_lock(tmp_path):
 def test_exact_resume_with_the_embedding_cache(folder, tmp_path):
     """train.micro_batch_size below the batch: the regulariser sees the batch of 8, the network
     runs 3 images at a time; interrupted mid-epoch and resumed, the losses repeat."""
-    from tests.engine.test_trainer import losses
+    from tests.tiny import losses
 
     cache = {"train": {"micro_batch_size": 3}}
     whole = tmp_path / "whole"

@@ -147,6 +147,20 @@ def test_runs_inside_inference_mode():
     assert result.weight_decay == 1e-3
 
 
+def test_features_and_labels_made_in_inference_mode_are_probed():
+    """Features and labels made under ``torch.inference_mode()`` (as an extraction makes
+    them), on the device of the fit: autograd cannot save such tensors for backward."""
+    with torch.inference_mode():
+        x, y = clusters(9, 300, c=3, dim=8)
+    assert x.is_inference() and y.is_inference()
+    for decays in ((1e-3,), WEIGHT_DECAYS):
+        result = linear_probe(x[:200], y[:200], x[200:], y[200:], weight_decays=decays)
+        assert result.top1 >= 0.99
+        with torch.inference_mode():
+            inside = linear_probe(x[:200], y[:200], x[200:], y[200:], weight_decays=decays)
+        assert inside == result
+
+
 # ------------------------------------------------------------------ the split
 
 

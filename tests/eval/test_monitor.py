@@ -11,10 +11,11 @@ from lowres_ssl.eval.monitor import eval_sets
 
 
 def test_a_dataset_name_brings_its_own_test_split(tmp_path):
-    assert eval_sets(from_dict({})) == ("cifar10:train", "cifar10:test")  # data.path cifar10
+    cifar = from_dict({"data": {"path": "cifar10"}})
+    assert eval_sets(cifar) == ("cifar10:train", "cifar10:test")
     stl = from_dict({"data": {"path": "stl10", "split": "train+unlabeled"}})
     assert eval_sets(stl) == ("stl10:train", "stl10:test")  # the labeled split for the bank
-    assert eval_sets(from_dict({"eval": {"every_epochs": 0}})) is None
+    assert eval_sets(from_dict({"data": {"path": "cifar10"}, "eval": {"every_epochs": 0}})) is None
 
 
 def test_a_folder_needs_a_test_set_and_its_train_set_defaults_to_the_folder(tmp_path):
@@ -49,3 +50,10 @@ def test_evaluate_takes_its_default_sets_from_the_runs_saved_config(tmp_path):
     assert run_sets(saved) == (str(tmp_path), "stl10:test")
     assert run_sets({"a_section_from_the_future": {}}) == (None, None)
     assert run_sets(None) == (None, None)  # a file with no config: --train and --test needed
+
+
+def test_digits_brings_its_test_split_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
+    assert eval_sets(from_dict({"data": {"path": "Digits"}})) == ("digits:train", "digits:test")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    assert eval_sets(from_dict({"data": {"path": "digits"}})) is None  # a folder: no test set

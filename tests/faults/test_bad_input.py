@@ -24,7 +24,7 @@ BAD = {
     "zero": [("train.batch_size", "0"), ("train.epochs", "0"), ("data.load_size", "0"),
              ("train.checkpoint_every", "0"), ("train.keep_checkpoints", "0")],
     "huge": [("train.batch_size", "1000000000"), ("data.load_size", "100000"),
-             ("data.photo_size", "100000"), ("model.projector", "1024-100000000")],
+             ("photos.data.load_size", "100000"), ("model.projector", "1024-100000000")],
 }  # fmt: skip
 CASES = [(kind, key, value) for kind, pairs in BAD.items() for key, value in pairs]
 

@@ -304,7 +304,7 @@ def test_without_the_bn_fix_running_stats_would_differ(monkeypatch: pytest.Monke
     # The control: a recompute that leaves BN alone updates the running stats a second time.
     monkeypatch.setattr(
         backbones_module,
-        "_recompute_contexts",
+        "recompute_contexts",
         lambda _module: (contextlib.nullcontext(), contextlib.nullcontext()),
     )
     plain, checkpointed = twin_backbones()

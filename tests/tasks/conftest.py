@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from lowres_ssl.tasks import train
-from tests.engine.test_trainer import tiny
+from tests.tiny import tiny
 
 CLASSES = ("blue", "green", "red")
 

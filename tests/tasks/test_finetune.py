@@ -16,8 +16,8 @@ from lowres_ssl.predict import predict
 from lowres_ssl.run_layout import CLASSIFIER_LAST_FILE, SUBSET_FILE
 from lowres_ssl.tasks import FineTuning, balanced_subset, train
 from lowres_ssl.weights import load_classifier
-from tests.engine.test_trainer import interrupt_at
 from tests.tasks.conftest import CLASSES
+from tests.tiny import interrupt_at
 
 
 def ft_config(labeled, pretrained=None, **sections):

@@ -11,8 +11,8 @@ import pytest
 from lowres_ssl.engine.budgeting import MARGIN
 from lowres_ssl.tasks import FineTuning, train
 from lowres_ssl.tasks.finetune import ValidationEvaluation
-from tests.engine.test_trainer import interrupt_at
 from tests.tasks.test_finetune import ft_config, records
+from tests.tiny import interrupt_at
 
 
 class Clock:

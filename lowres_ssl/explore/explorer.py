@@ -26,16 +26,12 @@ import torch
 from torch import Tensor
 
 from lowres_ssl.errors import UserError
-from lowres_ssl.eval.evaluate import (
-    Extraction,
-    backbone_to_evaluate,
-    eval_precision,
-    on_device,
-    resolve_device,
-)
+from lowres_ssl.eval.context import InferenceContext
+from lowres_ssl.eval.evaluate import backbone_to_evaluate
 from lowres_ssl.eval.groups import adjusted_rand_index, kmeans, near_duplicates, purity
 from lowres_ssl.eval.knn import knn_evaluate
 from lowres_ssl.files import write_atomic, write_text_atomic
+from lowres_ssl.weights import state_sha256
 
 from .clock import StepClock
 from .embeddings import Embedded, embed_folder, embed_image, write_embeddings
@@ -128,14 +124,14 @@ def query_sheets(
     *,
     k: int,
     size: int,
-    extraction: Extraction,
+    context: InferenceContext,
     using: str,
 ) -> list[dict]:
     """A sheet per ``--query`` image (a file anywhere): it and its k nearest in the folder,
     found for all the queries in one search (one pass over the features, one faiss index)."""
     if not images:
         return []
-    queries = torch.stack([embed_image(net, p, size=size, extraction=extraction) for p in images])
+    queries = torch.stack([embed_image(net, p, size=size, context=context) for p in images])
     sims, idx = search(e.features, k, queries=queries, using=using)
     made = []
     for n, path in enumerate(images):
@@ -303,7 +299,7 @@ def label_scores(e: Embedded, found: Tensor) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The task
+# The explorer
 
 
 def _model(model: str, random_init: bool, size: int | None, seed: int):
@@ -335,14 +331,6 @@ def _check_settings(duplicates: float, **positive: int | None) -> None:
     for flag, value in positive.items():
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be ≥ 1, got {value}")
-
-
-def _extraction(spec, device: str, precision: str, **settings) -> Extraction:
-    """How the features are computed: the device, its precision for this backbone (fp32 on
-    the CPU), batching and caching (``settings``: :class:`Extraction`'s other fields)."""
-    dev = resolve_device(device)
-    return Extraction(device=dev, precision=eval_precision(precision, dev, spec.config),
-                      **settings)  # fmt: skip
 
 
 def _about(e: Embedded, spec, source: str, size: int, untrained: bool) -> dict[str, Any]:
@@ -394,16 +382,16 @@ def explore(
     using = backend(neighbours)
     net, spec, untrained = _model(model, random_init, size, seed)
     size = size or spec.image_size
-    extraction = _extraction(spec, device, precision, batch_size=batch_size,
-                             cache_dir=cache_dir, use_cache=feature_cache,
-                             num_workers=num_workers, progress=progress)  # fmt: skip
+    context = InferenceContext.choose(device, precision, spec.config, batch_size=batch_size,
+                                      cache_dir=cache_dir, use_cache=feature_cache,
+                                      num_workers=num_workers, progress=progress)  # fmt: skip
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     clock = StepClock()
     with clock.step("embeddings"):
-        net, sha = on_device(net, extraction)
-        net.eval()
-        e = embed_folder(net, sha, folder, size=size, labels=labels, extraction=extraction,
+        net = context.prepare(net)
+        sha = state_sha256(net.state_dict())  # the feature cache's key
+        e = embed_folder(net, sha, folder, size=size, labels=labels, context=context,
                          cache=cache)  # fmt: skip
         files = write_embeddings(out, e)
     n_groups = min(groups, len(e)) if groups else default_groups(len(e), len(e.classes))
@@ -415,7 +403,7 @@ def explore(
                                                  using=using, seed=seed)  # fmt: skip
         summary["neighbours"]["backend"] = using
         summary["neighbours"]["query_sheets"] = query_sheets(
-            e, thumbs, out, net, query, k=k, size=size, extraction=extraction, using=using
+            e, thumbs, out, net, query, k=k, size=size, context=context, using=using
         )
     with clock.step("groups"):
         summary["groups"], found = group_outputs(e, thumbs, out, groups=n_groups, seed=seed)
@@ -437,7 +425,9 @@ def explore(
     return summary
 
 
-def summary_line(s: dict[str, Any]) -> str:
+def exploration_line(s: dict[str, Any]) -> str:
+    """The line for people about an :func:`explore` summary: the groups, the near-duplicates
+    and, with class folders, how the groups match them."""
     line = (
         f"explored {s['images']:,} images: {s['groups']['n']} groups, "
         f"{s['duplicates']['pairs']:,} near-duplicate pairs (≥ {s['duplicates']['threshold']})"
@@ -453,4 +443,4 @@ def summary_line(s: dict[str, Any]) -> str:
     return line
 
 
-__all__ = ["default_groups", "explore", "summary_line"]
+__all__ = ["default_groups", "exploration_line", "explore"]
