@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lowres_ssl.config import Config, from_dict
-from lowres_ssl.device import available_cores
+from lowres_ssl.device import PeakMemoryReader, available_cores
 from lowres_ssl.files import write_text_atomic
 
 KIB = 1024
@@ -134,93 +134,6 @@ def meminfo() -> dict[str, int]:
             return {line.split(":")[0]: int(line.split()[1]) for line in f}
     except OSError:
         return {}
-
-
-def proc_status_kib() -> dict[str, int]:
-    """The ``Vm…`` figures of this process (VmRSS, VmHWM, VmData…) in KiB, from
-    ``/proc/self/status`` (empty where there is no /proc)."""
-    try:
-        with open("/proc/self/status") as f:
-            return {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith("Vm")}
-    except OSError:
-        return {}
-
-
-@dataclass(frozen=True)
-class MemoryPeak:
-    """The memory of this process over a stretch of a benchmark, in bytes."""
-
-    baseline: int  # in use when the count started: the RSS (CPU) or allocated (CUDA)
-    peak: int  # the highest since: the RSS high-water mark, or the allocator's peak
-    reserved: int | None  # CUDA: the allocator's peak reservation (None on the CPU)
-    method: str  # how it was read: "VmHWM", "ru_maxrss" or "cuda"
-
-    @property
-    def growth(self) -> int:
-        """What the stretch added over the baseline."""
-        return self.peak - self.baseline
-
-
-class PeakMemoryReader:
-    """The peak memory of this process from :meth:`start` on: the CPU's resident set, or the
-    CUDA caching allocator's figures for ``device``.
-
-    CPU: writing 5 to ``/proc/self/clear_refs`` resets the high-water mark VmHWM to the current
-    RSS. Where that is impossible the fallback is ``ru_maxrss``, which never resets and which a
-    child inherits from its parent (exec keeps it): the baseline is then the high-water mark so
-    far, and the growth reads low (zero while the peak stays below the old mark).
-    """
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.baseline = 0
-        self.method = ""
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def start(self) -> int:
-        """Start counting here; returns the baseline, the bytes in use now."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method, self.baseline = "cuda", torch.cuda.memory_allocated(self.device)
-        elif _reset_rss_high_water_mark():
-            self.method, self.baseline = "VmHWM", proc_status_kib()["VmRSS"] * KIB
-        else:
-            self.method, self.baseline = "ru_maxrss", _max_rss_bytes()
-        return self.baseline
-
-    def read(self) -> MemoryPeak:
-        """The peak since :meth:`start`."""
-        if not self.method:
-            raise RuntimeError("PeakMemoryReader.read() before start()")
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-            reserved = torch.cuda.max_memory_reserved(self.device)
-            return MemoryPeak(self.baseline, peak, reserved, self.method)
-        if self.method == "VmHWM":
-            return MemoryPeak(self.baseline, proc_status_kib()["VmHWM"] * KIB, None, self.method)
-        return MemoryPeak(self.baseline, _max_rss_bytes(), None, self.method)
-
-
-def _reset_rss_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return "VmHWM" in proc_status_kib()
-
-
-def _max_rss_bytes() -> int:
-    import resource  # POSIX only
-
-    # ru_maxrss is in KiB on Linux, in bytes on macOS
-    scale = 1 if sys.platform == "darwin" else KIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 def set_mmap_threshold(nbytes: int) -> bool:

@@ -50,7 +50,10 @@ def train_parser() -> argparse.ArgumentParser:
         epilog=TRAIN_EXAMPLES + "\n" + preset_lines(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", help="a folder of images, or cifar10 / cifar100 / stl10")
+    p.add_argument(
+        "--data",
+        help="a folder of images, or digits (default; no network) / cifar10 / cifar100 / stl10",
+    )
     p.add_argument("--init", help="start from weights: a run folder, checkpoint, .safetensors/.pth")
     _run_flags(
         p,
@@ -263,7 +266,9 @@ def finetune_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the same architecture from scratch (the baseline; no weights are loaded)",
     )
-    p.add_argument("--train", help="the labeled training folder, or cifar10 / cifar100 / stl10")
+    p.add_argument(
+        "--train", help="the labeled training folder, or digits / cifar10 / cifar100 / stl10"
+    )
     p.add_argument("--val", help="the labeled validation folder or a split (cifar10:test)")
     p.add_argument("--train-fraction", type=float, help="a class-balanced fraction (0.01, 0.1)")
     p.add_argument("--per-class", type=int, help="or this many labeled images per class")

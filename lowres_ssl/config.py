@@ -484,7 +484,7 @@ def with_photos(cfg: Config) -> Config:
 
 def _validate(cfg: Config) -> None:
     from lowres_ssl.augment import RECIPES
-    from lowres_ssl.data import CACHE_CHOICES, DATASETS
+    from lowres_ssl.data import CACHE_CHOICES, DATASETS, dataset_spec
     from lowres_ssl.losses import OBJECTIVES
     from lowres_ssl.models import check_backbone_name, projector_out_dim
     from lowres_ssl.models.projector import parse_projector_spec
@@ -501,9 +501,9 @@ def _validate(cfg: Config) -> None:
     _validate_sides(d)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _validate_views(d.views)
-    if d.path.lower() in DATASETS:
-        if d.split not in DATASETS[d.path.lower()]:
-            _choice("data.split", d.split, DATASETS[d.path.lower()])
+    if (named := dataset_spec(d.path)) is not None:
+        if d.split not in DATASETS[named[0]]:
+            _choice("data.split", d.split, DATASETS[named[0]])
     elif not Path(d.path).expanduser().is_dir():
         names = ", ".join(DATASETS)
         raise UserError(
@@ -610,7 +610,7 @@ def _validate_finetune(cfg: Config) -> None:
 
 
 def _validate_eval(cfg: Config) -> None:
-    from lowres_ssl.data import DATASETS
+    from lowres_ssl.data import DATASETS, dataset_spec
 
     e = cfg.eval
     _positive("eval.every_epochs", e.every_epochs, allow_zero=True)
@@ -620,15 +620,15 @@ def _validate_eval(cfg: Config) -> None:
         spec = getattr(e, key)
         if spec is None or Path(spec).expanduser().is_dir():
             continue
-        name, _, split = spec.partition(":")
-        if name.lower() not in DATASETS:
+        if (named := dataset_spec(spec)) is None:
             raise UserError(
                 f"config key eval.{key}: {spec} is not a folder; pass a labeled folder "
                 f"(root/<class>/<image>) or a dataset name with a split (e.g. cifar10:test)"
             )
-        if split and split not in DATASETS[name.lower()]:
-            _choice(f"eval.{key} split", split, DATASETS[name.lower()])
-    if e.every_epochs and e.test is None and cfg.data.path.lower() not in DATASETS:
+        name, split = named
+        if split and split not in DATASETS[name]:
+            _choice(f"eval.{key} split", split, DATASETS[name])
+    if e.every_epochs and e.test is None and dataset_spec(cfg.data.path) is None:
         raise UserError(
             "config key eval.every_epochs is set but there is no test set: set eval.test to a "
             "labeled folder (and eval.train, if the training folder has no class subfolders)"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -222,18 +224,106 @@ def ram_gib() -> float:
         return 8.0
 
 
+def proc_status_kib() -> dict[str, int]:
+    """The ``Vm…`` figures of this process (VmRSS, VmHWM, VmData…) in KiB, from
+    ``/proc/self/status`` (empty where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            return {line.split(":")[0]: int(line.split()[1]) for line in f if line.startswith("Vm")}
+    except OSError:
+        return {}
+
+
+@dataclass(frozen=True)
+class MemoryPeak:
+    """The memory of this process over a stretch of a benchmark, in bytes."""
+
+    baseline: int  # in use when the count started: the RSS (CPU) or allocated (CUDA)
+    peak: int  # the highest since: the RSS high-water mark, or the allocator's peak
+    reserved: int | None  # CUDA: the allocator's peak reservation (None on the CPU)
+    method: str  # how it was read: "VmHWM", "ru_maxrss" or "cuda"
+
+    @property
+    def growth(self) -> int:
+        """What the stretch added over the baseline."""
+        return self.peak - self.baseline
+
+
+class PeakMemoryReader:
+    """The peak memory of this process from :meth:`start` on: the CPU's resident set, or the
+    CUDA caching allocator's figures for ``device``.
+
+    CPU: writing 5 to ``/proc/self/clear_refs`` resets the high-water mark VmHWM to the current
+    RSS. Where that is impossible the fallback is ``ru_maxrss``, which never resets and which a
+    child inherits from its parent (exec keeps it): the baseline is then the high-water mark so
+    far, and the growth reads low (zero while the peak stays below the old mark).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.baseline = 0
+        self.method = ""
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def start(self) -> int:
+        """Start counting here; returns the baseline, the bytes in use now."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method, self.baseline = "cuda", torch.cuda.memory_allocated(self.device)
+        elif _reset_rss_high_water_mark():
+            self.method, self.baseline = "VmHWM", proc_status_kib()["VmRSS"] * 1024
+        else:
+            self.method, self.baseline = "ru_maxrss", _max_rss_bytes()
+        return self.baseline
+
+    def read(self) -> MemoryPeak:
+        """The peak since :meth:`start`."""
+        if not self.method:
+            raise RuntimeError("PeakMemoryReader.read() before start()")
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            reserved = torch.cuda.max_memory_reserved(self.device)
+            return MemoryPeak(self.baseline, peak, reserved, self.method)
+        if self.method == "VmHWM":
+            return MemoryPeak(self.baseline, proc_status_kib()["VmHWM"] * 1024, None, self.method)
+        return MemoryPeak(self.baseline, _max_rss_bytes(), None, self.method)
+
+
+def _reset_rss_high_water_mark() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return "VmHWM" in proc_status_kib()
+
+
+def _max_rss_bytes() -> int:
+    import resource  # POSIX only
+
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def peak_memory_gib(device: torch.device) -> dict[str, float]:
-    """Peak GPU memory (allocated, reserved) or, on the CPU, the process's peak RSS, in GiB."""
+    """The process's peak so far (what a run reports): on a GPU the caching allocator's peaks
+    (allocated, reserved), on the CPU the peak resident set, in GiB. For the peak over a
+    stretch of work, :class:`PeakMemoryReader`."""
     if device.type == "cuda":
         return {
             "gpu_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
             "gpu_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
         }
     try:
-        import resource  # POSIX only
-    except ImportError:
+        return {"cpu_rss_gib": _max_rss_bytes() / 2**30}
+    except ImportError:  # no resource module (Windows)
         return {}
-    return {"cpu_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
 __all__ = [
@@ -242,6 +332,8 @@ __all__ = [
     "CUDA_CONTEXT_BYTES",
     "MIXED_DTYPES",
     "REPORTED_SHARE",
+    "MemoryPeak",
+    "PeakMemoryReader",
     "available_cores",
     "canonical_device",
     "card_memory_gib",
@@ -250,6 +342,7 @@ __all__ = [
     "cuda_mixed_precision",
     "emulate_card",
     "peak_memory_gib",
+    "proc_status_kib",
     "ram_gib",
     "same_device",
     "synchronize",

@@ -99,7 +99,7 @@ class Machine:
         processes = int(os.environ.get("WORLD_SIZE", "1"))
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if torch.cuda.is_available():
-            index = torch.cuda.current_device()
+            index = _this_process_card()
             gib = card_memory_gib(index)
             native = cuda_mixed_precision(torch.device("cuda", index))
             found = f"{torch.cuda.get_device_name(index)} ({gib:.1f} GiB)"
@@ -118,6 +118,16 @@ class Machine:
 
     def with_processes(self, processes: int) -> Machine:
         return dataclasses.replace(self, processes=processes)
+
+
+def _this_process_card() -> int:
+    """The index of the card this process will train on: under a launcher its local rank's
+    (Accelerate gives each process that one), else the current device. Read before Accelerate
+    starts, without touching another process's card."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and local.isdigit() and int(local) < torch.cuda.device_count():
+        return int(local)
+    return torch.cuda.current_device()
 
 
 def no_gpu_reason() -> str:

@@ -23,7 +23,7 @@ Time
 Memory
     The extra memory of a call over its inputs: everything the loss allocates in forward and
     backward, including the two input gradients z1.grad and z2.grad (2·n·q floats, shown in
-    the table of all cases). Read by ``lowres_ssl.bench.PeakMemoryReader``.
+    the table of all cases). Read by ``lowres_ssl.device.PeakMemoryReader``.
 
     CPU: every case runs in a fresh process (this script with ``--case``), so the peak is that
     case's own. One tiny call (n ≤ 64, q ≤ 128) first absorbs the one-time initialisation;
@@ -94,7 +94,7 @@ import torch
 from torch import Tensor, nn
 
 from lowres_ssl import bench
-from lowres_ssl.device import available_cores
+from lowres_ssl.device import PeakMemoryReader, available_cores, proc_status_kib
 from lowres_ssl.errors import UserError
 from lowres_ssl.eval.context import pick_device
 from lowres_ssl.losses import OBJECTIVES, objective_from_settings
@@ -441,7 +441,7 @@ def tiny_call(fn: nn.Module, case: Case, device: torch.device | str = "cpu") -> 
 def limit_data_segment(extra_bytes: float) -> None:
     """RLIMIT_DATA at ``extra_bytes`` over the data segment now: a case over the budget fails
     cleanly (an OOM) instead of swapping."""
-    status = bench.proc_status_kib()
+    status = proc_status_kib()
     if "VmData" in status:
         limit = status["VmData"] * 1024 + int(extra_bytes)
         hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
@@ -479,7 +479,7 @@ def measure_cpu_case(case: Case, block_size: int | None, memory_limit: float | N
     gc.collect()
     if memory_limit is not None:
         limit_data_segment(memory_limit)
-    memory = bench.PeakMemoryReader("cpu")
+    memory = PeakMemoryReader("cpu")
     memory.start()
     setup_s = time.perf_counter() - started
     try:
@@ -542,7 +542,7 @@ def measure_cuda_case(case: Case, fn: nn.Module, device: torch.device) -> Result
     gen = torch.Generator(device=device).manual_seed(0)
     z1 = torch.randn(case.n, case.q, device=device, generator=gen).requires_grad_()
     z2 = torch.randn(case.n, case.q, device=device, generator=gen).requires_grad_()
-    memory = bench.PeakMemoryReader(device)
+    memory = PeakMemoryReader(device)
     memory.start()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowres_ssl import bench
+from lowres_ssl import bench, device
 from lowres_ssl.losses import OBJECTIVES
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -106,12 +106,12 @@ def test_a_child_killed_by_sigkill_reads_as_killed(tmp_path):
 
 RSS_CHILD = """
 import torch
-from lowres_ssl import bench
+from lowres_ssl import bench, device
 
 MIB = 2**20
-reader = bench.PeakMemoryReader("cpu")
+reader = device.PeakMemoryReader("cpu")
 baseline = reader.start()
-rss = bench.proc_status_kib()["VmRSS"] * 1024
+rss = device.proc_status_kib()["VmRSS"] * 1024
 block = torch.ones(64 * MIB // 4)  # 64 MiB, every page written
 del block
 peak = reader.read()
@@ -140,12 +140,12 @@ def test_the_rss_reader_sees_an_allocation_grow_the_peak(tmp_path):
 
 def test_the_reader_must_start_before_it_reads():
     with pytest.raises(RuntimeError, match="start"):
-        bench.PeakMemoryReader("cpu").read()
+        device.PeakMemoryReader("cpu").read()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_cuda_reader_counts_the_allocator_peak_over_the_baseline():
-    reader = bench.PeakMemoryReader("cuda")
+    reader = device.PeakMemoryReader("cuda")
     kept = torch.ones(16 * MIB // 4, device="cuda")  # before the start: in the baseline
     reader.start()
     block = torch.ones(64 * MIB // 4, device="cuda")

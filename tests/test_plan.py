@@ -240,3 +240,28 @@ def test_autofit_halves_the_micro_batch_until_it_fits_and_leaves_no_trace():
     assert not optimizer.state_dict()["state"]  # no momentum left behind
     assert torch.equal(torch.get_rng_state(), rng)  # the run's random numbers untouched
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_this_machine_under_a_launcher_is_read_from_its_own_card(monkeypatch):
+    """Before Accelerate starts, each process reads the card its local rank will train on
+    (torch.cuda mocked at its boundary), the launcher's process count and mixed precision."""
+    read = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"card {i}")
+    monkeypatch.setattr(plan, "card_memory_gib", lambda i: read.append(i) or 7.76)
+    monkeypatch.setattr(plan, "cuda_mixed_precision", lambda device: "bf16")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    machine = Machine.this_one()
+    assert read == [1] and machine.found == "card 1 (7.8 GiB)"
+    assert machine.cuda and machine.processes == 2 and machine.memory_gib == 7.76
+    assert plan.precision_for("auto", machine) == "fp16"  # the launcher's choice
+    assert plan.precision_for("fp32", machine) == "fp32"  # the config's wins
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what the launcher exports unasked
+    assert plan.precision_for("auto", Machine.this_one()) == "bf16"
+    monkeypatch.delenv("LOCAL_RANK")
+    Machine.this_one()
+    assert read[-1] == 0  # no launcher: the current device

@@ -153,7 +153,7 @@ def _check_folder(root: Path) -> Path:
     if not root.exists():
         raise UserError(
             f"data folder {root} does not exist; pass a folder of images "
-            f"({' '.join(IMAGE_EXTENSIONS)}) or a dataset name (cifar10, cifar100, stl10)"
+            f"({' '.join(IMAGE_EXTENSIONS)}) or a dataset name (digits, cifar10, cifar100, stl10)"
         )
     if not root.is_dir():
         raise UserError(f"--data {root} is a file, not a folder; pass the folder that holds it")

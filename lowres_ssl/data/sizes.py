@@ -6,8 +6,8 @@ over the folder (no decoding; a few milliseconds each) and takes the median shor
 - **small images** (median shorter side ≤ 64 px: CIFAR, Tiny ImageNet, icons) are trained at
   their own size, rounded to a multiple of 8 (32 px for CIFAR's 32 × 32, 32 for 28 × 28), with
   the CIFAR stem;
-- **photos** (anything larger) at the preset's ``data.photo_size`` (96–128 px), or at their own
-  size rounded down to a multiple of 16 where that is smaller (96 px for STL-10's 96 × 96).
+- **photos** (anything larger) at the preset's ``photos.data.load_size`` (96–128 px), or at
+  their own size rounded down to a multiple of 16 where that is smaller (96 px for STL-10's).
 
 A dataset name has its known size (cifar10/cifar100: 32 px, stl10: 96 px). ``--set
 data.load_size=N`` chooses the size by hand.
@@ -68,8 +68,11 @@ def median_short_side(root: str | Path, sample: int = SAMPLE) -> tuple[int | Non
 
 def choose_view_size(data: str, photo_size: int) -> ViewSizeChoice:
     """The view size for the data ``data`` (a folder or a dataset name); see the module doc."""
-    name = str(data).lower()
-    if name in DATASET_SIDES and not Path(data).expanduser().exists():
+    from lowres_ssl.data.builtin import dataset_spec
+
+    named = dataset_spec(data)
+    if named is not None:
+        name = named[0]
         side = DATASET_SIDES[name]
         size = size_for_side(side, photo_size)
         return ViewSizeChoice(size, side, 0, f"{name}: {side} px images → views of {size} px")

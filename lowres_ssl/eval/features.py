@@ -31,8 +31,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowres_ssl.augment import IMAGENET_MEAN, IMAGENET_STD
-from lowres_ssl.data import DATASETS, ArrayImages, FolderImages, Skip, SkipLog, make_loader
+from lowres_ssl.data import (
+    DATASETS,
+    ArrayImages,
+    FolderImages,
+    Skip,
+    SkipLog,
+    dataset_spec,
+    make_loader,
+)
 from lowres_ssl.data import open_images as _open_images
+from lowres_ssl.data.builtin import check_split
 from lowres_ssl.data.cache import default_cache_dir, fingerprint
 from lowres_ssl.errors import UserError
 
@@ -50,14 +59,10 @@ def split_spec(spec: str, default_split: str = "train") -> tuple[str, str | None
     text = str(spec)
     if Path(text).expanduser().exists():
         return text, None
-    name, sep, split = text.partition(":")
-    if name.lower() in DATASETS:
-        split = split if sep else default_split
-        if split not in DATASETS[name.lower()]:
-            raise UserError(
-                f"{name} has no split {split!r}; choose one of {', '.join(DATASETS[name.lower()])}"
-            )
-        return name.lower(), split
+    if (named := dataset_spec(text)) is not None:
+        name, split = named[0], named[1] or default_split
+        check_split(name, split)
+        return name, split
     raise UserError(
         f"{text} is not a folder; pass a labeled folder (root/<class>/<image>) or a dataset "
         f"name with an optional split ({', '.join(DATASETS)}; e.g. cifar10:test)"

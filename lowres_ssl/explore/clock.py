@@ -1,13 +1,13 @@
 """The time and the peak memory of each step of the explorer, for ``explore.json`` and the
 benchmark. The peak is the process's resident set high-water mark, reset before each step
-(:class:`lowres_ssl.bench.PeakMemoryReader`), so each step reports its own."""
+(:class:`lowres_ssl.device.PeakMemoryReader`), so each step reports its own."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 
-from lowres_ssl.bench import PeakMemoryReader
+from lowres_ssl.device import PeakMemoryReader
 
 
 class StepClock:
