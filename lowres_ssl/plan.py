@@ -217,6 +217,7 @@ def resolve(
     cfg, note = resolve_views(cfg)
     if note:
         notes.append(note)
+    validate(cfg)  # what the sizing below builds (the kernel, the objective) can be built
     cfg = _replace(cfg, "train", precision=precision_for(cfg.train.precision, machine))
     cfg = _replace(cfg, "data", cache=cache_for(cfg, machine))
     cfg = _replace(cfg, "loss", mmd_path=mmd_path_for(cfg, machine))
@@ -374,7 +375,11 @@ def mmd_path_for(cfg: Config, machine: Machine) -> str:
     from lowres_ssl.models import projector_out_dim
 
     n, q = cfg.train.batch_size * machine.processes, projector_out_dim(cfg.model.projector)
-    return choose_path(n, q, SFRIKKernel(cfg.loss.kernel_weights))
+    try:
+        kernel = SFRIKKernel(cfg.loss.kernel_weights)
+    except ValueError:  # weights that cannot work: validation says so in one line
+        return cfg.loss.mmd_path
+    return choose_path(n, q, kernel)
 
 
 # ---------------------------------------------------------------------------------------------
