@@ -4,6 +4,7 @@ objective, the online kNN monitor; the run's result is ``backbone.safetensors``.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,6 +23,8 @@ from lowres_ssl.models import build_model, projector_out_dim
 from lowres_ssl.optim import build_optimizer
 from lowres_ssl.run_layout import BACKBONE_FILE
 from lowres_ssl.weights import load_init, save_safetensors, spec_of
+
+log = logging.getLogger("lowres_ssl")
 
 #: SwAV's crop area of its large views beside small crops (the smaller areas are the crops').
 MULTI_CROP_LARGE_SCALE = (0.14, 1.0)
@@ -226,7 +229,14 @@ class Pretraining(Task):
         monitor = KNNMonitor.from_config(
             cfg, accelerator, channels_last=channels_last, progress=progress
         )
-        return None if monitor is None else KNNEvaluation(monitor, untrained=cfg.eval.untrained)
+        if monitor is None:
+            if cfg.eval.untrained and accelerator.is_main_process:
+                log.info(
+                    "eval.untrained: no kNN check in this run (no labeled test set: set "
+                    "eval.test), so the untrained backbone is not measured either"
+                )
+            return None
+        return KNNEvaluation(monitor, untrained=cfg.eval.untrained)
 
     def describe(self, cfg: Config, model: nn.Module) -> str:
         return (

@@ -125,3 +125,21 @@ def test_a_resumed_run_keeps_its_baseline(tmp_path):
     assert summary["untrained_knn_top1"] == before["knn_top1"]
     saved = json.loads((run / "summary.json").read_text())
     assert saved["untrained_knn_top1"] == before["knn_top1"]
+
+
+def test_the_baseline_without_a_test_set_says_so(tmp_path, caplog):
+    """``eval.untrained: true`` where the run has no kNN check (a folder without a test set):
+    one line says why nothing is measured, instead of silence."""
+    from PIL import Image
+
+    from tests.tiny import tiny
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(folder / f"{i}.png")
+    cfg = tiny(folder, eval={"untrained": True}, train={"max_steps": 1, "epochs": 1})
+    with caplog.at_level(logging.INFO, logger="lowres_ssl"):
+        summary = train(cfg, tmp_path / "run", progress_bar=False)
+    assert any("eval.untrained: no kNN check" in r.getMessage() for r in caplog.records)
+    assert "untrained_knn_top1" not in summary
