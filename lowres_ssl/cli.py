@@ -129,7 +129,7 @@ def request(args: argparse.Namespace, task: Task, flags: dict) -> tuple[Config, 
     saved = _saved_run(args)
     if saved is not None:
         return task.request([saved, *layers], resuming=True), False
-    if not (args.preset or not args.config):  # a config file alone is the whole request
+    if args.config and not args.preset:  # a config file alone is the whole request
         return task.request(layers, resuming=args.resume), False
     name, preset, _ = presets.load_preset(args.preset or "auto")
     cfg = task.request([{"preset": name}, *layers], preset=preset, resuming=args.resume)

@@ -417,11 +417,7 @@ def estimate(setting: Setting) -> Estimate:
         act += s.small_views * m * small.per_image(s.checkpointing)
         largest = max(largest, s.small_views * m * small.largest)
     parts["activations"] = act + 2 * largest
-    n_global = batch * s.processes
-    loss = loss_bytes(
-        s.loss, n_global, q, mmd_path=s.mmd_path, kernel_degree=s.kernel_degree,
-        views=s.views, regularised=s.regularised_views, positives=s.positive_blocks,
-    )  # fmt: skip
+    loss = _objective_bytes(s)
     if cache:
         loss += 2 * s.views * FLOAT * batch * q  # every view's cached embeddings, gradients
     parts["loss"] = loss
@@ -444,6 +440,15 @@ def estimate(setting: Setting) -> Estimate:
     return Estimate(s, parts)
 
 
+def _objective_bytes(s: Setting) -> float:
+    """The loss library's memory for the objective on the global batch (every process's)."""
+    return loss_bytes(
+        s.loss, s.batch_size * s.processes, s.q, mmd_path=s.mmd_path,
+        kernel_degree=s.kernel_degree, views=s.views, regularised=s.regularised_views,
+        positives=s.positive_blocks,
+    )  # fmt: skip
+
+
 def certain_bytes(setting: Setting) -> float:
     """What a step of ``setting`` holds for certain, without the activations (their profile
     runs the network, which takes seconds): the parameters, their gradients and optimizer
@@ -452,11 +457,7 @@ def certain_bytes(setting: Setting) -> float:
     s = setting
     shapes = parameter_shapes(s.backbone, s.projector, s.view_size)
     n_params = sum(math.prod(shape) for shape in shapes)
-    loss = loss_bytes(
-        s.loss, s.batch_size * s.processes, s.q, mmd_path=s.mmd_path,
-        kernel_degree=s.kernel_degree, views=s.views, regularised=s.regularised_views,
-        positives=s.positive_blocks,
-    )  # fmt: skip
+    loss = _objective_bytes(s)
     view_pixels = 3 * (s.large_views * s.view_size**2 + s.small_views * s.small_size**2)
     views = s.batch_size * 3 * s.load_size**2 + min(s.micro, s.batch_size) * view_pixels * FLOAT
     return 2 * FLOAT * n_params + optimizer_bytes(shapes, s.optimizer, s.state_bits) + loss + views

@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,9 +220,10 @@ def resolve(
         notes.append(note)
     validate(cfg)  # what the sizing below builds (the kernel, the objective) can be built
     cfg = _replace(cfg, "train", precision=precision_for(cfg.train.precision, machine))
-    cfg = _replace(cfg, "data", cache=cache_for(cfg, machine))
+    count = functools.cache(functools.partial(image_count, cfg))  # a folder is scanned once
+    cfg = _replace(cfg, "data", cache=cache_for(cfg, machine, count))
     cfg = _replace(cfg, "loss", mmd_path=mmd_path_for(cfg, machine))
-    cached = images_on_card(cfg, machine)
+    cached = images_on_card(cfg, machine, count)
     cfg, est, note = resolve_micro_batch(cfg, machine, cached_images=cached)
     if note:
         notes.append(note)
@@ -323,12 +325,13 @@ def resolve_views(cfg: Config) -> tuple[Config, str | None]:
     return dataclasses.replace(cfg, photos={}), note
 
 
-def images_on_card(cfg: Config, machine: Machine) -> int:
+def images_on_card(cfg: Config, machine: Machine, count: Callable[[], int] | None = None) -> int:
     """How many decoded images ``data.cache: gpu`` keeps on the card (the loader's rule: the
-    whole set where it takes at most a quarter of the card's memory; 0 on the CPU)."""
+    whole set where it takes at most a quarter of the card's memory; 0 on the CPU).
+    ``count``: the images of ``cfg.data`` (default :func:`image_count`)."""
     if not machine.cuda or cfg.data.cache != "gpu":
         return 0
-    n = image_count(cfg)
+    n = (count or functools.partial(image_count, cfg))()
     return n if _fits_card(n, cfg, machine) else 0
 
 
@@ -350,19 +353,21 @@ def _fits_card(n: int, cfg: Config, machine: Machine) -> bool:
     return fits_gpu_cache(n * 3 * cfg.data.load_size**2, machine.memory_gib * GIB)
 
 
-def cache_for(cfg: Config, machine: Machine) -> str:
+def cache_for(cfg: Config, machine: Machine, count: Callable[[], int] | None = None) -> str:
     """``data.cache``, ``auto`` resolved: on the card where the decoded set fits a quarter of
-    it, else decoded once on the disk where half the free space holds it, else none."""
+    it, else decoded once on the disk where half the free space holds it, else none.
+    ``count``: the images of ``cfg.data`` (default :func:`image_count`)."""
     if cfg.data.cache != "auto":
         return cfg.data.cache
-    if machine.cuda and _fits_card(image_count(cfg), cfg, machine):
+    count = count or functools.partial(image_count, cfg)
+    if machine.cuda and _fits_card(count(), cfg, machine):
         return "gpu"
     from lowres_ssl.data.builtin import dataset_size
     from lowres_ssl.data.loader import room_on_disk
 
     if dataset_size(cfg.data.path, cfg.data.split) is not None:
         return "disk"  # a dataset by name is read into memory, whatever the cache says
-    nbytes = image_count(cfg) * 3 * cfg.data.load_size**2
+    nbytes = count() * 3 * cfg.data.load_size**2
     return "disk" if room_on_disk(nbytes, cfg.data.cache_dir) else "none"
 
 

@@ -99,11 +99,6 @@ class Run:
         return len(self.images) - sum(1 for s in skips if s.path in in_set)
 
 
-def precision_in_use(accelerator: Accelerator) -> bool:
-    """Whether the network runs under 16-bit autocast."""
-    return accelerator.mixed_precision in ("bf16", "fp16")
-
-
 def build(
     cfg: Config,
     run_dir: Path,
@@ -218,4 +213,4 @@ def _create_folder(run_dir: Path, cfg: Config, accelerator, task: Task, resuming
     accelerator.wait_for_everyone()
 
 
-__all__ = ["LearningRate", "Run", "autofit_micro_batch", "build", "plan_run", "precision_in_use"]
+__all__ = ["LearningRate", "Run", "autofit_micro_batch", "build", "plan_run"]
