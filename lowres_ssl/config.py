@@ -93,6 +93,11 @@ class LossConfig:
     mmd_path: str = "auto"  # auto, dense, blocked, moments
     reg_small: bool = False  # multi-crop: the regulariser on every view, not the anchors only
     options: dict[str, Any] = field(default_factory=dict)  # other keyword arguments
+    # Experimental (docs/benchmarks/photos.md): SFRIK's MMD over the batch and the last
+    # `memory` embeddings of earlier steps; memory_momentum: None fills it with the online
+    # encoder's, a number m in [0, 1) with a momentum encoder's (MoCo v2). One process, one pass.
+    memory: int = 0
+    memory_momentum: float | None = None
 
 
 @dataclass
@@ -457,6 +462,24 @@ MAX_VIEW_SIDE = 1024
 MAX_PROJECTOR_WIDTH = 131_072
 
 
+def _check_memory(lo: LossConfig, t: TrainConfig) -> None:
+    """The experimental memory (``loss.memory``) where it can work: SFRIK, one pass."""
+    _positive("loss.memory", lo.memory, allow_zero=True)
+    if not lo.memory:
+        return
+    if lo.name != "sfrik":
+        raise UserError(f"config key loss.memory needs loss.name=sfrik, got {lo.name}")
+    m = lo.memory_momentum
+    if m is not None and not 0 <= m < 1:
+        raise UserError(f"config key loss.memory_momentum must be in [0, 1) or null, got {m}")
+    micro = t.micro_batch_size
+    if t.accumulate_steps > 1 or micro == "auto" or (micro and micro < t.batch_size):
+        raise UserError(
+            "config key loss.memory is experimental and runs the whole batch in one pass; "
+            "set train.micro_batch_size=null and train.accumulate_steps=1, or loss.memory=0"
+        )
+
+
 def validate(cfg: Config) -> Config:
     """Check choices, ranges and the data path, of ``cfg`` and of ``cfg`` with its ``photos``
     overlay applied; return ``cfg`` (raises :class:`UserError`)."""
@@ -523,6 +546,7 @@ def _validate(cfg: Config) -> None:
     _positive("loss.lam", lo.lam)
     if any(w < 0 for w in lo.kernel_weights) or not lo.kernel_weights:
         raise UserError("config key loss.kernel_weights must be non-negative b_1..b_L")
+    _check_memory(lo, t)
     if o.name is not None:
         _choice("optim.name", o.name, list(OPTIMIZERS))
     _positive("optim.base_lr", o.base_lr)

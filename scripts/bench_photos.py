@@ -108,10 +108,36 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                    ["data.views.small=6", "loss.name=simclr"]),
     "vicreg-2v": ("VICReg, two views of 96 px", ["data.views.small=0", "loss.name=vicreg"]),
     "vicreg-mc6": ("VICReg, 2 × 96 + 6 × 48 px", ["data.views.small=6", "loss.name=vicreg"]),
+    # The study of issue 35 (2026-12-07): SFRIK's own knobs at a small card's batch, on today's
+    # cpu preset (batch 32, q = 2048, λ = 1, kernel (1, 40, 40)).
+    "sfrik-L4": ("SFRIK, kernel truncated at L = 4: weights (1, 40, 40, 40)",
+                 ["loss.name=sfrik", "loss.kernel_weights=[1,40,40,40]"]),
+    "sfrik-L2": ("SFRIK, kernel truncated at L = 2: weights (1, 40)",
+                 ["loss.name=sfrik", "loss.kernel_weights=[1,40]"]),
+    "sfrik-q4096": ("SFRIK, projector 1024-4096 (q = 4,096)",
+                    ["loss.name=sfrik", "model.projector=1024-4096"]),
+    "sfrik-q8192": ("SFRIK, projector 1024-8192 (q = 8,192)",
+                    ["loss.name=sfrik", "model.projector=1024-8192"]),
+    "unif-lam05": ("Gaussian kernel (the uniformity loss, t = 2), weight 0.5",
+                   ["loss.name=uniformity", "loss.options.unif_weight=0.5"]),
+    "unif-lam1": ("Gaussian kernel (the uniformity loss, t = 2), weight 1",
+                  ["loss.name=uniformity", "loss.options.unif_weight=1.0"]),
+    "unif-lam2": ("Gaussian kernel (the uniformity loss, t = 2), weight 2",
+                  ["loss.name=uniformity", "loss.options.unif_weight=2.0"]),
+    "sfrik-mem4096": ("SFRIK, MMD over the batch and a memory of 4,096 detached embeddings",
+                      ["loss.name=sfrik", "loss.memory=4096"]),
+    "sfrik-ema1024": ("SFRIK, MMD over the batch and a memory of 1,024 momentum-encoder "
+                      "embeddings (m = 0.99)",
+                      ["loss.name=sfrik", "loss.memory=1024", "loss.memory_momentum=0.99"]),
+    "sfrik-ema4096": ("SFRIK, MMD over the batch and a memory of 4,096 momentum-encoder "
+                      "embeddings (m = 0.99)",
+                      ["loss.name=sfrik", "loss.memory=4096", "loss.memory_momentum=0.99"]),
 }  # fmt: skip
 
 #: Variants measured on the first cpu preset: they run on :data:`FIRST_PRESET` (their rows say so).
-ON_THE_FIRST_PRESET = set(VARIANTS) - {"random", "cpu", "cpu-sfrik", "cpu-simclr", "cpu-vicreg"}
+ON_THE_FIRST_PRESET = set(list(VARIANTS)[: list(VARIANTS).index("sfrik-L4")]) - {
+    "random", "cpu", "cpu-sfrik", "cpu-simclr", "cpu-vicreg"
+}
 
 
 def variant_sets(name: str) -> list[str]:

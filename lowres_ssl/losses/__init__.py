@@ -18,6 +18,7 @@ from .baselines import BarlowTwinsLoss, SimCLRLoss, UniformityLoss, VICRegLoss
 from .distributed import gather_views, gather_with_grad, world_size
 from .gegenbauer import gegenbauer, gegenbauer_series
 from .kernels import GaussianKernel, PolynomialKernel, RotationInvariantKernel, SFRIKKernel
+from .memory import MemorySFRIKLoss, mmd_with_memory
 from .mmd import choose_path, expected_mmd_uniform, mmd_to_uniform
 from .sfrik import SFRIKLoss, default_lam
 from .views import LAYOUTS, ViewLayout
@@ -48,12 +49,14 @@ def objective_from_settings(
     options: dict[str, Any] | None = None,
     q: int | None = None,
     layout: ViewLayout | None = None,
+    memory: bool = False,
 ) -> nn.Module:
     """The objective of a config's ``loss`` section (its keys are the arguments): SFRIK with
     λ (unset: :func:`default_lam` of the embedding width ``q``, where given), kernel weights
     b_1..b_L and MMD path; another objective with ``options`` as its keyword arguments; every
-    objective with the views' ``layout`` (default: two views). Settings that cannot work are a
-    one-line :class:`UserError`."""
+    objective with the views' ``layout`` (default: two views); ``memory``: SFRIK that also
+    takes a memory of earlier embeddings (:class:`MemorySFRIKLoss`, experimental). Settings
+    that cannot work are a one-line :class:`UserError`."""
     options = options or {}
     official_form = {"sim_coeff", "mmd_coeff"} & set(options)
     if name == "sfrik" and lam is None and q is not None and not official_form:
@@ -67,7 +70,8 @@ def objective_from_settings(
                 f"mmd_path moments needs a kernel of degree <= 2, and kernel_weights "
                 f"{list(kernel_weights)} has degree {kernel.degree}; use auto, dense or blocked"
             )
-        return SFRIKLoss(lam, kernel, mmd_path=mmd_path, layout=layout, **options)
+        sfrik = MemorySFRIKLoss if memory else SFRIKLoss
+        return sfrik(lam, kernel, mmd_path=mmd_path, layout=layout, **options)
     except (ValueError, TypeError) as err:
         raise UserError(f"config section loss: {str(err).splitlines()[0]}") from None
 
@@ -77,6 +81,7 @@ __all__ = [
     "OBJECTIVES",
     "BarlowTwinsLoss",
     "GaussianKernel",
+    "MemorySFRIKLoss",
     "PolynomialKernel",
     "RotationInvariantKernel",
     "SFRIKKernel",
@@ -94,6 +99,7 @@ __all__ = [
     "gegenbauer",
     "gegenbauer_series",
     "mmd_to_uniform",
+    "mmd_with_memory",
     "objective_from_settings",
     "world_size",
 ]

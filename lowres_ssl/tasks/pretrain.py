@@ -15,6 +15,7 @@ from lowres_ssl.augment import build_augment
 from lowres_ssl.config import Config, to_dict
 from lowres_ssl.data import Batch, open_images
 from lowres_ssl.engine.evaluating import Evaluation
+from lowres_ssl.engine.momentum import MemoryStep
 from lowres_ssl.engine.steps import accumulation_step, embedding_cache_step, one_pass_step
 from lowres_ssl.engine.task import Task, random_batch
 from lowres_ssl.errors import UserError
@@ -98,6 +99,7 @@ def make_objective(cfg: Config) -> nn.Module:
         options=loss.options,
         q=projector_out_dim(cfg.model.projector),
         layout=view_layout(cfg),
+        memory=bool(loss.memory),
     )
 
 
@@ -211,6 +213,8 @@ class Pretraining(Task):
         return make_objective(cfg)
 
     def step_for(self, cfg: Config, micro: int | None):
+        if cfg.loss.memory:  # experimental: one pass (config.validate says so)
+            return MemoryStep(cfg.loss.memory, cfg.loss.memory_momentum)
         if micro and micro < cfg.train.batch_size:  # the full-batch regulariser in parts
             return functools.partial(embedding_cache_step, micro_batch_size=micro)
         if cfg.train.accumulate_steps > 1:
