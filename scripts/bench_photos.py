@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lowres_ssl import bench, run_layout  # noqa: E402
+from lowres_ssl import bench, durations, run_layout  # noqa: E402
 
 RESULTS = REPO / "docs/benchmarks/photos_runs.jsonl"
 REPORT = REPO / "docs/benchmarks/photos.md"
@@ -136,7 +136,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 #: Variants measured on the first cpu preset: they run on :data:`FIRST_PRESET` (their rows say so).
 ON_THE_FIRST_PRESET = set(list(VARIANTS)[: list(VARIANTS).index("sfrik-L4")]) - {
-    "random", "cpu", "cpu-sfrik", "cpu-simclr", "cpu-vicreg"
+    "random",
+    "cpu",
+    "cpu-sfrik",
+    "cpu-simclr",
+    "cpu-vicreg",
 }
 
 
@@ -238,24 +242,32 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
-def _variant_rows(results: list[dict]) -> list[list]:
-    """One row per variant of ``results``: runs, kNN and linear mean (range), steps."""
+def _variant_rows(results: list[dict], every: list[dict] | None = None) -> list[list]:
+    """One row per variant, machine and training time of ``results``: runs, kNN and linear
+    mean (range), steps; the gain over the random init's kNN (its runs among ``every``: it
+    trains nothing, so any day's)."""
     rows = []
     machines = sorted({_machine(r) for r in results})
-    base = [r["knn_top1"] for r in results if r["variant"] == "random"]
+    base = [r["knn_top1"] for r in every or results if r["variant"] == "random"]
     base_mean = statistics.fmean(base) if base else None
-    for (name, (what, sets)), machine in itertools.product(VARIANTS.items(), machines):
-        mine = [r for r in results if r["variant"] == name and _machine(r) == machine]
-        if not mine:
+    budgets = sorted({r["budget"] for r in results}, key=durations.parse_budget)
+    for (name, (what, sets)), machine, budget in itertools.product(
+        VARIANTS.items(), machines, budgets
+    ):
+        mine = [r for r in results if (r["variant"], _machine(r), r["budget"]) == (
+            name, machine, budget)]  # fmt: skip
+        if not mine or (name == "random" and budget != budgets[0]):
             continue
         knn = [r["knn_top1"] for r in mine]
+        knn20 = [r["knn20_top1"] for r in mine if r.get("knn20_top1") is not None]
         linear = [r["linear_top1"] for r in mine if r.get("linear_top1") is not None]
         gain = "" if base_mean is None or name == "random" else (
             f"{100 * (statistics.fmean(knn) - base_mean):+.1f}")  # fmt: skip
         steps = [r["steps"] for r in mine if r.get("steps")]
         rows.append([
-            f"`{name}`", what, machine.split(" (")[0], len(mine), _spread(knn), gain,
-            _spread(linear),
+            f"`{name}`", what, machine.split(" (")[0], "–" if name == "random" else budget,
+            len(mine), _spread(knn), gain,
+            _spread(knn20), _spread(linear),
             f"{statistics.fmean(steps):.0f}" if steps else "–",
             " ".join(["(first preset)"] * (name in ON_THE_FIRST_PRESET) + [f"`{s}`" for s in sets])
             or "–",
@@ -270,7 +282,9 @@ def _machine(result: dict) -> str:
 def _run_rows(results: list[dict]) -> list[list]:
     """One row per run, in the order they ran."""
     return [
-        [r["date"], r["cpu"], f"`{r['variant']}`", r.get("steps") or "–", f"{r['knn_top1']:.3f}",
+        [r["date"], r["cpu"], f"`{r['variant']}`", r["budget"], r.get("steps") or "–",
+         f"{r['knn_top1']:.3f}",
+         f"{r['knn20_top1']:.3f}" if r.get("knn20_top1") is not None else "–",
          f"{r['linear_top1']:.3f}" if r.get("linear_top1") is not None else "–",
          # Records before the field: every variant then ran the preset's fp32.
          {"no": "fp32", None: "–"}.get(r.get("precision", "no"), r.get("precision")),
@@ -283,8 +297,9 @@ def _run_rows(results: list[dict]) -> list[list]:
 def report_lines(results: list[dict]) -> list[str]:
     """The study's page: the variants measured on the latest machine and day (the comparisons
     at equal time hold within one machine and day), the variants over every run, every run."""
-    header = ["variant", "what", "machine", "runs", "kNN top-1 (range)", "points over random",
-              "linear top-1 (range)", "steps", "--set on the cpu preset"]  # fmt: skip
+    header = ["variant", "what", "machine", "training", "runs", "kNN top-1, k = 200 (range)",
+              "points over random", "kNN, k = 20 (range)", "linear top-1 (range)", "steps",
+              "--set on the cpu preset"]  # fmt: skip
     machines = sorted({_machine(r) for r in results})
     dates = sorted({r["date"] for r in results})
     budgets = sorted({r["budget"] for r in results if r["variant"] != "random"})
@@ -304,11 +319,11 @@ def report_lines(results: list[dict]) -> list[str]:
         "",
         f"## Same machine, same day ({day})",
         "",
-        *bench.markdown_table(header, _variant_rows(latest), "lllrrrrrl"),
+        *bench.markdown_table(header, _variant_rows(latest, results), "llllrrrrrrl"),
         "",
         "## Every run, by variant and machine",
         "",
-        *bench.markdown_table(header, _variant_rows(results), "lllrrrrrl"),
+        *bench.markdown_table(header, _variant_rows(results), "llllrrrrrrl"),
         "",
         "## Every run",
         "",
@@ -320,15 +335,17 @@ def report_lines(results: list[dict]) -> list[str]:
                 "date",
                 "machine",
                 "variant",
+                "training",
                 "steps",
                 "kNN",
+                "kNN, k = 20",
                 "linear",
                 "precision",
                 "load before",
                 "record",
             ],
             _run_rows(results),
-            "lllrrrlrl",
+            "llllrrrrlrl",
         ),
     ]
 
