@@ -114,10 +114,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                  ["loss.name=sfrik", "loss.kernel_weights=[1,40,40,40]"]),
     "sfrik-L2": ("SFRIK, kernel truncated at L = 2: weights (1, 40)",
                  ["loss.name=sfrik", "loss.kernel_weights=[1,40]"]),
+    "sfrik-expw": ("SFRIK, the Gaussian's degree weights to L = 6, (10, 20, 26.7, 26.7, 21.3, "
+                   "14.2): b_ℓ ∝ 4^ℓ/ℓ! as exp(4t), ψ' equal to (1, 40, 40)'s at t = 0.2–0.4",
+                   ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]"]),
     "sfrik-q4096": ("SFRIK, projector 1024-4096 (q = 4,096)",
                     ["loss.name=sfrik", "model.projector=1024-4096"]),
     "sfrik-q8192": ("SFRIK, projector 1024-8192 (q = 8,192)",
                     ["loss.name=sfrik", "model.projector=1024-8192"]),
+    "unif-lam025": ("Gaussian kernel (the uniformity loss, t = 2), weight 0.25",
+                    ["loss.name=uniformity", "loss.options.unif_weight=0.25"]),
     "unif-lam05": ("Gaussian kernel (the uniformity loss, t = 2), weight 0.5",
                    ["loss.name=uniformity", "loss.options.unif_weight=0.5"]),
     "unif-lam1": ("Gaussian kernel (the uniformity loss, t = 2), weight 1",
@@ -372,6 +377,8 @@ def main() -> int:
     runs.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
         index = sum(r["variant"] == name for r in read_results())
+        while (runs / f"{name}-{index}").exists():  # a run not recorded (failed, or set aside)
+            index += 1
         result = run_variant(name, index, args.budget, runs, data)
         with RESULTS.open("a") as f:
             f.write(json.dumps(result) + "\n")

@@ -24,12 +24,12 @@ from torch import Tensor, nn
 from lowres_ssl.engine.steps import (
     StepResult,
     Views,
-    _groups,
-    _take,
     apply_update,
     embed,
     global_mean,
+    take_views,
     thrown_away,
+    view_groups,
 )
 from lowres_ssl.errors import UserError
 from lowres_ssl.models import BatchNormStatistics
@@ -103,7 +103,7 @@ class MemoryStep:
                 "process or set loss.memory=0"
             )
         statistics = BatchNormStatistics(model)
-        taken, groups = _take(views), _groups(views)
+        taken, groups = take_views(views), view_groups(views)
         with accelerator.autocast():
             z = embed(model, taken, groups)
         loss = objective(*z, memory=self.memory.contents())

@@ -79,7 +79,7 @@ def even_parts(n: int, count: int) -> list[slice]:
     return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
-def _take(views: Views, part: slice | None = None) -> list[Tensor]:
+def take_views(views: Views, part: slice | None = None) -> list[Tensor]:
     """Every view of the images ``part`` (all with ``None``), computed now if planned."""
     if isinstance(views, PlannedViews):
         return views.take(part)
@@ -90,7 +90,9 @@ def _batch_size(views: Views) -> int:
     return len(views) if isinstance(views, PlannedViews) else views[0].shape[0]
 
 
-def _groups(views: Views) -> list[list[int]]:
+def view_groups(views: Views) -> list[list[int]]:
+    """The views that go through the network together (each large view alone, the small
+    crops in one pass)."""
     if isinstance(views, PlannedViews):
         return views.augment.groups
     return forward_groups([v.shape[-1] for v in views])
@@ -125,7 +127,7 @@ def one_pass_step(
     """
     statistics = BatchNormStatistics(model)
     with accelerator.autocast():
-        z = embed(model, _take(views), _groups(views))
+        z = embed(model, take_views(views), view_groups(views))
     loss = objective(*z)
     value = global_mean(accelerator, loss)
     finite, skipped = math.isfinite(value), False
@@ -172,12 +174,12 @@ def embedding_cache_step(
     # As equal as possible, none larger than asked: a batch of 7 (a bad file dropped) in
     # micro-batches of 3 runs as 2 + 2 + 3, never leaving BatchNorm a micro-batch of one.
     parts = even_parts(n, -(-n // micro_batch_size))
-    groups = _groups(views)
+    groups = view_groups(views)
     statistics = BatchNormStatistics(model)
     cached: list[list[Tensor]] = [[] for _ in range(sum(map(len, groups)))]
     with torch.no_grad(), accelerator.autocast():
         for p in parts:
-            for out, z in zip(cached, embed(model, _take(views, p), groups), strict=True):
+            for out, z in zip(cached, embed(model, take_views(views, p), groups), strict=True):
                 out.append(z)
     zs = [torch.cat(z).float().requires_grad_() for z in cached]
     loss = objective(*zs)
@@ -193,7 +195,7 @@ def embedding_cache_step(
             sync = contextlib.nullcontext() if i == last else accelerator.no_sync(model)
             with sync:
                 with accelerator.autocast():
-                    out = embed(model, _take(views, p), groups)
+                    out = embed(model, take_views(views, p), groups)
                 surrogate = sum((z.float() * g[p]).sum() for z, g in zip(out, grads, strict=True))
                 accelerator.backward(surrogate)
     skipped = apply_update(optimizer)
@@ -283,14 +285,14 @@ def accumulation_step(
     """
     n = _batch_size(views)
     parts = even_parts(n, min(accumulate_steps, n))
-    groups = _groups(views)
+    groups = view_groups(views)
     statistics = BatchNormStatistics(model)
     losses, terms = [], {}
     for i, p in enumerate(parts):
         sync = contextlib.nullcontext() if i == len(parts) - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
-                z = embed(model, _take(views, p), groups)
+                z = embed(model, take_views(views, p), groups)
             loss = objective(*z)
             value = global_mean(accelerator, loss)
             losses.append(value)
@@ -316,5 +318,7 @@ __all__ = [
     "global_mean",
     "one_pass_step",
     "supervised_step",
+    "take_views",
     "thrown_away",
+    "view_groups",
 ]
