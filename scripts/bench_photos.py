@@ -117,6 +117,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "sfrik-expw": ("SFRIK, the Gaussian's degree weights to L = 6, (10, 20, 26.7, 26.7, 21.3, "
                    "14.2): b_ℓ ∝ 4^ℓ/ℓ! as exp(4t), ψ' equal to (1, 40, 40)'s at t = 0.2–0.4",
                    ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]"]),
+    "sfrik-expw-q8192": ("SFRIK, the Gaussian's degree weights to L = 6 and q = 8,192 (the two "
+                         "best single changes together)",
+                         ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]",
+                          "model.projector=1024-8192"]),
+    "sfrik-expw-lam2": ("SFRIK, the Gaussian's degree weights to L = 6, λ = 2 (the uniformity "
+                        "loss's log raises its weight as the batch spreads; this doubles it)",
+                        ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]",
+                         "loss.lam=2.0"]),
     "sfrik-q4096": ("SFRIK, projector 1024-4096 (q = 4,096)",
                     ["loss.name=sfrik", "model.projector=1024-4096"]),
     "sfrik-q8192": ("SFRIK, projector 1024-8192 (q = 8,192)",

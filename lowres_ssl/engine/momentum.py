@@ -24,11 +24,10 @@ from torch import Tensor, nn
 from lowres_ssl.engine.steps import (
     StepResult,
     Views,
-    apply_update,
     embed,
-    global_mean,
     take_views,
     thrown_away,
+    update_from_loss,
     view_groups,
 )
 from lowres_ssl.errors import UserError
@@ -107,14 +106,7 @@ class MemoryStep:
         with accelerator.autocast():
             z = embed(model, taken, groups)
         loss = objective(*z, memory=self.memory.contents())
-        value = global_mean(accelerator, loss)
-        finite, skipped = math.isfinite(value), False
-        if finite:
-            accelerator.backward(loss)
-            skipped = apply_update(optimizer)
-        else:
-            optimizer.zero_grad(set_to_none=True)
-        result = StepResult(value, dict(getattr(objective, "terms", {})), finite, skipped)
+        result = update_from_loss(loss, objective, accelerator=accelerator, optimizer=optimizer)
         if result.applied:
             regularised = objective.layout.regularised
             self.memory.push(self._keys(accelerator, model, taken, groups, z, regularised))

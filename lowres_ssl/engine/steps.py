@@ -129,6 +129,14 @@ def one_pass_step(
     with accelerator.autocast():
         z = embed(model, take_views(views), view_groups(views))
     loss = objective(*z)
+    result = update_from_loss(loss, objective, accelerator=accelerator, optimizer=optimizer)
+    return thrown_away(result, statistics)
+
+
+def update_from_loss(loss: Tensor, objective, *, accelerator, optimizer) -> StepResult:
+    """Backward and the optimizer's update from a whole batch's loss, unless the global loss is
+    non-finite (then the gradients are cleared and nothing is applied): the tail of every
+    one-pass step."""
     value = global_mean(accelerator, loss)
     finite, skipped = math.isfinite(value), False
     if finite:
@@ -136,8 +144,7 @@ def one_pass_step(
         skipped = apply_update(optimizer)
     else:
         optimizer.zero_grad(set_to_none=True)
-    result = StepResult(value, dict(getattr(objective, "terms", {})), finite, skipped)
-    return thrown_away(result, statistics)
+    return StepResult(value, dict(getattr(objective, "terms", {})), finite, skipped)
 
 
 def embedding_cache_step(
@@ -320,5 +327,6 @@ __all__ = [
     "supervised_step",
     "take_views",
     "thrown_away",
+    "update_from_loss",
     "view_groups",
 ]

@@ -20,14 +20,11 @@ embeddings, or a momentum encoder's: MoCo v2's answer to stale entries).
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_views, fp32
 from .kernels import RotationInvariantKernel
 from .sfrik import SFRIKLoss
-from .views import mean_over, over_pairs
+from .views import mean_over
 
 
 def mmd_with_memory(z: Tensor, memory: Tensor | None, kernel: RotationInvariantKernel) -> Tensor:
@@ -53,20 +50,12 @@ class MemorySFRIKLoss(SFRIKLoss):
     """
 
     def forward(self, *views: Tensor, memory: Tensor | None = None) -> Tensor:
-        check_views(*views)
-        self.layout.check(views, "MemorySFRIKLoss")
-        with torch.autocast(device_type=views[0].device.type, enabled=False):
-            z = [F.normalize(fp32(v), dim=1) for v in views]
-            invariance = over_pairs(self.layout, lambda a, b: (z[a] - z[b]).pow(2).sum(1).mean())
-            mmd = mean_over(
+        return self.loss_with(
+            views,
+            lambda z: mean_over(
                 self.layout.regularised, lambda v: mmd_with_memory(z[v], memory, self.kernel)
-            )
-            if self.lam is not None:
-                loss = invariance + self.lam * mmd
-            else:
-                loss = (self.sim_coeff / z[0].shape[1]) * invariance + self.mmd_coeff * mmd
-        self.terms = {"invariance": invariance.detach(), "mmd": mmd.detach()}
-        return loss
+            ),
+        )
 
 
 __all__ = ["MemorySFRIKLoss", "mmd_with_memory"]

@@ -85,24 +85,34 @@ class SFRIKLoss(nn.Module):
         self.terms: dict[str, Tensor] = {}
 
     def forward(self, *views: Tensor) -> Tensor:
+        return self.loss_with(views, self.regulariser)
+
+    def loss_with(self, views: tuple[Tensor, ...], regulariser) -> Tensor:
+        """The loss of ``views`` with ``regulariser`` (normalised float32 views → the MMD term)
+        in place of :meth:`regulariser`: the one place a variant (a memory) changes the MMD."""
         check_views(*views)
-        self.layout.check(views, "SFRIKLoss")
+        self.layout.check(views, type(self).__name__)
         with torch.autocast(device_type=views[0].device.type, enabled=False):
             z = [F.normalize(fp32(v), dim=1) for v in views]
             invariance = over_pairs(self.layout, lambda a, b: (z[a] - z[b]).pow(2).sum(1).mean())
-            regularised = self.layout.regularised
-            *gathered, _ = gather_views(*(z[v] for v in regularised))
-            gathered = dict(zip(regularised, gathered, strict=True))
-            mmd = mean_over(
-                regularised,
-                lambda v: mmd_to_uniform(gathered[v], self.kernel, self.mmd_path, self.block_size),
-            )
+            mmd = regulariser(z)
             if self.lam is not None:
                 loss = invariance + self.lam * mmd
             else:
                 loss = (self.sim_coeff / z[0].shape[1]) * invariance + self.mmd_coeff * mmd
         self.terms = {"invariance": invariance.detach(), "mmd": mmd.detach()}
         return loss
+
+    def regulariser(self, z: list[Tensor]) -> Tensor:
+        """The mean over the regularised views of MMD²(ẑᵛ, U), each view gathered across
+        processes (one collective for all)."""
+        regularised = self.layout.regularised
+        *gathered, _ = gather_views(*(z[v] for v in regularised))
+        gathered = dict(zip(regularised, gathered, strict=True))
+        return mean_over(
+            regularised,
+            lambda v: mmd_to_uniform(gathered[v], self.kernel, self.mmd_path, self.block_size),
+        )
 
     def extra_repr(self) -> str:
         if self.lam is not None:
