@@ -121,6 +121,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                          "best single changes together)",
                          ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]",
                           "model.projector=1024-8192"]),
+    "sfrik-expw-q16384": ("SFRIK, the Gaussian's degree weights to L = 6 and q = 16,384",
+                          ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]",
+                           "model.projector=1024-16384"]),
     "sfrik-expw-lam2": ("SFRIK, the Gaussian's degree weights to L = 6, λ = 2 (the uniformity "
                         "loss's log raises its weight as the batch spreads; this doubles it)",
                         ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]",
