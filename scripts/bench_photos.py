@@ -46,6 +46,9 @@ ARCHIVE = REPO.parent / "shared/data/imagewoof-128-jpg.tar.gz"
 FIRST_PRESET = ["train.precision=fp32", "optim.state_bits=8", "photos.data.views.large_scale=null"]
 
 #: name → (what it tests, the --set overrides on the cpu preset). ``random`` trains nothing.
+#: The Gaussian's degree weights b_ℓ ∝ 4^ℓ/ℓ! to L = 6 (the study's best kernel shape).
+GAUSSIAN_WEIGHTS = "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]"
+
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "random": ("the same backbone at random init", []),
     "cpu": ("the cpu preset as it is (the README's command)", []),
@@ -116,17 +119,17 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                  ["loss.name=sfrik", "loss.kernel_weights=[1,40]"]),
     "sfrik-expw": ("SFRIK, the Gaussian's degree weights to L = 6, (10, 20, 26.7, 26.7, 21.3, "
                    "14.2): b_ℓ ∝ 4^ℓ/ℓ! as exp(4t), ψ' equal to (1, 40, 40)'s at t = 0.2–0.4",
-                   ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]"]),
+                   ["loss.name=sfrik", GAUSSIAN_WEIGHTS]),
     "sfrik-expw-q8192": ("SFRIK, the Gaussian's degree weights to L = 6 and q = 8,192 (the two "
                          "best single changes together)",
-                         ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]",
+                         ["loss.name=sfrik", GAUSSIAN_WEIGHTS,
                           "model.projector=1024-8192"]),
     "sfrik-expw-q16384": ("SFRIK, the Gaussian's degree weights to L = 6 and q = 16,384",
-                          ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]",
+                          ["loss.name=sfrik", GAUSSIAN_WEIGHTS,
                            "model.projector=1024-16384"]),
     "sfrik-expw-lam2": ("SFRIK, the Gaussian's degree weights to L = 6, λ = 2 (the uniformity "
                         "loss's log raises its weight as the batch spreads; this doubles it)",
-                        ["loss.name=sfrik", "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]",
+                        ["loss.name=sfrik", GAUSSIAN_WEIGHTS,
                          "loss.lam=2.0"]),
     "sfrik-q4096": ("SFRIK, projector 1024-4096 (q = 4,096)",
                     ["loss.name=sfrik", "model.projector=1024-4096"]),
