@@ -313,18 +313,34 @@ def _run_rows(results: list[dict]) -> list[list]:
     ]  # fmt: skip
 
 
+def latest_sitting(results: list[dict]) -> list[dict]:
+    """The runs of the latest run's machine on its day and the days just before it without a
+    day's gap: one sitting that ran past midnight stays one comparison."""
+    if not results:
+        return []
+    machine = _machine(results[-1])
+    mine = [r for r in results if _machine(r) == machine]
+    day = datetime.date.fromisoformat(results[-1]["date"][:10])
+    days = {datetime.date.fromisoformat(r["date"][:10]) for r in mine}
+    while day - datetime.timedelta(days=1) in days:
+        day -= datetime.timedelta(days=1)
+    return [r for r in mine if datetime.date.fromisoformat(r["date"][:10]) >= day]
+
+
 def report_lines(results: list[dict]) -> list[str]:
-    """The study's page: the variants measured on the latest machine and day (the comparisons
-    at equal time hold within one machine and day), the variants over every run, every run."""
+    """The study's page: the variants measured in the latest sitting on one machine (the
+    comparisons at equal time hold within one machine and day), the variants over every run,
+    every run."""
     header = ["variant", "what", "machine", "training", "runs", "kNN top-1, k = 200 (range)",
               "points over random", "kNN, k = 20 (range)", "linear top-1 (range)", "steps",
               "--set on the cpu preset"]  # fmt: skip
     machines = sorted({_machine(r) for r in results})
     dates = sorted({r["date"] for r in results})
     budgets = sorted({r["budget"] for r in results if r["variant"] != "random"})
-    last = results[-1] if results else None
-    latest = [r for r in results if (r["date"], _machine(r)) == (last["date"], _machine(last))]
-    day = f"{last['date']}, {_machine(last)}" if last else "–"
+    latest = latest_sitting(results)
+    days = sorted({r["date"] for r in latest})
+    span = " to ".join(dict.fromkeys(days[:1] + days[-1:]))
+    day = f"{span}, {_machine(latest[-1])}" if latest else "–"
     return [
         "# Photos: what learns most per minute (Imagewoof, the `cpu` preset)",
         "",
@@ -336,7 +352,7 @@ def report_lines(results: list[dict]) -> list[str]:
         f"- Machine: {'; '.join(machines)}",
         f"- Dates: {', '.join(dates)}",
         "",
-        f"## Same machine, same day ({day})",
+        f"## Same machine, one sitting ({day})",
         "",
         *bench.markdown_table(header, _variant_rows(latest, results), "llllrrrrrrl"),
         "",
