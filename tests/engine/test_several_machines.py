@@ -58,6 +58,10 @@ def _enter(rank: int, world: int, port: int, launches: list[list[str]], results:
         except UserError as err:
             raised.append(str(err))
     Path(results, f"rank{rank}.json").write_text(json.dumps(raised))
+    # Both ranks meet, then close gloo: a rank that exits with the group open can abort in
+    # gloo's teardown ("terminate called without an active exception", SIGABRT; seen once in CI).
+    accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
 
 
 def test_every_process_must_see_the_folder_of_the_main_process(tmp_path):
