@@ -45,10 +45,10 @@ ARCHIVE = REPO.parent / "shared/data/imagewoof-128-jpg.tar.gz"
 #: as overrides on today's: the variants measured on it (:data:`ON_THE_FIRST_PRESET`) run on it.
 FIRST_PRESET = ["train.precision=fp32", "optim.state_bits=8", "photos.data.views.large_scale=null"]
 
-#: name → (what it tests, the --set overrides on the cpu preset). ``random`` trains nothing.
 #: The Gaussian's degree weights b_ℓ ∝ 4^ℓ/ℓ! to L = 6 (the study's best kernel shape).
 GAUSSIAN_WEIGHTS = "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]"
 
+#: name → (what it tests, the --set overrides on the cpu preset). ``random`` trains nothing.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "random": ("the same backbone at random init", []),
     "cpu": ("the cpu preset as it is (the README's command)", []),
@@ -318,13 +318,17 @@ def latest_sitting(results: list[dict]) -> list[dict]:
     day's gap: one sitting that ran past midnight stays one comparison."""
     if not results:
         return []
+
+    def day_of(r: dict) -> datetime.date:  # "2026-12-03/04" (a transcribed sitting): its first day
+        return datetime.date.fromisoformat(r["date"][:10])
+
     machine = _machine(results[-1])
     mine = [r for r in results if _machine(r) == machine]
-    day = datetime.date.fromisoformat(results[-1]["date"][:10])
-    days = {datetime.date.fromisoformat(r["date"][:10]) for r in mine}
-    while day - datetime.timedelta(days=1) in days:
-        day -= datetime.timedelta(days=1)
-    return [r for r in mine if datetime.date.fromisoformat(r["date"][:10]) >= day]
+    days = {day_of(r) for r in mine}
+    first = day_of(results[-1])
+    while first - datetime.timedelta(days=1) in days:
+        first -= datetime.timedelta(days=1)
+    return [r for r in mine if day_of(r) >= first]
 
 
 def report_lines(results: list[dict]) -> list[str]:
