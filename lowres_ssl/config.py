@@ -273,8 +273,35 @@ def from_dict(values: dict[str, Any]) -> Config:
     """A :class:`Config` from nested dicts (missing keys take their defaults; the keys of
     earlier versions are read as :func:`upgrade` maps them)."""
     values = upgrade(values or {})
-    _build(Config, values.get("photos") or {}, "photos.")  # its keys are config keys
+    _check_photos(values.get("photos") or {})
     return _build(Config, values, "")
+
+
+#: The ``photos`` overlay's section for long runs (``photos.long``, :mod:`lowres_ssl.length`):
+#: config keys that apply on photos where the run sees at least ``min_images`` images (a time
+#: budget counted at ``images_per_s``), besides the overlay's own.
+LONG = "long"
+#: The rule's own keys in ``photos.long`` (the rest are config keys).
+LONG_RULE = ("min_images", "images_per_s")
+
+
+def _check_photos(photos: dict[str, Any]) -> None:
+    """The ``photos`` overlay's keys are config keys; so are its ``long`` section's, besides
+    the rule's own (both required, positive)."""
+    _build(Config, {k: v for k, v in photos.items() if k != LONG}, "photos.")
+    if LONG not in photos:
+        return
+    rule = photos[LONG]
+    if not isinstance(rule, dict):
+        raise UserError(f"config key photos.{LONG} must be a section (a mapping)")
+    _build(Config, {k: v for k, v in rule.items() if k not in LONG_RULE}, f"photos.{LONG}.")
+    for key, tp in zip(LONG_RULE, (int, float), strict=True):
+        if key not in rule:
+            raise UserError(
+                f"config key photos.{LONG}.{key} is missing: the rule for long runs needs "
+                f"both {' and '.join(LONG_RULE)}"
+            )
+        _positive(f"photos.{LONG}.{key}", _coerce(f"photos.{LONG}.{key}", rule[key], tp))
 
 
 #: Keys of earlier versions, read by :func:`upgrade`: (section, old key, the key it set on
@@ -332,6 +359,17 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"section.key": value}`` (``options`` is a value)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "options":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Nested dicts merged key by key; ``override`` wins (sections merge, values replace)."""
     out = dict(base)
@@ -349,13 +387,30 @@ def layer(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     overlay: what a later layer (a config file, a flag, ``--set``) says holds for every image
     size, the preset's photo keys included."""
     base, over = upgrade(base), upgrade(over)
-    photos = _without(base.get("photos") or {}, {k: v for k, v in over.items() if k != "photos"})
+    later = {k: v for k, v in over.items() if k != "photos"}
+    photos = _photos_without(base.get("photos") or {}, later)
     out = merge(base, over)
     photos = merge(photos, over.get("photos") or {})
     if photos:
         out["photos"] = photos
     else:
         out.pop("photos", None)
+    return out
+
+
+def _photos_without(photos: dict[str, Any], keys: dict[str, Any]) -> dict[str, Any]:
+    """The ``photos`` overlay less every key ``keys`` sets, its ``long`` section's included;
+    where ``keys`` chooses the loss (``loss.name``) the section goes whole (it is a loss with
+    its settings, chosen for long runs: a loss chosen later holds at every length), and where
+    no config key of it is left, too."""
+    out = _without(photos, keys)
+    rule = out.pop(LONG, None)
+    if isinstance(rule, dict) and "name" not in (keys.get("loss") or {}):
+        rest = _without(rule, keys)
+        if set(rest) - set(LONG_RULE):
+            out[LONG] = rest
+    elif rule is not None and not isinstance(rule, dict):
+        out[LONG] = rule  # not a section: from_dict says so
     return out
 
 
@@ -484,11 +539,14 @@ def validate(cfg: Config) -> Config:
     """Check choices, ranges and the data path, of ``cfg`` and of ``cfg`` with its ``photos``
     overlay applied; return ``cfg`` (raises :class:`UserError`)."""
     _validate(cfg)
-    if cfg.photos:
+    if not cfg.photos:
+        return cfg
+    for long in (False, True) if LONG in cfg.photos else (False,):
         try:
-            _validate(with_photos(cfg))
+            _validate(with_photos(cfg, long=long))
         except UserError as err:  # the base is valid: the overlay's key is wrong
-            raise UserError(str(err).replace("config key ", "config key photos.", 1)) from None
+            where = f"photos.{LONG}." if long else "photos."
+            raise UserError(str(err).replace("config key ", f"config key {where}", 1)) from None
     return cfg
 
 
@@ -498,11 +556,17 @@ def config_at_size(values: dict[str, Any], load_size: int) -> Config:
     return validate(from_dict(layer(values, {"data": {"load_size": load_size}})))
 
 
-def with_photos(cfg: Config) -> Config:
-    """``cfg`` with its ``photos`` overlay applied (and emptied): the config on photos."""
+def with_photos(cfg: Config, *, long: bool = False) -> Config:
+    """``cfg`` with its ``photos`` overlay applied (and emptied): the config on photos;
+    ``long``: with the overlay's ``long`` section on top (its config keys), the config of a
+    long run on photos."""
     values = to_dict(cfg)
-    values.pop("photos")
-    return from_dict(merge(values, cfg.photos))
+    photos = dict(values.pop("photos"))
+    rule = photos.pop(LONG, None) or {}
+    values = merge(values, photos)
+    if long:
+        values = merge(values, {k: v for k, v in rule.items() if k not in LONG_RULE})
+    return from_dict(values)
 
 
 def _validate(cfg: Config) -> None:

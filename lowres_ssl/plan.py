@@ -11,7 +11,8 @@ folder's ``config.yaml`` is the plan's config. What it decides, in order:
 2. on ``--resume``, every ``auto`` takes the value the run resolved it to when it started;
 3. ``data.load_size: auto`` from the images (:func:`lowres_ssl.data.sizes.choose_view_size`:
    small images keep their size, photos get ``photos.data.load_size``, 128 px unless set), and
-   on photos (views over 64 px) the config's ``photos`` overlay;
+   on photos (views over 64 px) the config's ``photos`` overlay, with its section for long
+   runs (``photos.long``) where the run will see enough images (:mod:`lowres_ssl.length`);
 4. ``train.precision`` as Accelerate will run it (the launcher's ``--mixed_precision``
    included), ``data.cache``, ``loss.mmd_path``;
 5. ``train.micro_batch_size: auto`` → the largest micro-batch whose estimated peak
@@ -47,6 +48,7 @@ from lowres_ssl.config import (
 from lowres_ssl.data.sizes import SMALL_MAX
 from lowres_ssl.device import card_memory_gib, cpu_has_native_bf16, cuda_mixed_precision, ram_gib
 from lowres_ssl.errors import UserError
+from lowres_ssl.length import LongRule
 from lowres_ssl.memory import (
     GIB,
     HEADROOM,
@@ -215,12 +217,11 @@ def resolve(
     cfg = with_defaults(request, defaults or {})
     if saved:
         cfg = keep_saved(cfg, saved)
-    cfg, note = resolve_views(cfg)
-    if note:
-        notes.append(note)
+    count = functools.cache(functools.partial(image_count, cfg))  # a folder is scanned once
+    cfg, view_notes = resolve_views(cfg, machine.processes, count)
+    notes += view_notes
     validate(cfg)  # what the sizing below builds (the kernel, the objective) can be built
     cfg = _replace(cfg, "train", precision=precision_for(cfg.train.precision, machine))
-    count = functools.cache(functools.partial(image_count, cfg))  # a folder is scanned once
     cfg = _replace(cfg, "data", cache=cache_for(cfg, machine, count))
     cfg = _replace(cfg, "loss", mmd_path=mmd_path_for(cfg, machine))
     cached = images_on_card(cfg, machine, count)
@@ -306,23 +307,33 @@ def keep_saved(cfg: Config, saved: dict[str, Any]) -> Config:
     return cfg
 
 
-def resolve_views(cfg: Config) -> tuple[Config, str | None]:
+def resolve_views(
+    cfg: Config, processes: int = 1, count: Callable[[], int] | None = None
+) -> tuple[Config, list[str]]:
     """``data.load_size: auto`` chosen from the images (photos: ``photos.data.load_size``,
-    else :data:`PHOTO_SIZE`), and on photos (views over 64 px) the ``photos`` overlay applied;
-    (config with an empty overlay, the line saying what the images are)."""
+    else :data:`PHOTO_SIZE`), and on photos (views over 64 px) the ``photos`` overlay applied,
+    with its section for long runs where the run on ``processes`` processes sees enough
+    images (:mod:`lowres_ssl.length`; ``count``: the images, None: the section is left out);
+    (config with an empty overlay, the lines saying what the images are and how long the run
+    is)."""
     from lowres_ssl.data.sizes import choose_view_size
 
     overlay = dict(cfg.photos)
     photo_size = (overlay.get("data") or {}).get("load_size", PHOTO_SIZE)
-    note = None
+    notes = []
     if cfg.data.load_size == "auto":
         choice = choose_view_size(cfg.data.path, photo_size)
         cfg = _replace(cfg, "data", load_size=choice.size)
-        note = f"data: {choice}"
+        notes.append(f"data: {choice}")
     if cfg.data.view_size > SMALL_MAX:
         data = {k: v for k, v in (overlay.get("data") or {}).items() if k != "load_size"}
-        cfg = with_photos(dataclasses.replace(cfg, photos={**overlay, "data": data}))
-    return dataclasses.replace(cfg, photos={}), note
+        cfg = dataclasses.replace(cfg, photos={**overlay, "data": data})
+        long, rule = False, LongRule.of(cfg.photos)
+        if rule is not None and count is not None:
+            long, note = rule.decide(with_photos(cfg).train, processes, count)
+            notes.append(note)
+        cfg = with_photos(cfg, long=long)
+    return dataclasses.replace(cfg, photos={}), notes
 
 
 def images_on_card(cfg: Config, machine: Machine, count: Callable[[], int] | None = None) -> int:

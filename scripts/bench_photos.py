@@ -51,7 +51,9 @@ GAUSSIAN_WEIGHTS = "loss.kernel_weights=[10,20,26.7,26.7,21.3,14.2]"
 #: name → (what it tests, the --set overrides on the cpu preset). ``random`` trains nothing.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "random": ("the same backbone at random init", []),
-    "cpu": ("the cpu preset as it is (the README's command)", []),
+    "cpu": ("the cpu preset as it is (the README's command; on photos SimCLR, and since "
+            "2026-12-08 from 120,000 images, a budget of 42 min, `sfrik-expw-q8192`: the "
+            "rows of 30 and 60 min before that day are SimCLR)", []),
     "cpu-sfrik": ("the cpu preset with SFRIK on photos", ["loss.name=sfrik"]),
     "cpu-simclr": ("the cpu preset with SimCLR (τ = 0.2)", ["loss.name=simclr"]),
     "cpu-vicreg": ("the cpu preset with VICReg", ["loss.name=vicreg"]),

@@ -57,6 +57,7 @@ CPU_CASES = [
     (96, "512-1024", 32, 0, False, 6),
     (96, "512-1024", 64, 16, False, 6),
     (96, "1024-2048", 32, 0, False, 6),  # the cpu preset on photos with 6 crops
+    (96, "1024-8192", 32, 0, False, 0),  # the cpu preset's long runs on photos (q = 8,192)
 ]
 
 #: The same measurement per backbone: timm and torchvision models beside ResNet-18 (96 px,

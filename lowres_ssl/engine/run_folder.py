@@ -26,6 +26,7 @@ from lowres_ssl.config import (
     TASK_KEYS,
     Config,
     dump_yaml,
+    flatten,
     from_dict,
     load_yaml,
     to_dict,
@@ -57,16 +58,6 @@ RESUMABLE_KEYS = {
 RESUMABLE_SECTIONS = ("eval.",)
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict) and key != "options":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _as_run(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config as its run trained it: read into today's keys, with its ``photos``
     overlay applied where its views were photos (a config saved before the overlay kept
@@ -80,9 +71,9 @@ def _as_run(saved: dict[str, Any]) -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key: saved → current`` for each key that differs and matters for resuming."""
-    a, b = _flatten(_as_run(saved)), _flatten(current)
+    a, b = flatten(_as_run(saved)), flatten(current)
     # A key the saved config lacks (written before the key existed) had its default then.
-    defaults = _flatten(to_dict(Config()))
+    defaults = flatten(to_dict(Config()))
     a = {**{k: v for k, v in defaults.items() if k not in a and k in b}, **a}
     keys = sorted((set(a) | set(b)) - RESUMABLE_KEYS)
     # The photos overlay is compared as what it resolved to (the keys it set).
