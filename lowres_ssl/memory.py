@@ -7,7 +7,8 @@ One place for the memory model (``docs/design.md`` §7): ``--dry-run`` prints it
 - **weights** (fp32 master copies, BatchNorm buffers), **gradients** (fp32), **optimizer
   state** by its bits (8-bit LARS: 1 byte per value plus one fp32 scale per 256, fp32 for
   tensors under 4,096 values; AdamW: two such states), and the step's transient (the LARS
-  update of the largest tensor);
+  update of the largest tensor; on the CPU only what exceeds the activations, which backward
+  has freed by then and the heap reuses);
 - **mixed-precision weight copies**: autocast keeps a 16-bit copy of every weight it casts;
 - **activations**: what autograd saves for backward, *counted, not guessed*: a forward of a
   tiny batch on the CPU under the run's precision, with ``saved_tensors_hooks`` summing the
@@ -417,6 +418,13 @@ def estimate(setting: Setting) -> Estimate:
         act += s.small_views * m * small.per_image(s.checkpointing)
         largest = max(largest, s.small_views * m * small.largest)
     parts["activations"] = act + 2 * largest
+    if not s.cuda:
+        # The step runs after backward has freed the activations: the CPU's heap reuses them
+        # (measured, docs/benchmarks/presets.md). The caching allocator may not (a large block
+        # is not cut from smaller freed ones): on a card both count, until measured there.
+        step = parts.pop("optimizer step") - parts["activations"]
+        if step > 0:
+            parts["optimizer step"] = step
     loss = _objective_bytes(s)
     if cache:
         loss += 2 * s.views * FLOAT * batch * q  # every view's cached embeddings, gradients

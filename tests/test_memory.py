@@ -101,6 +101,31 @@ def test_the_breakdown_names_every_part():
     assert est.total_gib == pytest.approx(est.total / GIB)
 
 
+def test_on_the_cpu_the_step_reuses_what_backward_freed():
+    """The LARS update of the largest tensor (the 1024 → 8192 projector layer: 2 × 32 MiB)
+    comes after backward has freed the activations: on the CPU only its excess counts; on a
+    card both do (a large block is not cut from smaller freed ones)."""
+    step = 2 * 4 * 1024 * 8192
+
+    def parts(batch, cuda):
+        return estimate(
+            Setting(
+                projector="1024-8192",
+                view_size=96,
+                load_size=96,
+                batch_size=batch,
+                cuda=cuda,
+                mixed=False,
+                state_bits=32,
+            )
+        ).parts
+
+    assert "optimizer step" not in parts(32, cuda=False)  # 285 MiB of activations
+    assert parts(32, cuda=True)["optimizer step"] == step
+    few = parts(1, cuda=False)  # one image: under 10 MiB of activations
+    assert few["optimizer step"] == step - few["activations"] > 0
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize(
     ("size", "projector", "batch", "micro", "checkpointing", "crops"),
