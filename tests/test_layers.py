@@ -19,7 +19,7 @@ PACKAGE = ROOT / "lowres_ssl"
 FLOORS = [
     ["errors", "files", "durations", "run_layout", "small_images"],
     ["device", "losses", "models", "data", "augment", "optim"],
-    ["config", "presets", "memory"],
+    ["config", "presets", "memory", "length"],
     ["weights", "eval", "plan", "plots", "predict"],
     ["engine"],
     ["tasks", "bench", "explore"],
