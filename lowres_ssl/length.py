@@ -32,6 +32,7 @@ class Length:
 
     images: int
     how: str  # e.g. "100 steps of 32 images", "a 1 h budget at 48 images/s"
+    budget_s: float | None = None  # a time budget's, counted at a rate
 
 
 def planned_length(
@@ -43,7 +44,7 @@ def planned_length(
     if train.time_budget is not None:
         seconds = parse_budget(train.time_budget)
         how = f"a {format_duration(seconds)} budget at {images_per_s:g} images/s"
-        return Length(round(seconds * images_per_s), how)
+        return Length(round(seconds * images_per_s), how, seconds)
     steps_per_epoch = max(1, count() // per_step)  # training drops the last partial batch
     epochs = train.epochs or 1
     steps, how = epochs * steps_per_epoch, f"{epochs} epoch{'s' if epochs > 1 else ''}"
@@ -69,19 +70,49 @@ class LongRule:
         keys = {k: v for k, v in rule.items() if k not in LONG_RULE}
         return cls(int(rule["min_images"]), float(rule["images_per_s"]), keys)
 
-    def decide(
-        self, train: TrainConfig, processes: int, count: Callable[[], int]
-    ) -> tuple[bool, str]:
-        """Whether the keys apply to a run of ``train``, and the plan's line that says why."""
+    def decide(self, train: TrainConfig, processes: int, count: Callable[[], int]) -> Choice:
+        """Whether the keys apply to a run of ``train``, and why."""
         length = planned_length(train, processes, count, self.images_per_s)
-        applies = length.images >= self.min_images
         keys = ", ".join(f"{k}={v}" for k, v in flatten(self.keys).items())
-        if applies:
-            return True, (
-                f"photos, a long run: about {length.images:,} images ({length.how}), at least "
-                f"{self.min_images:,}: photos.long applies ({keys})"
+        return Choice(self, length, length.images >= self.min_images, keys)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the plan chose for a run: the rule, the length it counted, long or not."""
+
+    rule: LongRule
+    length: Length
+    long: bool
+    keys: str  # the section's keys, as the plan's line names them
+
+    @property
+    def line(self) -> str:
+        """The plan's line (``--dry-run`` prints it, the run logs it)."""
+        n, at_least = self.length.images, self.rule.min_images
+        if self.long:
+            return (
+                f"photos, a long run: about {n:,} images ({self.length.how}), at least "
+                f"{at_least:,}: photos.long applies ({self.keys})"
             )
-        return False, (
-            f"photos, a short run: about {length.images:,} images ({length.how}), under "
-            f"{self.min_images:,}: photos.long ({keys}) left out"
+        return (
+            f"photos, a short run: about {n:,} images ({self.length.how}), under "
+            f"{at_least:,}: photos.long ({self.keys}) left out"
+        )
+
+    def measured(self, images: int) -> str | None:
+        """Where a time budget, once fitted to the measured steps, gives ``images`` on the
+        other side of the threshold than the rule's rate counted: the line that says so (the
+        run keeps its plan, decided once). None: the two agree, or no budget was counted."""
+        budget_s = self.length.budget_s
+        if budget_s is None or (images >= self.rule.min_images) == self.long:
+            return None
+        side = "at least" if images >= self.rule.min_images else "under"
+        plan = "long (photos.long applied)" if self.long else "short"
+        return (
+            f"photos.long: this machine's steps fit about {images:,} images in the budget, "
+            f"{side} {self.rule.min_images:,}; the plan counted {self.length.images:,} at "
+            f"{self.rule.images_per_s:g} images/s and chose {plan}, and the run keeps that. "
+            f"To plan at this machine's rate, start again with --set "
+            f"photos.long.images_per_s={images / budget_s:.3g}"
         )

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from lowres_ssl.config import (
+    LONG,
     TASK_KEYS,
     Config,
     from_dict,
@@ -48,7 +49,7 @@ from lowres_ssl.config import (
 from lowres_ssl.data.sizes import SMALL_MAX
 from lowres_ssl.device import card_memory_gib, cpu_has_native_bf16, cuda_mixed_precision, ram_gib
 from lowres_ssl.errors import UserError
-from lowres_ssl.length import LongRule
+from lowres_ssl.length import Choice, LongRule
 from lowres_ssl.memory import (
     GIB,
     HEADROOM,
@@ -171,6 +172,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     cached_images: int = 0  # decoded images kept on the card
     known: Estimate | None = None  # the estimate, where resolving made it
+    length: Choice | None = None  # the rule for long runs on photos, where it was decided
 
     @functools.cached_property
     def estimate(self) -> Estimate:
@@ -218,8 +220,12 @@ def resolve(
     if saved:
         cfg = keep_saved(cfg, saved)
     count = functools.cache(functools.partial(image_count, cfg))  # a folder is scanned once
-    cfg, view_notes = resolve_views(cfg, machine.processes, count)
-    notes += view_notes
+    cfg, note = resolve_views(cfg)
+    if note:
+        notes.append(note)
+    cfg, length = resolve_length(cfg, machine.processes, count)
+    if length:
+        notes.append(length.line)
     validate(cfg)  # what the sizing below builds (the kernel, the objective) can be built
     cfg = _replace(cfg, "train", precision=precision_for(cfg.train.precision, machine))
     cfg = _replace(cfg, "data", cache=cache_for(cfg, machine, count))
@@ -230,7 +236,7 @@ def resolve(
         notes.append(note)
     if not machine.here:
         notes.append(f"sized for {machine.found}; this machine does not have it")
-    return Plan(validate(cfg), machine, notes, cached, est)
+    return Plan(validate(cfg), machine, notes, cached, est, length)
 
 
 def unresolved(cfg: Config) -> list[str]:
@@ -307,33 +313,41 @@ def keep_saved(cfg: Config, saved: dict[str, Any]) -> Config:
     return cfg
 
 
-def resolve_views(
-    cfg: Config, processes: int = 1, count: Callable[[], int] | None = None
-) -> tuple[Config, list[str]]:
+def resolve_views(cfg: Config) -> tuple[Config, str | None]:
     """``data.load_size: auto`` chosen from the images (photos: ``photos.data.load_size``,
-    else :data:`PHOTO_SIZE`), and on photos (views over 64 px) the ``photos`` overlay applied,
-    with its section for long runs where the run on ``processes`` processes sees enough
-    images (:mod:`lowres_ssl.length`; ``count``: the images, None: the section is left out);
-    (config with an empty overlay, the lines saying what the images are and how long the run
-    is)."""
+    else :data:`PHOTO_SIZE`), and on photos (views over 64 px) the ``photos`` overlay applied;
+    (config whose overlay keeps only its section for long runs, on photos, for
+    :func:`resolve_length`; the line saying what the images are)."""
     from lowres_ssl.data.sizes import choose_view_size
 
     overlay = dict(cfg.photos)
     photo_size = (overlay.get("data") or {}).get("load_size", PHOTO_SIZE)
-    notes = []
+    note = None
     if cfg.data.load_size == "auto":
         choice = choose_view_size(cfg.data.path, photo_size)
         cfg = _replace(cfg, "data", load_size=choice.size)
-        notes.append(f"data: {choice}")
-    if cfg.data.view_size > SMALL_MAX:
-        data = {k: v for k, v in (overlay.get("data") or {}).items() if k != "load_size"}
-        cfg = dataclasses.replace(cfg, photos={**overlay, "data": data})
-        long, rule = False, LongRule.of(cfg.photos)
-        if rule is not None and count is not None:
-            long, note = rule.decide(with_photos(cfg).train, processes, count)
-            notes.append(note)
-        cfg = with_photos(cfg, long=long)
-    return dataclasses.replace(cfg, photos={}), notes
+        note = f"data: {choice}"
+    if cfg.data.view_size <= SMALL_MAX:
+        return dataclasses.replace(cfg, photos={}), note
+    data = {k: v for k, v in (overlay.get("data") or {}).items() if k != "load_size"}
+    cfg = with_photos(dataclasses.replace(cfg, photos={**overlay, "data": data}))
+    long = {LONG: overlay[LONG]} if overlay.get(LONG) else {}
+    return dataclasses.replace(cfg, photos=long), note
+
+
+def resolve_length(
+    cfg: Config, processes: int, count: Callable[[], int]
+) -> tuple[Config, Choice | None]:
+    """The overlay's section for long runs (left by :func:`resolve_views` on photos) applied
+    where the run on ``processes`` processes sees enough images (:mod:`lowres_ssl.length`;
+    ``count``: the images); (config with an empty overlay, the choice: None without a rule)."""
+    rule = LongRule.of(cfg.photos)
+    if rule is None:
+        return dataclasses.replace(cfg, photos={}), None
+    choice = rule.decide(cfg.train, processes, count)
+    if choice.long:
+        cfg = with_photos(cfg, long=True)
+    return dataclasses.replace(cfg, photos={}), choice
 
 
 def images_on_card(cfg: Config, machine: Machine, count: Callable[[], int] | None = None) -> int:
@@ -524,6 +538,7 @@ __all__ = [
     "no_gpu_reason",
     "precision_for",
     "resolve",
+    "resolve_length",
     "resolve_micro_batch",
     "resolve_views",
     "setting_for",

@@ -15,7 +15,7 @@ from lowres_ssl import config, plan, presets
 from lowres_ssl.cli import train_main
 from lowres_ssl.config import TrainConfig, from_dict, load_yaml, parse_set, validate
 from lowres_ssl.errors import UserError
-from lowres_ssl.length import LongRule, planned_length
+from lowres_ssl.length import Choice, Length, LongRule, planned_length
 from lowres_ssl.plan import Machine
 from lowres_ssl.tasks import Pretraining
 
@@ -203,3 +203,21 @@ def test_the_rule_reads_its_section():
     _, preset, _ = presets.load_preset("cpu")
     cfg = from_dict(preset)
     assert from_dict(yaml.safe_load(config.dump_yaml(cfg))) == cfg
+
+
+def test_a_fitted_budget_is_checked_against_what_the_plan_counted():
+    """The run's check (:mod:`lowres_ssl.engine.length_check`): silent where the images the
+    budget fits fall on the plan's side of the threshold, one line with this machine's rate
+    where not; a length in steps or epochs was counted exactly and is not checked."""
+    rule = LongRule(120_000, 48.0, {})
+    long = Choice(rule, Length(172_800, "a 1 h budget at 48 images/s", 3600.0), True, "")
+    assert long.measured(130_000) is None
+    slow = long.measured(68_400)  # 19 images/s: a 2-core CPU without bf16
+    assert "under 120,000" in slow and "chose long" in slow
+    assert slow.endswith("--set photos.long.images_per_s=19")
+    short = Choice(rule, Length(86_400, "a 30 min budget at 48 images/s", 1800.0), False, "")
+    assert short.measured(100_000) is None
+    fast = short.measured(125_000)
+    assert "at least 120,000" in fast and fast.endswith("images_per_s=69.4")
+    exact = Choice(rule, Length(3_200, "100 steps of 32 images"), False, "")
+    assert exact.measured(999_999) is None

@@ -62,8 +62,8 @@ def test_auto_sizes_resolve_and_a_set_size_is_kept(tmp_path):
     photos = str(folder(tmp_path / "photos", (640, 480)))
     cfg = resolved({"data": {"path": photos}, "photos": {"data": {"load_size": 112}}})
     assert (cfg.data.load_size, cfg.data.recipe) == (112, "vicreg")
-    cfg, notes = plan.resolve_views(validate(from_dict({"data": {"path": photos}})))
-    assert cfg.data.load_size == plan.PHOTO_SIZE and "views of 128 px" in notes[0]
+    cfg, note = plan.resolve_views(validate(from_dict({"data": {"path": photos}})))
+    assert cfg.data.load_size == plan.PHOTO_SIZE and "views of 128 px" in note
     cfg = resolved({"data": {"path": photos, "load_size": 48}})
     assert (cfg.data.load_size, cfg.data.recipe) == (48, "cifar")
 

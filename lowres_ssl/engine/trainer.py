@@ -38,6 +38,7 @@ from lowres_ssl.engine.budgeting import TimeBudget
 from lowres_ssl.engine.checkpointing import Checkpointer
 from lowres_ssl.engine.evaluating import Evaluator
 from lowres_ssl.engine.hooks import Hooks, StepCallback
+from lowres_ssl.engine.length_check import LengthCheck
 from lowres_ssl.engine.reporting import Reporter, start_line
 from lowres_ssl.engine.state import UNFITTED, Progress, State, StepDone
 from lowres_ssl.engine.stopping import (
@@ -49,6 +50,7 @@ from lowres_ssl.engine.stopping import (
 )
 from lowres_ssl.engine.task import Task
 from lowres_ssl.errors import UserError
+from lowres_ssl.length import Choice
 from lowres_ssl.run_layout import SKIPPED_FILE
 
 log = logging.getLogger("lowres_ssl")
@@ -104,7 +106,7 @@ def train(
         )  # fmt: skip
         if resume and run.resume_from is None:
             log.info("--resume: no checkpoint yet in %s; starting from the beginning", run_dir)
-        state, parts = start(run, clock, started, progress_bar, on_step)
+        state, parts = start(run, clock, started, progress_bar, on_step, planned.length)
         try:
             parts.evaluator.before_training(state)  # the untrained baseline (eval.untrained)
             stopped = run_loop(run, state, parts.hooks, budgeted=parts.budget is not None)
@@ -125,9 +127,15 @@ class Parts:
 
 
 def start(
-    run: setup.Run, clock, started: float, progress_bar: bool, on_step
+    run: setup.Run,
+    clock,
+    started: float,
+    progress_bar: bool,
+    on_step,
+    length: Choice | None = None,
 ) -> tuple[State, Parts]:
-    """The session's state (a resumed run's progress, the total of steps) and its parts."""
+    """The session's state (a resumed run's progress, the total of steps) and its parts
+    (``length``: the plan's choice for long runs on photos, checked once a budget is fitted)."""
     cfg, acc, t = run.cfg, run.accelerator, run.cfg.train
     checkpointer = Checkpointer(
         acc, run.run_dir, every=t.checkpoint_every, keep=t.keep_checkpoints,
@@ -162,6 +170,9 @@ def start(
     parts = [reporter, NonFiniteGuard(t.max_bad_steps, getattr(acc, "scaler", None))]
     parts += [StepCallback(on_step)] if on_step is not None else []
     parts += [evaluator, checkpointer] + ([budget] if budget is not None else [])
+    if budget is not None and length is not None:  # after the budget: its fitted total
+        images_per_step = t.batch_size * run.world
+        parts.append(LengthCheck(length, images_per_step, main_process=acc.is_main_process))
     return state, Parts(reporter, evaluator, checkpointer, budget, Hooks(parts))
 
 
