@@ -287,9 +287,9 @@ LONG_RULE = ("min_images", "images_per_s")
 
 def _check_photos(photos: dict[str, Any]) -> None:
     """The ``photos`` overlay's keys are config keys; so are its ``long`` section's, besides
-    the rule's own (both required, positive)."""
+    the rule's own (both required, positive); ``long: null`` is no rule."""
     _build(Config, {k: v for k, v in photos.items() if k != LONG}, "photos.")
-    if LONG not in photos:
+    if photos.get(LONG) is None:
         return
     rule = photos[LONG]
     if not isinstance(rule, dict):

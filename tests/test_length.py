@@ -112,6 +112,13 @@ def test_the_threshold_is_counted_in_images_on_every_process(tmp_path):
     assert cpu_plan(data, *epochs, machine=two).cfg.loss.name == "simclr"  # 400: 1 step of 4
 
 
+def test_the_rule_is_turned_off_with_null(tmp_path):
+    data = photos(tmp_path / "photos")
+    off = cpu_plan(data, "train.time_budget=2h", "photos.long=null")
+    assert (off.cfg.loss.name, off.cfg.model.projector) == ("simclr", "1024-2048")
+    assert off.length is None and not any("photos.long" in line for line in off.notes)
+
+
 def test_small_images_keep_sfrik_at_every_length():
     """The rule is part of the photos overlay: CIFAR-size images train the preset's SFRIK."""
     long = cpu_plan("cifar10", "train.time_budget=2h").cfg
