@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from lowres_ssl import bench, durations, run_layout  # noqa: E402
+from lowres_ssl.device import cpu_has_native_bf16  # noqa: E402
 
 RESULTS = REPO / "docs/benchmarks/photos_runs.jsonl"
 REPORT = REPO / "docs/benchmarks/photos.md"
@@ -244,6 +245,7 @@ def run_facts(load: float | None, started: float) -> dict:
         "date": datetime.date.today().isoformat(),
         "cpu": bench.cpu_model(),
         "cores": os.cpu_count(),
+        "bf16_native": cpu_has_native_bf16(),
     }
 
 
@@ -286,7 +288,7 @@ def _variant_rows(results: list[dict], every: list[dict] | None = None) -> list[
             f"{100 * (statistics.fmean(knn) - base_mean):+.1f}")  # fmt: skip
         steps = [r["steps"] for r in mine if r.get("steps")]
         rows.append([
-            f"`{name}`", what, machine.split(" (")[0], "–" if name == "random" else budget,
+            f"`{name}`", what, _short(machine), "–" if name == "random" else budget,
             len(mine), _spread(knn), gain,
             _spread(knn20), _spread(linear),
             f"{statistics.fmean(steps):.0f}" if steps else "–",
@@ -297,7 +299,16 @@ def _variant_rows(results: list[dict], every: list[dict] | None = None) -> list[
 
 
 def _machine(result: dict) -> str:
-    return f"{result['cpu']} ({result['cores']} cores)"
+    """The machine of a run, in words. One CPU name covers models with and without bf16 in
+    hardware (2.5× apart here): runs that recorded it (``bf16_native``) say which."""
+    bf16 = {True: ", bf16", False: ", no bf16"}.get(result.get("bf16_native"), "")
+    return f"{result['cpu']} ({result['cores']} cores{bf16})"
+
+
+def _short(machine: str) -> str:
+    """ "AMD EPYC (2 cores, bf16)" → "AMD EPYC, bf16": a table's machine column."""
+    name, _, rest = machine.partition(" (")
+    return ", ".join([name, *(t for t in rest.rstrip(")").split(", ") if "cores" not in t)])
 
 
 def _run_rows(results: list[dict]) -> list[list]:
