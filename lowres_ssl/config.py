@@ -285,6 +285,11 @@ LONG = "long"
 LONG_RULE = ("min_images", "images_per_s")
 
 
+def long_keys(rule: dict[str, Any]) -> dict[str, Any]:
+    """The config keys of a ``photos.long`` section (less the rule's own)."""
+    return {k: v for k, v in rule.items() if k not in LONG_RULE}
+
+
 def _check_photos(photos: dict[str, Any]) -> None:
     """The ``photos`` overlay's keys are config keys; so are its ``long`` section's, besides
     the rule's own (both required, positive); ``long: null`` is no rule."""
@@ -294,7 +299,7 @@ def _check_photos(photos: dict[str, Any]) -> None:
     rule = photos[LONG]
     if not isinstance(rule, dict):
         raise UserError(f"config key photos.{LONG} must be a section (a mapping)")
-    _build(Config, {k: v for k, v in rule.items() if k not in LONG_RULE}, f"photos.{LONG}.")
+    _build(Config, long_keys(rule), f"photos.{LONG}.")
     for key, tp in zip(LONG_RULE, (int, float), strict=True):
         if key not in rule:
             raise UserError(
@@ -565,7 +570,7 @@ def with_photos(cfg: Config, *, long: bool = False) -> Config:
     rule = photos.pop(LONG, None) or {}
     values = merge(values, photos)
     if long:
-        values = merge(values, {k: v for k, v in rule.items() if k not in LONG_RULE})
+        values = merge(values, long_keys(rule))
     return from_dict(values)
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lowres_ssl.config import LONG, LONG_RULE, TrainConfig, flatten
+from lowres_ssl.config import LONG, TrainConfig, flatten, long_keys
 from lowres_ssl.durations import format_duration, parse_budget
 
 
@@ -67,14 +67,12 @@ class LongRule:
         rule = photos.get(LONG)
         if not rule:
             return None
-        keys = {k: v for k, v in rule.items() if k not in LONG_RULE}
-        return cls(int(rule["min_images"]), float(rule["images_per_s"]), keys)
+        return cls(int(rule["min_images"]), float(rule["images_per_s"]), long_keys(rule))
 
     def decide(self, train: TrainConfig, processes: int, count: Callable[[], int]) -> Choice:
         """Whether the keys apply to a run of ``train``, and why."""
         length = planned_length(train, processes, count, self.images_per_s)
-        keys = ", ".join(f"{k}={v}" for k, v in flatten(self.keys).items())
-        return Choice(self, length, length.images >= self.min_images, keys)
+        return Choice(self, length, length.images >= self.min_images)
 
 
 @dataclass(frozen=True)
@@ -84,7 +82,11 @@ class Choice:
     rule: LongRule
     length: Length
     long: bool
-    keys: str  # the section's keys, as the plan's line names them
+
+    @property
+    def keys(self) -> str:
+        """The section's keys, as the plan's line names them."""
+        return ", ".join(f"{k}={v}" for k, v in flatten(self.rule.keys).items())
 
     @property
     def line(self) -> str:

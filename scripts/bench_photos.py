@@ -288,7 +288,7 @@ def _variant_rows(results: list[dict], every: list[dict] | None = None) -> list[
             f"{100 * (statistics.fmean(knn) - base_mean):+.1f}")  # fmt: skip
         steps = [r["steps"] for r in mine if r.get("steps")]
         rows.append([
-            f"`{name}`", what, _short(machine), "–" if name == "random" else budget,
+            f"`{name}`", what, mine[0]["cpu"] + _bf16(mine[0]), "–" if name == "random" else budget,
             len(mine), _spread(knn), gain,
             _spread(knn20), _spread(linear),
             f"{statistics.fmean(steps):.0f}" if steps else "–",
@@ -298,17 +298,15 @@ def _variant_rows(results: list[dict], every: list[dict] | None = None) -> list[
     return rows
 
 
+def _bf16(result: dict) -> str:
+    """One CPU name covers models with and without bf16 in hardware (2.5× apart here): runs
+    that recorded it (``bf16_native``) say which."""
+    return {True: ", bf16", False: ", no bf16"}.get(result.get("bf16_native"), "")
+
+
 def _machine(result: dict) -> str:
-    """The machine of a run, in words. One CPU name covers models with and without bf16 in
-    hardware (2.5× apart here): runs that recorded it (``bf16_native``) say which."""
-    bf16 = {True: ", bf16", False: ", no bf16"}.get(result.get("bf16_native"), "")
-    return f"{result['cpu']} ({result['cores']} cores{bf16})"
-
-
-def _short(machine: str) -> str:
-    """ "AMD EPYC (2 cores, bf16)" → "AMD EPYC, bf16": a table's machine column."""
-    name, _, rest = machine.partition(" (")
-    return ", ".join([name, *(t for t in rest.rstrip(")").split(", ") if "cores" not in t)])
+    """The machine of a run, in words (what groups runs)."""
+    return f"{result['cpu']} ({result['cores']} cores{_bf16(result)})"
 
 
 def _run_rows(results: list[dict]) -> list[list]:

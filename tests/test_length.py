@@ -217,14 +217,14 @@ def test_a_fitted_budget_is_checked_against_what_the_plan_counted():
     budget fits fall on the plan's side of the threshold, one line with this machine's rate
     where not; a length in steps or epochs was counted exactly and is not checked."""
     rule = LongRule(120_000, 48.0, {})
-    long = Choice(rule, Length(172_800, "a 1 h budget at 48 images/s", 3600.0), True, "")
+    long = Choice(rule, Length(172_800, "a 1 h budget at 48 images/s", 3600.0), True)
     assert long.measured(130_000) is None
     slow = long.measured(68_400)  # 19 images/s: a 2-core CPU without bf16
     assert "under 120,000" in slow and "chose long" in slow
     assert slow.endswith("--set photos.long.images_per_s=19")
-    short = Choice(rule, Length(86_400, "a 30 min budget at 48 images/s", 1800.0), False, "")
+    short = Choice(rule, Length(86_400, "a 30 min budget at 48 images/s", 1800.0), False)
     assert short.measured(100_000) is None
     fast = short.measured(125_000)
     assert "at least 120,000" in fast and fast.endswith("images_per_s=69.4")
-    exact = Choice(rule, Length(3_200, "100 steps of 32 images"), False, "")
+    exact = Choice(rule, Length(3_200, "100 steps of 32 images"), False)
     assert exact.measured(999_999) is None

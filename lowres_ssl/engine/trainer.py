@@ -171,8 +171,8 @@ def start(
     parts += [StepCallback(on_step)] if on_step is not None else []
     parts += [evaluator, checkpointer] + ([budget] if budget is not None else [])
     if budget is not None and length is not None:  # after the budget: its fitted total
-        images_per_step = t.batch_size * run.world
-        parts.append(LengthCheck(length, images_per_step, main_process=acc.is_main_process))
+        check = LengthCheck(length, budget.images_per_step, main_process=acc.is_main_process)
+        parts.append(check)
     return state, Parts(reporter, evaluator, checkpointer, budget, Hooks(parts))
 
 

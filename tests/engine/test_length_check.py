@@ -62,16 +62,16 @@ def test_a_budget_that_fits_fewer_images_than_counted_says_so(folder, tmp_path, 
 def test_the_check_waits_for_the_fit_and_speaks_once(caplog):
     """Nothing before the budget has fitted the total; after it, one look: silent where the
     fitted images agree with the plan, one line where they do not."""
-    agree = disagree = Choice(RULE, COUNTED, True, "loss.lam=0.5")
+    choice = Choice(RULE, COUNTED, True)  # the plan chose long
     with caplog.at_level(logging.INFO, logger="lowres_ssl"):
         s = state(total=UNFITTED)
-        silent = LengthCheck(agree, images_per_step=4, main_process=True)
+        silent = LengthCheck(choice, images_per_step=4, main_process=True)
         silent.after_step(s, done())
         assert not silent.done  # the total is not known yet
         s.total_steps = 140  # 560 images: at least 200, as planned
         silent.after_step(s, done())
         assert silent.done and caplog.records == []
-        loud = LengthCheck(disagree, images_per_step=4, main_process=True)
+        loud = LengthCheck(choice, images_per_step=4, main_process=True)
         s.total_steps = 28  # 112 images: under 200
         loud.after_step(s, done())
         loud.after_step(s, done())
